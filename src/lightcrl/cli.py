@@ -88,6 +88,133 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command("eval")
+def eval_(
+    run: str = typer.Option(..., help="Run directory, or 'raw' for the frozen encoders alone"),
+    task: str = typer.Option(..., help="zeroshot | retrieval | linear_probe | finetune | geometry | sts"),
+    data: str = typer.Option(..., help="Dataset spec (sts: stsb:DIR, sick:FILE, senteval:DIR)"),
+    split: Optional[str] = typer.Option(None, help="Evaluation split (default: the dataset's test split)"),
+    output: Optional[Path] = typer.Option(None, help="Results JSON (default: RUN/results/<task>-...json)"),
+    limit: Optional[int] = typer.Option(None, help="Seeded sample of N items spread over the dataset"),
+    seed: int = typer.Option(0),
+    untrained: bool = typer.Option(False, help="Evaluate the run's architecture at initialisation"),
+    classnames: Optional[Path] = typer.Option(None, help="zeroshot: class names file (one a line)"),
+    templates: Optional[Path] = typer.Option(None, help="zeroshot: templates file ('{c}' = class name)"),
+    probe_mode: str = typer.Option("logreg", help="linear_probe: logreg (C chosen on a train split) | sgd"),
+    train_split: str = typer.Option("train", help="linear_probe/finetune: the training split"),
+    train_limit: Optional[int] = typer.Option(None, help="linear_probe/finetune: sample of the train split"),
+    epochs: Optional[int] = typer.Option(None, help="finetune / sgd probe epochs (default 100)"),
+    device: str = typer.Option("auto"),
+    image_encoder: str = typer.Option("efficientnet-lite0", help="--run raw: image encoder"),
+    text_encoder: str = typer.Option("minilm-l6", help="--run raw: text encoder"),
+):
+    """Evaluate a run (or its untrained twin, or raw encoders) on one task; writes a results JSON."""
+    from .evaluate import EvalRequest, EvalTarget, headline, run_eval
+
+    opts = {"probe_mode": probe_mode, "train_split": train_split, "train_limit": train_limit, "epochs": epochs}
+    if classnames:
+        opts["classnames"] = [ln.strip() for ln in classnames.read_text().splitlines() if ln.strip()]
+    if templates:
+        opts["templates"] = [ln.strip() for ln in templates.read_text().splitlines() if ln.strip()]
+    target = EvalTarget.resolve(run, untrained=untrained, device=device, image_encoder=image_encoder,
+                                text_encoder=text_encoder)
+    result = run_eval(target, EvalRequest(task, data, split, limit, seed, device, output, opts))
+    _print_table(f"{task} on {data} [{split or 'default'}] - {target.identity.get('name', target.kind)}",
+                 headline(result))
+    typer.echo(f"results: {result['output']}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="Run directory")):
+    """Gather a run's curves and results files into report.md and a self-contained report.html."""
+    from .report import build_report
+
+    md, html = build_report(run_dir)
+    typer.echo(f"report: {html}\nmarkdown: {md}")
+
+
+def _print_table(title: str, values: dict):
+    from rich.console import Console
+    from rich.table import Table
+
+    from rich.markup import escape
+
+    table = Table(title=escape(title))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in values.items():
+        table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="Output folder (a run directory + summary.json)"),
+    data: Optional[str] = typer.Option(None, help="Real pairs data, e.g. flickr8k:../shared/data/flickr8k "
+                                       "(default: a synthetic shapes dataset rendered on the fly)"),
+    zeroshot: Optional[str] = typer.Option(None, help="Zero-shot classification data, e.g. "
+                                           "imagefolder:../shared/data/cifar10"),
+    limit: Optional[int] = typer.Option(None, help="Training images (synthetic: 720; real data: 1000)"),
+    eval_limit: Optional[int] = typer.Option(None, help="Real data: images per evaluation (default 500)"),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (synthetic: 30; real data: 10)"),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+):
+    """Run the whole pipeline (data, embed, train, zero-shot + retrieval eval, report) in minutes."""
+    from .quickstart import QuickstartOptions, headline_lines
+    from .quickstart import quickstart as run_quickstart
+
+    summary = run_quickstart(QuickstartOptions(out=out, data=data, zeroshot=zeroshot, limit=limit,
+                                               eval_limit=eval_limit, epochs=epochs, device=device, seed=seed))
+    for line in headline_lines(summary):
+        typer.echo(line)
+    typer.echo(f"report: {summary['report']}\nsummary: {out / 'summary.json'}")
+
+
+@app.command()
+def search(
+    run: Path = typer.Option(..., help="Run directory"),
+    images: Path = typer.Option(..., help="Folder of images (indexed once, then updated incrementally)"),
+    query: str = typer.Option(..., help="Text query"),
+    top: int = typer.Option(8, help="Number of matches"),
+    out: Optional[Path] = typer.Option(None, help="HTML gallery (default: RUN/search/<query>.html)"),
+    device: str = typer.Option("auto"),
+):
+    """Find the images of a folder that best match a text query; writes an HTML gallery."""
+    from .search import default_html
+    from .search import search as run_search
+
+    res = run_search(run, images, query, top=top, out_html=out or default_html(run, query), device=device,
+                     progress=True)
+    s = res.stats
+    typer.echo(f"index: {res.n_images} images ({s.embedded} embedded, {s.reused} reused, {s.removed} removed, "
+               f"{s.skipped} unreadable)")
+    for h in res.hits:
+        typer.echo(f"{h.rank:3d}  {h.score:6.3f}  {h.path}")
+    for n in res.notes:
+        typer.echo(n)
+    typer.echo(f"gallery: {res.html}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Option(..., help="Run directory"),
+    format: str = typer.Option("onnx", help="Export format (onnx)"),
+    out: Optional[Path] = typer.Option(None, help="FILE.onnx (-> FILE.<modality>.onnx) or a folder "
+                                       "(default: RUN/export/<modality>.onnx)"),
+    modality: Optional[List[str]] = typer.Option(None, help="Modality to export (repeatable; default all)"),
+    atol: float = typer.Option(1e-4, help="Largest accepted |ONNX - PyTorch| difference"),
+):
+    """Export the trainable part (projection + DFE per modality) and check it against PyTorch."""
+    from .export import export_onnx
+
+    if format.lower() != "onnx":
+        raise LightCRLError(f"unknown export format {format!r}: only onnx is supported")
+    for d in export_onnx(run, out, modalities=modality or None, atol=atol):
+        typer.echo(f"{d.modality}: {d.path} (tokens [B, T, {d.input_dim}] + mask [B, T] -> embedding); "
+                   f"max abs diff vs PyTorch {d.max_abs_diff:.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

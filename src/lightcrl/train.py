@@ -164,8 +164,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.train_sets = build_pairsets(cfg, "train", self.rank, self.world)
-        self.val_sets = build_pairsets(cfg, "val", self.rank, self.world) if self.is_main else []
+        # validation runs on rank 0 alone, so its stores are built without the cross-rank barriers
+        self.val_sets = build_pairsets(cfg, "val") if self.is_main else []
         self.dims = input_dims(self.train_sets)
+        torch.manual_seed(cfg.seed)  # here, not earlier: building stores may consume the global RNG
         self.model = create_model(cfg.model, self.dims).to(self.device)
         self.loss_fn = build_loss(cfg.loss)
         self.needs_views = any(k.split("@")[0] == "simcse" for k in cfg.loss)
@@ -333,7 +335,7 @@ class Trainer:
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise LightCRLError(
-                f"non-finite loss ({float(loss)}) at epoch {self.state['epoch']} step {self.state['step']}: "
+                f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch']} step {self.state['step']}: "
                 f"training stopped; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. "
                 "Try a lower optim.lr or optim.grad_clip."
             )
@@ -367,7 +369,8 @@ class Trainer:
     def _improved(self, value: float, best: float) -> bool:
         return value > best if self.cfg.early_stop.mode == "max" else value < best
 
-    def fit(self) -> dict:
+    def fit(self, stop_after_epoch: int | None = None) -> dict:
+        """Train to cfg.optim.epochs (or pause after ``stop_after_epoch``; rerun to continue)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -434,6 +437,8 @@ class Trainer:
             if stop:
                 stopped_early = True
                 break
+            if stop_after_epoch is not None and self.state["epoch"] >= stop_after_epoch:
+                break
         summary = {"epochs": self.state["epoch"], "steps": self.state["step"], "best": self.state["best"],
                    "best_epoch": self.state["best_epoch"], "stopped_early": stopped_early,
                    "train_time_s": time.time() - t_start, "metric": cfg.early_stop.metric}
@@ -446,9 +451,10 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False,
+          stop_after_epoch: int | None = None) -> dict:
     trainer = Trainer(cfg, run_dir, overwrite=overwrite)
     try:
-        return trainer.fit()
+        return trainer.fit(stop_after_epoch)
     finally:
         dist.cleanup()

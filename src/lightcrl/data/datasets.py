@@ -1,0 +1,1004 @@
+"""Dataset loaders: one split of one dataset, listed (not decoded) from the dataset's official layout.
+
+Spec grammar
+------------
+A dataset is named by a spec string ``KIND:PATH[?KEY=VALUE&...]``, e.g. ``flickr8k:../shared/data/flickr8k``
+or ``csv:pairs.tsv?img_key=filepath&caption_key=title``. The split is passed separately.
+
+Kinds, the official layout each one reads, and their splits (default first):
+
+- ``flickr8k:DIR``: ``Images/*.jpg``, ``captions.txt`` (Kaggle CSV ``image,caption``) or the original
+  ``Flickr8k.token.txt``, ``Flickr_8k.{train,dev,test}Images.txt``. Splits test (if present), dev, train.
+- ``coco:DIR``: ``annotations/captions_{train,val}YYYY.json`` with images in ``DIR/trainYYYY/``...
+  Splits ``val2017``, ``train2014``..., ``train``/``val`` (2017 if present, else 2014); with Karpathy's
+  ``dataset_coco.json`` also ``karpathy_test`` (default), ``karpathy_val``, ``karpathy_train`` (+restval).
+- ``csv:FILE``: OpenCLIP style, one image path and caption per row. Query: ``img_key`` (filepath),
+  ``caption_key`` (title; a comma list for several caption columns), ``sep`` (tab for .tsv, else comma;
+  ``\\t`` or ``tab`` accepted). Relative paths are resolved against the file's folder. Split ``all``.
+- ``audiocaps-csv:FILE``: the same for audio. Query: ``audio_key`` (audio), ``caption_key`` (caption),
+  ``sep``, ``audio_dir`` (base of relative paths), ``ext`` (appended to a bare id, e.g. ``.wav``).
+- ``wds:DIR``: CLIP_benchmark webdataset, ``DIR/{split}/*.tar`` holding ``<key>.jpg|png|webp`` with
+  ``<key>.cls`` (classification) or ``<key>.txt`` (pairs, one caption a line). Splits: the subfolders.
+- ``imagefolder:DIR`` / ``audiofolder:DIR``: class folders in ``DIR/<split>/`` if it exists, else in DIR.
+- ``cifar10:DIR`` / ``cifar100:DIR``: official python batches; DIR is ``cifar-10-batches-py`` /
+  ``cifar-100-python`` or their parent. Splits test, train. CIFAR-100 uses the fine labels.
+- ``tinyimagenet:DIR``: official tiny-imagenet-200 (``wnids.txt``, ``words.txt``, ``train/<wnid>/images``,
+  ``val/val_annotations.txt``; the unlabelled test split is refused) or class folders
+  ``{train,test}/<wnid>/``. Splits val (or test), train.
+- ``esc50:DIR``: ``audio/*.wav`` + ``meta/esc50.csv``; query ``esc10=1`` keeps ESC-10 (labels 0..9).
+- ``esc10:DIR``: the original release, ``"0NN - Class name"/<fold>-<freesound id>-<take>.ogg``.
+- ``labelcaptions:<inner spec>``: a classification dataset as a pairs dataset, e.g.
+  ``labelcaptions:esc10:DIR``. Each item gets one caption per template of the inner dataset, the class
+  name filled in (id ``"<item id>#<k>"``, group = the item id). Splits: those of the inner dataset.
+
+ESC splits: ``all``, ``fold5``, ``folds1-4``, ``fold1,fold3``. Classification datasets read
+``classnames.txt`` and ``zeroshot_classification_templates.txt`` (``{c}`` placeholder) from their folder
+when present, else use the lists shipped in ``lightcrl/resources/templates``.
+
+Listing is robust to bad items: a missing or zero-byte media file, an empty or undecodable caption or a
+malformed CSV row is dropped and recorded in ``Dataset.skipped`` (``strict=True`` raises instead).
+Missing roots, annotation files and unknown splits raise :class:`LightCRLError`.
+CIFAR batches are Python pickles: only open files you trust.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import stat
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import parse_qsl
+
+from lightcrl.data.media import CONTAINER_SEP, clean_caption, read_cifar_batch, split_container
+from lightcrl.data.records import Record
+from lightcrl.errors import LightCRLError, SkipItem
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"})
+AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif"})
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+_SPLIT_DIRS = ("test", "val", "valid", "validation", "dev", "train")
+
+
+# ----------------------------------------------------------------------------------------------- Dataset
+
+
+class Dataset:
+    """One split of one dataset, fully listed at construction (no decoding).
+
+    ``media_records()`` are the images / audio clips (label = class index, or -1 for pairs);
+    ``text_records()`` the captions of a pairs dataset (``group`` = their media id).
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        kind: str,
+        root: Path,
+        split: str,
+        task: str,
+        media: str,
+        classnames: list[str] | None,
+        templates: list[str] | None,
+        media_records: list[Record],
+        text_records: list[Record],
+        skipped: list[dict],
+        base: Path,
+        stats: dict[str, tuple[int, int]],
+    ):
+        self.spec, self.kind, self.root, self.split = spec, kind, root, split
+        self.task, self.media = task, media
+        self.classnames, self.templates = classnames, templates
+        self.skipped = skipped
+        self._media, self._texts = media_records, text_records
+        self._base = base  # relative paths in the fingerprint are taken from here
+        self._stats = stats  # (size, mtime_ns) of every media file / container, taken at listing time
+        self.sample: tuple[int, int] | None = None  # (n, seed) when made by subsample()
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._media)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.spec!r}, split={self.split!r}, task={self.task}, media={self.media}, "
+            f"items={len(self._media)}, texts={len(self._texts)}, skipped={len(self.skipped)}"
+            + (f", sample={self.sample}" if self.sample else "")
+            + ")"
+        )
+
+    def media_records(self) -> list[Record]:
+        return list(self._media)
+
+    def text_records(self) -> list[Record]:
+        return list(self._texts)
+
+    def fingerprint(self) -> str:
+        """sha256 over the listing (ids, relative paths, sizes, mtimes, captions, labels, classnames)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            header = [self.kind, self.split, self.task, self.media, self.classnames]
+            h.update(json.dumps(header).encode() + b"\n")
+            for r in self._media:
+                container, member = split_container(r.path)
+                rel = os.path.relpath(container, self._base)
+                if member is not None:
+                    rel += CONTAINER_SEP + member
+                size, mtime = self._stats.get(container) or _stat(container)
+                h.update(json.dumps([r.id, rel, size, mtime, r.label]).encode() + b"\n")
+            for r in self._texts:
+                h.update(json.dumps([r.id, r.group, r.text]).encode() + b"\n")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def subsample(self, n: int, seed: int = 0) -> Dataset:
+        """A seeded uniform sample of ``n`` media items (listing order kept) with all their captions."""
+        if n >= len(self._media):
+            return self
+        if n < 1:
+            raise LightCRLError(f"subsample size must be at least 1, got {n}")
+        chosen = sorted(random.Random(seed).sample(range(len(self._media)), n))
+        sub = copy.copy(self)
+        sub._media = [self._media[i] for i in chosen]
+        groups = {r.id for r in sub._media}
+        sub._texts = [t for t in self._texts if t.group in groups]
+        sub.skipped = list(self.skipped)
+        sub.sample = (n, seed)
+        sub._fingerprint = None
+        return sub
+
+
+# ------------------------------------------------------------------------------------------ spec parsing
+
+
+@dataclass
+class _Loader:
+    fn: Callable[..., _Meta]
+    options: frozenset[str]
+    is_file: bool  # PATH names a file (csv) rather than a folder
+
+
+_LOADERS: dict[str, _Loader] = {}
+
+
+def _loader(kind: str, options: Iterable[str] = (), is_file: bool = False):
+    def register(fn):
+        _LOADERS[kind] = _Loader(fn, frozenset(options), is_file)
+        return fn
+
+    return register
+
+
+def known_kinds() -> list[str]:
+    return sorted([*_LOADERS, LABELCAPTIONS])
+
+
+def _split_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
+    kind, sep, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in _LOADERS:
+        raise LightCRLError(
+            f"unknown dataset spec {spec!r}: expected KIND:PATH with KIND one of {', '.join(known_kinds())}"
+        )
+    path, _, query = rest.partition("?")
+    if not path:
+        raise LightCRLError(f"dataset spec {spec!r} has no path after '{kind}:'")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = set(options) - _LOADERS[kind].options
+    if unknown:
+        accepted = ", ".join(sorted(_LOADERS[kind].options)) or "none"
+        raise LightCRLError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for {kind} (accepted: {accepted})"
+        )
+    return kind, Path(path).expanduser(), options
+
+
+def parse_spec(spec: str) -> tuple[str, Path]:
+    """``"kind:path[?query]"`` -> ``(kind, path)``; an unknown kind raises LightCRLError naming the kinds."""
+    inner = _labelcaptions_inner(spec)
+    if inner is not None:
+        return LABELCAPTIONS, parse_spec(inner)[1]
+    kind, path, _ = _split_spec(spec)
+    return kind, path
+
+
+def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> Dataset:
+    """List one split of the dataset named by ``spec`` (see the module docstring for the grammar)."""
+    inner = _labelcaptions_inner(spec)
+    if inner is not None:
+        return _open_labelcaptions(spec, inner, split, strict)
+    kind, path, options = _split_spec(spec)
+    loader = _LOADERS[kind]
+    _require(path, f"{kind} file" if loader.is_file else f"{kind} dataset folder")
+    abs_path = Path(os.path.abspath(path))
+    base = abs_path.parent if loader.is_file else abs_path
+    lst = _Lister(base, strict)
+    meta = loader.fn(lst, abs_path, split, options)
+    if not lst.media:
+        reasons = _count_reasons(lst.skipped)
+        detail = f" ({len(lst.skipped)} skipped: {reasons})" if lst.skipped else ""
+        raise LightCRLError(f"no usable items in {kind} split {meta.split!r} at {path}{detail}")
+    return Dataset(
+        spec=spec,
+        kind=kind,
+        root=path,
+        split=meta.split,
+        task=meta.task,
+        media=meta.media,
+        classnames=meta.classnames,
+        templates=meta.templates,
+        media_records=lst.media,
+        text_records=lst.texts,
+        skipped=lst.skipped,
+        base=base,
+        stats=lst.stats,
+    )
+
+
+# -------------------------------------------------------------------------------------- shared helpers
+
+
+@dataclass
+class _Meta:
+    """What a loader tells about the split it listed (the records themselves are in the _Lister)."""
+
+    split: str
+    task: str = "classification"
+    media: str = "image"
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+
+
+class _Caption(NamedTuple):
+    raw: str | bytes  # as read; decoded and validated by clean_caption
+    source: Path  # the annotation file
+    where: str  # place in that file, e.g. "line 12"
+
+
+@dataclass
+class _Lister:
+    """Collects records while a loader walks a dataset; bad items are skipped (or raise, when strict)."""
+
+    base: Path
+    strict: bool
+    media: list[Record] = field(default_factory=list)
+    texts: list[Record] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _ids: set[str] = field(default_factory=set)
+
+    def rel(self, path: str | Path) -> str:
+        return Path(os.path.relpath(path, self.base)).as_posix()
+
+    def skip(self, item_id: str, path: str | Path | None, reason: str, detail: str = "") -> None:
+        if self.strict:
+            raise LightCRLError(f"{reason}: {path or item_id}" + (f": {detail}" if detail else ""))
+        self.skipped.append(
+            {"id": item_id, "path": None if path is None else str(path), "reason": reason, "detail": detail}
+        )
+
+    def check_file(self, item_id: str, path: Path) -> bool:
+        """Stat a media file (or container); missing and zero-byte files are skipped."""
+        key = str(path)
+        if key not in self.stats:
+            try:
+                st = os.stat(key)
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                self.skip(item_id, path, "missing_file", "listed but not found on disk (or not a file)")
+                return False
+            if st.st_size == 0:
+                self.skip(item_id, path, "empty_file", "zero-byte file")
+                return False
+            self.stats[key] = (st.st_size, st.st_mtime_ns)
+        return True
+
+    def add_item(
+        self, path: Path, label: int = -1, item_id: str | None = None, member: str | None = None
+    ) -> bool:
+        """Add one media record (``member``: inside the container ``path``); a repeated id is skipped."""
+        item_id = item_id or self.rel(path)
+        full = str(path) if member is None else f"{path}{CONTAINER_SEP}{member}"
+        if item_id in self._ids:
+            self.skip(item_id, full, "duplicate", "listed more than once")
+            return False
+        self._ids.add(item_id)
+        self.media.append(Record(id=item_id, path=full, group=item_id, label=label))
+        return True
+
+    def add_file(self, path: Path, label: int = -1, item_id: str | None = None) -> bool:
+        item_id = item_id or self.rel(path)
+        return self.check_file(item_id, path) and self.add_item(path, label, item_id)
+
+    def add_pair(
+        self, path: Path, captions: list[_Caption], item_id: str | None = None, member: str | None = None
+    ) -> None:
+        """Add a media item (already checked) with its captions; caption ``k`` gets id ``"<item id>#<k>"``.
+
+        Bad captions are skipped one by one; a media item left without any caption is skipped too.
+        """
+        item_id = item_id or self.rel(path)
+        kept = []
+        for k, caption in enumerate(captions):
+            try:
+                kept.append((k, clean_caption(caption.raw)))
+            except SkipItem as exc:
+                detail = f"{caption.where}: {exc.args[0].removeprefix(exc.reason + ': ')}"
+                self.skip(f"{item_id}#{k}", caption.source, exc.reason, detail)
+        if not kept:
+            self.skip(item_id, path, "no_caption", "no usable caption")
+        elif self.add_item(path, item_id=item_id, member=member):
+            self.texts.extend(Record(id=f"{item_id}#{k}", text=t, group=item_id) for k, t in kept)
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _count_reasons(skipped: list[dict]) -> str:
+    counts = Counter(s["reason"] for s in skipped)
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise LightCRLError(f"{what} not found: {path}")
+    return path
+
+
+def _first_existing(candidates: Iterable[Path], what: str) -> Path:
+    candidates = list(candidates)
+    for p in candidates:
+        if p.exists():
+            return p
+    raise LightCRLError(f"{what} not found: tried {', '.join(str(p) for p in candidates)}")
+
+
+def _choose_split(kind: str, split: str | None, available: list[str], preferred: Iterable[str] = ()) -> str:
+    if not available:
+        raise LightCRLError(f"{kind}: no split found")
+    if split is None:
+        return next((s for s in preferred if s in available), available[0])
+    if split not in available:
+        raise LightCRLError(
+            f"unknown split {split!r} for {kind}: available splits are {', '.join(available)}"
+        )
+    return split
+
+
+def _single_split(kind: str, split: str | None) -> str:
+    """For kinds whose PATH is one split (a csv file...): only ``all`` is accepted."""
+    return _choose_split(kind, split, ["all"])
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Non-empty stripped lines of a UTF-8 text file."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LightCRLError(f"cannot read {path}: {exc}") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _resource_lines(name: str) -> list[str]:
+    text = resources.files("lightcrl").joinpath("resources", "templates", name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _templates(folder: Path, default_resource: str) -> list[str]:
+    path = folder / TEMPLATES_FILE
+    templates = _read_lines(path) if path.is_file() else _resource_lines(default_resource)
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise LightCRLError(f"template without a {{c}} placeholder in {path}: {bad[0]!r}")
+    return templates
+
+
+def _classnames(folder: Path, n_classes: int, fallback: list[str]) -> list[str]:
+    """``folder/classnames.txt`` when present (must have one line per class), else ``fallback``."""
+    path = folder / CLASSNAMES_FILE
+    if not path.is_file():
+        return fallback
+    names = _read_lines(path)
+    if len(names) != n_classes:
+        raise LightCRLError(f"{path} lists {len(names)} class names but the dataset has {n_classes} classes")
+    return names
+
+
+def _walk_files(folder: Path, exts: frozenset[str]) -> list[Path]:
+    """Files with one of ``exts`` (case-insensitive) under ``folder``, recursively, in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            Path(dirpath, f)
+            for f in sorted(filenames)
+            if not f.startswith(".") and Path(f).suffix.lower() in exts
+        )
+    return found
+
+
+def _subdirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _list_class_folders(lst: _Lister, split_dir: Path, classes: list[str], exts: frozenset[str]) -> None:
+    """Label ``i`` = every media file under ``split_dir/classes[i]``."""
+    for label, name in enumerate(classes):
+        for path in _walk_files(split_dir / name, exts):
+            lst.add_file(path, label)
+
+
+def _folder_split(kind: str, root: Path, split: str | None, default: str) -> tuple[str, Path]:
+    """``root/<split>/`` when it exists; else ``root`` itself, unless ``root`` holds other split folders."""
+    present = [s for s in _SPLIT_DIRS if (root / s).is_dir()]
+    if split is None:
+        split = default if default in present or not present else present[0]
+    if (root / split).is_dir():
+        return split, root / split
+    if present:
+        raise LightCRLError(f"unknown split {split!r} for {kind}: available splits are {', '.join(present)}")
+    return split, root
+
+
+def _decode_surrogates(data: bytes) -> str:
+    """Decode UTF-8, keeping undecodable bytes as surrogate escapes (``clean_caption`` rejects them)."""
+    return data.decode("utf-8", "surrogateescape").lstrip("\ufeff")
+
+
+def _read_table(path: Path, sep: str) -> list[tuple[int, list[str]]]:
+    """Rows of a delimited text file as ``(line number, fields)``; blank lines are left out.
+
+    The file is read as bytes and decoded per field (undecodable bytes kept as surrogate escapes, which
+    ``clean_caption`` rejects), so one row with invalid UTF-8 cannot break the listing. A malformed row
+    comes back empty (too short for any header).
+    """
+    try:
+        text = _decode_surrogates(path.read_bytes())
+    except OSError as exc:
+        raise LightCRLError(f"cannot read {path}: {exc}") from exc
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, 1 << 30))  # very long captions are kept
+    rows = []
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                rows.append((reader.line_num, []))
+                continue
+            if any(f.strip() for f in row):
+                rows.append((reader.line_num, row))
+    finally:
+        csv.field_size_limit(limit)
+    return rows
+
+
+def _read_csv(path: Path, sep: str) -> tuple[list[str], list[tuple[int, dict[str, str] | None]]]:
+    """Header and rows of a delimited file with a header line; a row too short for the header is None."""
+    rows = iter(_read_table(path, sep))
+    try:
+        _, header = next(rows)
+    except StopIteration:
+        raise LightCRLError(f"empty table file: {path}") from None
+    header = [h.strip() for h in header]
+    out = [(n, dict(zip(header, row, strict=False)) if len(row) >= len(header) else None) for n, row in rows]
+    return header, out
+
+
+def _require_columns(path: Path, header: list[str], columns: Iterable[str]) -> None:
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise LightCRLError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(header)})")
+
+
+def _separator(path: Path, options: dict[str, str]) -> str:
+    sep = options.get("sep")
+    if not sep:
+        return "\t" if path.suffix.lower() == ".tsv" else ","
+    sep = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}.get(sep, sep)
+    if len(sep) != 1:
+        raise LightCRLError(f"separator must be one character (or tab/comma/semicolon/pipe), got {sep!r}")
+    return sep
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+_FLICKR8K_SPLIT_FILES = {
+    "test": "Flickr_8k.testImages.txt",
+    "dev": "Flickr_8k.devImages.txt",
+    "train": "Flickr_8k.trainImages.txt",
+}
+
+
+@_loader("flickr8k")
+def _load_flickr8k(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    text_dir = next(
+        (d for d in (root, root / "Flickr8k_text") if (d / "Flickr_8k.trainImages.txt").exists()), root
+    )
+    available = [s for s, name in _FLICKR8K_SPLIT_FILES.items() if (text_dir / name).is_file()]
+    if not available:
+        raise LightCRLError(f"flickr8k split file not found: {text_dir / _FLICKR8K_SPLIT_FILES['test']}")
+    split = _choose_split("flickr8k", split, available, ("test", "dev", "train"))
+    image_dir = _first_existing(
+        [root / "Images", root / "Flicker8k_Dataset", root / "Flickr8k_Dataset"], "flickr8k image folder"
+    )
+    captions: dict[str, list[_Caption]] = {}
+    kaggle = root / "captions.txt"
+    if kaggle.is_file():  # Kaggle layout: CSV "image,caption"
+        header, rows = _read_csv(kaggle, ",")
+        _require_columns(kaggle, header, ["image", "caption"])
+        for n, row in rows:
+            if row is None:
+                lst.skip(f"line {n}", kaggle, "bad_row", f"line {n}: missing column")
+            else:
+                captions.setdefault(row["image"].strip(), []).append(
+                    _Caption(row["caption"], kaggle, f"line {n}")
+                )
+    else:  # original release: "<image>#<k>\t<caption>"
+        token = _first_existing(
+            [text_dir / "Flickr8k.token.txt", root / "Flickr8k.token.txt"], "flickr8k captions"
+        )
+        for n, row in _read_table(token, "\t"):
+            if len(row) < 2:
+                lst.skip(f"line {n}", token, "bad_row", f"line {n}: missing column")
+            else:
+                image = row[0].split("#")[0].strip()
+                captions.setdefault(image, []).append(_Caption(row[1], token, f"line {n}"))
+    for name in _read_lines(text_dir / _FLICKR8K_SPLIT_FILES[split]):
+        path = image_dir / name
+        if lst.check_file(lst.rel(path), path):
+            lst.add_pair(path, captions.get(name, []))
+    return _Meta(split, task="pairs")
+
+
+_COCO_JSON = re.compile(r"^captions_(train|val)(\d{4})\.json$")
+_KARPATHY_SPLITS = {
+    "karpathy_test": {"test"},
+    "karpathy_val": {"val"},
+    "karpathy_train": {"train", "restval"},
+}
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(_decode_surrogates(path.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise LightCRLError(f"cannot read {path}: {exc}") from exc
+
+
+@_loader("coco")
+def _load_coco(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    ann_dir = root / "annotations"
+    official = {}  # "val2017" -> its captions json
+    if ann_dir.is_dir():
+        for name in sorted(os.listdir(ann_dir)):
+            if m := _COCO_JSON.match(name):
+                official[m.group(1) + m.group(2)] = ann_dir / name
+    karpathy = next(
+        (p for p in (root / "dataset_coco.json", ann_dir / "dataset_coco.json") if p.is_file()), None
+    )
+    available = sorted(official, key=lambda name: (-int(name[-4:]), name))
+    available += [
+        alias for alias in ("val", "train") if f"{alias}2017" in official or f"{alias}2014" in official
+    ]
+    available += list(_KARPATHY_SPLITS) if karpathy else []
+    if not available:
+        raise LightCRLError(f"coco annotations not found: {ann_dir / 'captions_val2017.json'}")
+    split = _choose_split("coco", split, available, ("karpathy_test", "val2017", "val2014"))
+    if split in ("val", "train"):  # the 2017 release if present, else 2014
+        split += "2017" if f"{split}2017" in official else "2014"
+    if split in _KARPATHY_SPLITS:
+        _list_coco_karpathy(lst, root, karpathy, _KARPATHY_SPLITS[split])
+    else:
+        _list_coco_official(lst, root, split, official[split])
+    return _Meta(split, task="pairs")
+
+
+def _list_coco_official(lst: _Lister, root: Path, split: str, ann_path: Path) -> None:
+    """``captions_<split>.json``: {"images": [{id, file_name}], "annotations": [{image_id, caption}]}."""
+    ann = _load_json(ann_path)
+    captions: dict = {}
+    for a in ann.get("annotations", []):
+        where = f"annotation id {a.get('id')}"
+        captions.setdefault(a.get("image_id"), []).append(_Caption(a.get("caption", ""), ann_path, where))
+    image_dir = _first_existing([root / split, root / "images" / split], f"coco image folder for {split}")
+    for img in ann.get("images", []):
+        if not img.get("file_name"):
+            lst.skip(f"image id {img.get('id')}", ann_path, "bad_row", "image entry without file_name")
+            continue
+        path = image_dir / img["file_name"]
+        if lst.check_file(lst.rel(path), path):
+            lst.add_pair(path, captions.get(img.get("id"), []))
+
+
+def _list_coco_karpathy(lst: _Lister, root: Path, karpathy: Path, wanted: set[str]) -> None:
+    """Karpathy's ``dataset_coco.json``: {"images": [{filepath, filename, split, sentences: [{raw}]}]}."""
+    for img in _load_json(karpathy).get("images", []):
+        if img.get("split") not in wanted:
+            continue
+        if not img.get("filename"):
+            lst.skip(f"image {img.get('imgid')}", karpathy, "bad_row", "image entry without filename")
+            continue
+        path = root / img.get("filepath", "") / img["filename"]
+        where = f"image {img['filename']}"
+        if lst.check_file(lst.rel(path), path):
+            lst.add_pair(
+                path, [_Caption(s.get("raw", ""), karpathy, where) for s in img.get("sentences", [])]
+            )
+
+
+def _load_caption_csv(
+    lst: _Lister,
+    file: Path,
+    split: str | None,
+    options: dict,
+    path_key: str,
+    caption_key: str,
+    base: Path,
+    ext: str = "",
+) -> str:
+    """Rows of (media path, caption columns) -> pairs; a media path on several rows collects all captions.
+
+    ``caption_key`` may name several columns separated by commas (e.g. Clotho's caption_1,...,caption_5).
+    """
+    split = _single_split(file.name, split)
+    caption_keys = [c.strip() for c in caption_key.split(",")]
+    header, rows = _read_csv(file, _separator(file, options))
+    _require_columns(file, header, [path_key, *caption_keys])
+    items: dict[str, list[_Caption]] = {}
+    for n, row in rows:
+        value = None if row is None else row[path_key].strip()
+        if not value:
+            lst.skip(f"line {n}", file, "bad_row", f"line {n}: missing column or empty {path_key}")
+            continue
+        if ext and not Path(value).suffix:
+            value += ext
+        items.setdefault(value, []).extend(_Caption(row[c], file, f"line {n}") for c in caption_keys)
+    for value, captions in items.items():
+        path = base / value
+        if lst.check_file(value, path):
+            lst.add_pair(path, captions, item_id=value)
+    return split
+
+
+@_loader("csv", options=("img_key", "caption_key", "sep"), is_file=True)
+def _load_csv(lst: _Lister, file: Path, split: str | None, options: dict) -> _Meta:
+    img_key, caption_key = options.get("img_key", "filepath"), options.get("caption_key", "title")
+    return _Meta(
+        _load_caption_csv(lst, file, split, options, img_key, caption_key, file.parent), task="pairs"
+    )
+
+
+@_loader("audiocaps-csv", options=("audio_key", "caption_key", "sep", "audio_dir", "ext"), is_file=True)
+def _load_audiocaps_csv(lst: _Lister, file: Path, split: str | None, options: dict) -> _Meta:
+    base = file.parent / options["audio_dir"] if options.get("audio_dir") else file.parent
+    audio_key, caption_key = options.get("audio_key", "audio"), options.get("caption_key", "caption")
+    split = _load_caption_csv(lst, file, split, options, audio_key, caption_key, base, options.get("ext", ""))
+    return _Meta(split, task="pairs", media="audio")
+
+
+# webdataset grouping: the key is the member path up to the first dot of its file name
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+@_loader("wds")
+def _load_wds(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    available = [d for d in _subdirs(root) if any(f.endswith(".tar") for f in os.listdir(root / d))]
+    split = _choose_split("wds", split, available, ("test",))
+    samples = []  # (tar path, key, {ext: TarInfo}, {"cls"/"txt": bytes})
+    for tar_path in sorted((root / split).glob("*.tar")):
+        tar_path = Path(os.path.abspath(tar_path))
+        if not lst.check_file(lst.rel(tar_path), tar_path):
+            continue
+        try:
+            with tarfile.open(tar_path, "r:") as tf:
+                groups: dict[str, tuple[dict[str, tarfile.TarInfo], dict[str, bytes]]] = {}
+                for m in tf.getmembers():
+                    match = _WDS_KEY.match(m.name)
+                    if not m.isfile() or not match:
+                        continue
+                    key, ext = match.group(1), match.group(2).lower()
+                    members, payload = groups.setdefault(key, ({}, {}))
+                    members[ext] = m
+                    if ext in ("cls", "txt"):
+                        payload[ext] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError) as exc:
+            lst.skip(lst.rel(tar_path), tar_path, "corrupt_archive", str(exc))
+            continue
+        samples.extend((tar_path, key, members, payload) for key, (members, payload) in groups.items())
+
+    task = "classification" if any("cls" in payload for *_, payload in samples) else "pairs"
+    for tar_path, key, members, payload in samples:
+        item_id = f"{lst.rel(tar_path)}/{key}"
+        image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+        where = f"{tar_path}{CONTAINER_SEP}{key}"
+        if image is None:
+            lst.skip(item_id, where, "missing_file", "no image member")
+        elif image.size == 0:
+            lst.skip(item_id, f"{tar_path}{CONTAINER_SEP}{image.name}", "empty_file", "zero-byte member")
+        elif task == "pairs":
+            lines = [line for line in payload.get("txt", b"").split(b"\n") if line.strip()]
+            captions = [_Caption(line, tar_path, f"{key}.txt") for line in lines or [b""]]
+            lst.add_pair(tar_path, captions, item_id, image.name)
+        else:
+            try:
+                label = int(payload["cls"].decode().strip())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                lst.skip(item_id, where, "bad_label", "missing or non-integer .cls")
+                continue
+            lst.add_item(tar_path, label, item_id, image.name)
+    if task == "pairs":
+        return _Meta(split, task="pairs")
+    names = root / CLASSNAMES_FILE
+    classnames = _read_lines(names) if names.is_file() else None
+    return _Meta(split, classnames=classnames, templates=_templates(root, "image_templates.txt"))
+
+
+def _load_class_folders(lst: _Lister, kind: str, root: Path, split: str | None, media: str) -> _Meta:
+    """imagefolder / audiofolder: label = index of the sorted class folder."""
+    exts = AUDIO_EXTS if media == "audio" else IMAGE_EXTS
+    templates = f"{media}_templates.txt"
+    split, split_dir = _folder_split(kind, root, split, default="test")
+    classes = _subdirs(split_dir)
+    if not classes:
+        raise LightCRLError(f"{kind}: no class folders in {split_dir}")
+    _list_class_folders(lst, split_dir, classes, exts)
+    classnames = _classnames(root, len(classes), [c.replace("_", " ") for c in classes])
+    return _Meta(split, classnames=classnames, templates=_templates(root, templates), media=media)
+
+
+@_loader("imagefolder")
+def _load_imagefolder(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    return _load_class_folders(lst, "imagefolder", root, split, "image")
+
+
+@_loader("audiofolder")
+def _load_audiofolder(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    return _load_class_folders(lst, "audiofolder", root, split, "audio")
+
+
+_CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "meta": "batches.meta",
+        "splits": {"test": ["test_batch"], "train": [f"data_batch_{i}" for i in range(1, 6)]},
+        "labels": "labels",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "meta": "meta",
+        "splits": {"test": ["test"], "train": ["train"]},
+        "labels": "fine_labels",
+    },
+}
+
+
+def _load_cifar(kind: str, lst: _Lister, root: Path, split: str | None) -> _Meta:
+    layout = _CIFAR[kind]
+    folder = root if (root / layout["meta"]).is_file() else root / layout["folder"]
+    available = [s for s, batches in layout["splits"].items() if (folder / batches[0]).is_file()]
+    if not available:
+        raise LightCRLError(f"{kind} batches not found: {folder / layout['splits']['test'][0]}")
+    split = _choose_split(kind, split, available, ("test",))
+    for name in layout["splits"][split]:
+        path = Path(os.path.abspath(_require(folder / name, f"{kind} batch")))
+        try:
+            batch = read_cifar_batch(str(path))
+            labels, n_rows = [int(x) for x in batch[layout["labels"]]], len(batch["data"])
+        except Exception as exc:  # unpickling errors come in many types
+            raise LightCRLError(f"cannot read {kind} batch {path}: {type(exc).__name__}: {exc}") from exc
+        if len(labels) != n_rows:
+            raise LightCRLError(f"{path}: {n_rows} images but {len(labels)} labels")
+        lst.check_file(lst.rel(path), path)
+        for row, label in enumerate(labels):
+            lst.add_item(path, label, f"{name}/{row}", str(row))
+    return _Meta(
+        split,
+        classnames=_resource_lines(f"{kind}_classnames.txt"),
+        templates=_resource_lines(f"{kind}_templates.txt"),
+    )
+
+
+@_loader("cifar10")
+def _load_cifar10(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    return _load_cifar("cifar10", lst, root, split)
+
+
+@_loader("cifar100")
+def _load_cifar100(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    return _load_cifar("cifar100", lst, root, split)
+
+
+@_loader("tinyimagenet")
+def _load_tinyimagenet(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    wnids = _read_lines(_require(root / "wnids.txt", "tinyimagenet wnids.txt"))
+    label_of = {w: i for i, w in enumerate(wnids)}
+    available = [s for s in ("train", "val", "test") if (root / s).is_dir()]
+    split = _choose_split("tinyimagenet", split, available, ("val", "test", "train"))
+    split_dir = root / split
+    annotations = split_dir / "val_annotations.txt"
+    if annotations.is_file():  # official val: images/ + "<file>\t<wnid>\t<box>"
+        for n, row in _read_table(annotations, "\t"):
+            if len(row) < 2 or row[1] not in label_of:
+                lst.skip(f"line {n}", annotations, "bad_row", f"line {n}: missing or unknown wnid")
+            else:
+                lst.add_file(split_dir / "images" / row[0], label_of[row[1]])
+    elif any(d in label_of for d in _subdirs(split_dir)):
+        # class folders: official train/<wnid>/images/*.JPEG, or repackaged <split>/<wnid>/*.JPEG
+        for d in _subdirs(split_dir):
+            if d not in label_of:
+                lst.skip(d, split_dir / d, "unknown_class", "folder not listed in wnids.txt")
+        _list_class_folders(lst, split_dir, wnids, IMAGE_EXTS)
+    else:
+        raise LightCRLError(
+            f"tinyimagenet split {split!r} at {split_dir} has no labels "
+            f"(the official test set is unlabelled): use 'val'"
+        )
+    return _Meta(
+        split, classnames=_tiny_classnames(root, wnids), templates=_templates(root, "image_templates.txt")
+    )
+
+
+def _tiny_classnames(root: Path, wnids: list[str]) -> list[str]:
+    """classnames.txt wins; else the first lemma of each wnid in words.txt; else the wnids."""
+    words = root / "words.txt"
+    lemma = {}
+    if words.is_file():
+        for _, row in _read_table(words, "\t"):
+            if len(row) >= 2:
+                lemma[row[0].strip()] = row[1].split(",")[0].strip()
+    return _classnames(root, len(wnids), [lemma.get(w, w) for w in wnids])
+
+
+def _esc_folds(kind: str, split: str | None, folds: Iterable[int]) -> tuple[str, set[int]]:
+    """``all`` | ``fold5`` | ``folds1-4`` | ``fold1,fold3`` -> the set of folds."""
+    folds = sorted(set(folds))
+    split = split or "all"
+    if split == "all":
+        return split, set(folds)
+    chosen: set[int] = set()
+    for token in split.split(","):
+        m = re.fullmatch(r"folds?(\d+)(?:-(\d+))?", token.strip())
+        if not m:
+            chosen = set()
+            break
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        chosen |= set(range(lo, hi + 1))
+    if not chosen or not chosen <= set(folds):
+        names = ", ".join(f"fold{f}" for f in folds)
+        raise LightCRLError(
+            f"unknown split {split!r} for {kind}: available splits are all, {names} "
+            f"(or a range like folds1-4, or a list like fold1,fold3)"
+        )
+    return split, chosen
+
+
+@_loader("esc50", options=("esc10",))
+def _load_esc50(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    csv_path = _require(root / "meta" / "esc50.csv", "esc50 metadata")
+    header, rows = _read_csv(csv_path, ",")
+    _require_columns(csv_path, header, ["filename", "fold", "target", "category", "esc10"])
+    only_esc10 = options.get("esc10", "0").lower() in ("1", "true", "yes")
+    clips, categories = [], {}
+    for n, row in rows:
+        try:
+            fold, target = int(row["fold"]), int(row["target"])  # row is None when too short
+        except (TypeError, ValueError):
+            lst.skip(f"line {n}", csv_path, "bad_row", f"line {n}: missing or non-integer fold/target")
+            continue
+        categories[target] = row["category"].replace("_", " ").strip()
+        if not only_esc10 or row["esc10"].strip().lower() == "true":
+            clips.append((row["filename"].strip(), fold, target))
+    split, folds = _esc_folds("esc50", split, (f for _, f, _ in clips))
+    targets = sorted({t for _, _, t in clips}) if only_esc10 else sorted(categories)
+    label_of = {t: i for i, t in enumerate(targets)}
+    for filename, fold, target in clips:
+        if fold in folds:
+            lst.add_file(root / "audio" / filename, label_of[target])
+    classnames = [categories[t] for t in targets]
+    return _Meta(
+        split, media="audio", classnames=classnames, templates=_templates(root, "audio_templates.txt")
+    )
+
+
+_ESC10_CLASS = re.compile(r"^(\d+)\s*-\s*(.+)$")  # "001 - Dog bark"
+_ESC10_CLIP = re.compile(r"^(\d+)-")  # "<fold>-<freesound id>-<take>.ogg"
+
+
+@_loader("esc10")
+def _load_esc10(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    matches = [(d, _ESC10_CLASS.match(d)) for d in _subdirs(root)]
+    classes = sorted((int(m.group(1)), d, m.group(2).strip().lower()) for d, m in matches if m)
+    if not classes:
+        raise LightCRLError(f"esc10: no class folders like '001 - Dog bark' in {root}")
+    clips = []
+    for label, (_, folder, _) in enumerate(classes):
+        for path in _walk_files(root / folder, AUDIO_EXTS):
+            m = _ESC10_CLIP.match(path.name)
+            if m:
+                clips.append((path, int(m.group(1)), label))
+            else:
+                lst.skip(lst.rel(path), path, "bad_row", "file name is not <fold>-<id>-<take>")
+    split, folds = _esc_folds("esc10", split, (f for _, f, _ in clips))
+    for path, fold, label in clips:
+        if fold in folds:
+            lst.add_file(path, label)
+    classnames = [name for *_, name in classes]
+    return _Meta(
+        split, media="audio", classnames=classnames, templates=_templates(root, "audio_templates.txt")
+    )
+
+
+# -------------------------------------------------------------------------------------- labelcaptions
+
+LABELCAPTIONS = "labelcaptions"
+
+
+def _labelcaptions_inner(spec: str) -> str | None:
+    """The inner spec of ``labelcaptions:<inner spec>``, else None.
+
+    A wrapper, not a ``_loader``: its PATH is a whole spec (with its own ``:`` and ``?query``).
+    """
+    kind, sep, rest = spec.partition(":")
+    if kind.strip().lower() != LABELCAPTIONS:
+        return None
+    if not sep or not rest.strip():
+        raise LightCRLError(
+            f"dataset spec {spec!r}: expected labelcaptions:KIND:PATH, e.g. labelcaptions:esc10:DIR"
+        )
+    return rest.strip()
+
+
+def _open_labelcaptions(spec: str, inner_spec: str, split: str | None, strict: bool) -> Dataset:
+    """Captions = every template of the inner classification dataset with the item's class name."""
+    inner = open_dataset(inner_spec, split, strict)
+    if inner.task != "classification":
+        raise LightCRLError(f"labelcaptions needs a classification dataset; {inner_spec} is {inner.task}")
+    if not inner.classnames or not inner.templates:
+        raise LightCRLError(f"labelcaptions: {inner_spec} has no class names or no templates")
+    media = inner.media_records()
+    texts = []
+    for r in media:
+        if not 0 <= r.label < len(inner.classnames):
+            raise LightCRLError(f"labelcaptions: {r.id} has label {r.label}, outside the class names")
+        name = inner.classnames[r.label]
+        # replace, not format: a template may hold other braces
+        texts.extend(
+            Record(id=f"{r.id}#{k}", text=t.replace("{c}", name), group=r.id)
+            for k, t in enumerate(inner.templates)
+        )
+    return Dataset(
+        spec=spec,
+        kind=LABELCAPTIONS,  # in the fingerprint header: differs from the inner dataset's
+        root=inner.root,
+        split=inner.split,
+        task="pairs",
+        media=inner.media,
+        classnames=inner.classnames,
+        templates=inner.templates,
+        media_records=media,
+        text_records=texts,
+        skipped=list(inner.skipped),
+        base=inner._base,
+        stats=inner._stats,
+    )

@@ -1,0 +1,299 @@
+"""Trainable part of LightCRL: per-modality projections, context fusion and one shared Deep Fusion Encoder.
+
+Frozen encoders (image, text, audio, ...) run once and their token features are cached; this module consumes
+them as ``tokens [B, T, D_in]`` with ``mask [B, T]`` (True = real token) and returns L2-normalised embeddings
+in one shared space. ``arch="two_tower"`` is the CLIP/LiT-style baseline: one head per modality on the
+masked-mean of the frozen features, no shared encoder and no context.
+
+Design notes:
+
+* The DFE adds no positional encoding (as in the paper): image tokens are a 7x7 map and text tokens come from
+  an encoder that already mixed position in.
+* ``pool="cls"`` uses ONE learnable CLS token shared by all modalities (modality identity comes from the
+  context); with ``fusion="attention"`` the context token itself is the CLS, so no CLS parameter exists.
+* Padded token values never matter: they are zeroed on entry, excluded as attention keys and from the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+__all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
+
+_MODALITY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED = {"logit_scale", "logit_bias"}
+
+
+class ModelConfig(BaseModel):
+    """Hyper-parameters of the trainable model (unknown fields are rejected, naming the field)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    arch: Literal["dfe", "two_tower"] = "dfe"
+    width: int = Field(256, ge=1)
+    depth: int = Field(1, ge=1)
+    heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(1024, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    norm_first: bool = True
+    fusion: Literal["add", "mul", "concat", "attention", "none"] = "add"
+    pool: Literal["mean", "cls"] = "mean"
+    proj_hidden: int | None = Field(None, ge=1)
+    proj_layers: int = Field(2, ge=1)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = Field(math.log(100), gt=0.0)
+    learn_logit_scale: bool = True
+    logit_bias: float | None = None
+    input_norm: bool = True
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ProjectionHead(nn.Module):
+    """[LayerNorm] -> Linear -> (GELU -> Linear)* -> Dropout -> LayerNorm, applied token-wise.
+
+    The optional input LayerNorm evens out the very different feature scales of the frozen encoders.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int, layers: int, dropout: float, input_norm: bool
+    ) -> None:
+        super().__init__()
+        self.input_norm: nn.Module = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
+        mods: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(dim, hidden), nn.GELU()]
+            dim = hidden
+        mods += [nn.Linear(dim, out_dim), nn.Dropout(dropout), nn.LayerNorm(out_dim)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.input_norm(x))
+
+
+class ContextAttention(nn.Module):
+    """Single-query scaled dot-product attention ("DFE-dot"): the context attends over the real tokens."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.scale = width**-0.5
+
+    def forward(self, query: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        """query [W], tokens [B, T, W], mask [B, T] -> context token [B, W]."""
+        scores = torch.einsum("btw,w->bt", self.key(tokens), query) * self.scale
+        # A finite fill (not -inf) keeps fully padded rows NaN-free; their weights are zeroed just below.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1) * mask.any(dim=-1, keepdim=True)
+        # Residual on the query so the token keeps the modality identity even for an empty input.
+        return query + torch.einsum("bt,btw->bw", weights, self.value(tokens))
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens of x [B, T, W]; rows without any real token give zeros."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def _count(params: Any) -> int:
+    return sum(p.numel() for p in params if p.requires_grad)
+
+
+class LightCRLModel(nn.Module):
+    """LightCRL (``arch="dfe"``) or the two-tower baseline over cached frozen features.
+
+    ``input_dims`` maps each modality name to its frozen feature size, e.g. ``{"image": 1280, "text": 384}``.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_dims: Mapping[str, int]) -> None:
+        super().__init__()
+        _check_input_dims(input_dims)
+        self.cfg = cfg.model_copy()
+        self.input_dims = {m: int(d) for m, d in input_dims.items()}
+        width = cfg.width
+        hidden = cfg.proj_hidden or width
+        self.projections = nn.ModuleDict(
+            {
+                m: ProjectionHead(d, width, hidden, cfg.proj_layers, cfg.dropout, cfg.input_norm)
+                for m, d in self.input_dims.items()
+            }
+        )
+        self.contexts: nn.ParameterDict | None = None
+        self.g3: nn.Linear | None = None
+        self.fusion_mlp: nn.Sequential | None = None
+        self.context_attention: ContextAttention | None = None
+        self.cls_token: nn.Parameter | None = None
+        self.dfe: nn.TransformerEncoder | None = None
+        if cfg.arch == "dfe":
+            if cfg.fusion != "none":
+                # Unit-scale init: g3(ctx) then starts on the order of the LayerNorm-ed tokens, so "mul"
+                # does not begin by shrinking every token towards zero and "add" is visible from step one.
+                self.contexts = nn.ParameterDict({m: nn.Parameter(torch.randn(width)) for m in input_dims})
+                self.g3 = nn.Linear(width, width)
+            if cfg.fusion == "concat":
+                self.fusion_mlp = nn.Sequential(
+                    nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width)
+                )
+            elif cfg.fusion == "attention":
+                self.context_attention = ContextAttention(width)
+            if cfg.pool == "cls" and cfg.fusion != "attention":
+                self.cls_token = nn.Parameter(torch.randn(width) * 0.02)
+            layer = nn.TransformerEncoderLayer(
+                d_model=width,
+                nhead=cfg.heads,
+                dim_feedforward=cfg.ffn_dim,
+                dropout=cfg.dropout,
+                batch_first=True,
+                norm_first=cfg.norm_first,
+            )
+            self.dfe = nn.TransformerEncoder(
+                layer,
+                num_layers=cfg.depth,
+                norm=nn.LayerNorm(width) if cfg.norm_first else None,
+                # Nested tensors only pay off at inference on long padded batches; keep one code path.
+                enable_nested_tensor=False,
+            )
+        # Stored as log-scale like CLIP/OpenCLIP; exp() and clamped on use.
+        self.logit_scale = nn.Parameter(
+            torch.tensor(float(cfg.init_logit_scale)), requires_grad=cfg.learn_logit_scale
+        )
+        self.logit_bias: nn.Parameter | None = None
+        if cfg.logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias)))
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.input_dims)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.width
+
+    def get_logit_scale(self) -> Tensor:
+        """exp(logit_scale), clamped at exp(max_logit_scale)."""
+        return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the stored log-scale into [0, max_logit_scale]; call after each optimizer step."""
+        self.logit_scale.clamp_(0.0, self.cfg.max_logit_scale)
+
+    def encode(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Embed one modality: tokens [B, T, D_in] (or [B, D_in]), mask [B, T] -> [B, width], L2-normed."""
+        tokens, mask = self._check_inputs(modality, tokens, mask)
+        # Zero padding on entry so no value there (even NaN/inf from a cache) can reach the output.
+        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if self.dfe is None:  # two_tower
+            return F.normalize(self.projections[modality](_masked_mean(tokens, mask)), dim=-1)
+
+        x = self.projections[modality](tokens)
+        x, mask = self._fuse(modality, x, mask)
+        if self.cls_token is not None:
+            x, mask = _prepend(self.cls_token.expand(x.shape[0], -1), x, mask)
+        # A row without any real token would have every attention key masked (NaN): let it attend to its
+        # padding instead; its pooled output is zero (mean) or the CLS token, either way finite.
+        key_padding = ~mask & mask.any(dim=1, keepdim=True)
+        x = self.dfe(x, src_key_padding_mask=key_padding)
+        pooled = x[:, 0] if self.cfg.pool == "cls" else _masked_mean(x, mask)
+        return F.normalize(pooled, dim=-1)
+
+    def forward(self, batch: Mapping[str, tuple[Tensor, Tensor | None] | Tensor]) -> dict[str, Tensor]:
+        """``{modality: (tokens, mask)}`` -> ``{modality: embedding, "logit_scale": s, ["logit_bias": b]}``.
+
+        A bare tensor stands for tokens without padding.
+        """
+        out: dict[str, Tensor] = {}
+        for modality, item in batch.items():
+            tokens, mask = (item, None) if isinstance(item, Tensor) else item
+            out[modality] = self.encode(modality, tokens, mask)
+        out["logit_scale"] = self.get_logit_scale()
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part; the parts sum to ``total_trainable``."""
+        counts = {f"projection/{m}": _count(p.parameters()) for m, p in self.projections.items()}
+        counts["context"] = _count(self.contexts.parameters()) if self.contexts is not None else 0
+        counts["g3"] = _count(self.g3.parameters()) if self.g3 is not None else 0
+        fusion = self.fusion_mlp if self.fusion_mlp is not None else self.context_attention
+        counts["fusion"] = _count(fusion.parameters()) if fusion is not None else 0
+        counts["cls"] = _count([self.cls_token]) if self.cls_token is not None else 0
+        counts["dfe"] = _count(self.dfe.parameters()) if self.dfe is not None else 0
+        counts["logit_scale"] = _count([self.logit_scale])
+        counts["logit_bias"] = _count([self.logit_bias]) if self.logit_bias is not None else 0
+        counts["total_trainable"] = _count(self.parameters())
+        return counts
+
+    def _fuse(self, modality: str, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if self.contexts is None or self.g3 is None:  # fusion="none"
+            return x, mask
+        ctx = self.g3(self.contexts[modality])
+        fusion = self.cfg.fusion
+        if fusion == "add":
+            return x + ctx, mask
+        if fusion == "mul":
+            return x * ctx, mask
+        if fusion == "concat":
+            assert self.fusion_mlp is not None
+            return self.fusion_mlp(torch.cat([x, ctx.expand_as(x)], dim=-1)), mask
+        assert self.context_attention is not None  # fusion="attention"
+        return _prepend(self.context_attention(ctx, x, mask), x, mask)
+
+    def _check_inputs(self, modality: str, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if modality not in self.input_dims:
+            raise ValueError(f"unknown modality {modality!r}; this model has {self.modalities}")
+        if tokens.dim() == 2:  # pooled features [B, D] are a one-token sequence
+            tokens = tokens.unsqueeze(1)
+        if tokens.dim() != 3 or tokens.shape[-1] != self.input_dims[modality]:
+            raise ValueError(
+                f"{modality}: expected tokens [B, T, {self.input_dims[modality]}], got {tuple(tokens.shape)}"
+            )
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"{modality}: mask {tuple(mask.shape)} does not match tokens {tuple(tokens.shape)}"
+            )
+        # Cached features may be stored in half precision.
+        return tokens.to(self.logit_scale.dtype), mask.to(device=tokens.device, dtype=torch.bool)
+
+
+def _prepend(token: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Prepend token [B, W] to x [B, T, W] as a real (unmasked) position."""
+    real = torch.ones(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
+    return torch.cat([token.unsqueeze(1), x], dim=1), torch.cat([real, mask], dim=1)
+
+
+def _check_input_dims(input_dims: Mapping[str, int]) -> None:
+    if not input_dims:
+        raise ValueError("input_dims is empty: give at least one modality, e.g. {'image': 1280, 'text': 384}")
+    for name, dim in input_dims.items():
+        if not _MODALITY_NAME.match(name) or name in _RESERVED:
+            raise ValueError(
+                f"invalid modality name {name!r}: use a Python identifier other than {sorted(_RESERVED)}"
+            )
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"input_dims[{name!r}] must be a positive int, got {dim!r}")
+
+
+def create_model(cfg: ModelConfig | Mapping[str, Any], input_dims: Mapping[str, int]) -> LightCRLModel:
+    """Build a model from a config (or a plain dict of config fields) and the frozen feature sizes."""
+    if not isinstance(cfg, ModelConfig):
+        cfg = ModelConfig.model_validate(dict(cfg))
+    return LightCRLModel(cfg, input_dims)
