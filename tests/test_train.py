@@ -157,3 +157,36 @@ def test_torchrun_two_processes_equal_one_with_global_batch(tmp_path, pairs_csv)
     a, b = rows(tmp_path / "one", "train/loss"), rows(tmp_path / "two", "train/loss")
     assert len(a) == len(b) > 0
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=0, atol=1e-5)
+
+
+def test_loss_zoo_with_simcse_views_and_nli_triplets(tmp_path, pairs_csv):
+    nli = tmp_path / "nli.csv"
+    nli.write_text("sent0,sent1,hard_neg\n" + "".join(
+        f"a {c} thing {i},the {c} object {i},no {c} at all {i}\n" for i in range(6)
+        for c in ("red", "blue", "green")))
+    cfg = toy_config(pairs_csv, **{"optim.epochs": 1})
+    cfg["data"]["nli"] = {"spec": f"simcse-csv:{nli}", "batch_size": 6}
+    cfg["loss"] = {"clip": 1.0, "simcse": 0.5, "simcse_sup": 0.5, "cyclip": 0.1}
+    cfg["model"]["dropout"] = 0.1
+    train(validate_config(cfg), tmp_path / "run")
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*last)
+    for k in ("train/clip/loss", "train/simcse/loss", "train/simcse_sup/loss", "train/cyclip/loss"):
+        assert k in keys, k
+
+
+def test_simcse_sup_without_nli_data_is_a_clear_error(tmp_path, pairs_csv):
+    cfg = toy_config(pairs_csv)
+    cfg["loss"] = {"clip": 1.0, "simcse_sup": 1.0}
+    with pytest.raises(LightCRLError, match="data.nli"):
+        Trainer(validate_config(cfg), tmp_path / "run")
+
+
+def test_nli_triplets_from_official_files(shared_data):
+    from lightcrl.data.nli import load_triplets
+
+    snli = load_triplets(f"snli:{shared_data / 'nli' / 'snli_1.0'}", "dev")
+    sick = load_triplets(f"sick-nli:{shared_data / 'nli' / 'sick2014' / 'SICK_train.txt'}")
+    assert len(snli) > 400 and len(sick) > 100
+    for a, p, n in snli[:50] + sick[:50]:
+        assert a and p and n and p != n

@@ -35,8 +35,19 @@ class PairSource(_Strict):
     weight: float = 1.0  # share of training steps relative to the source's size
 
 
+class NliSource(_Strict):
+    """NLI triplets for supervised SimCSE (loss ``simcse_sup``): simcse-csv:, snli: or sick-nli: spec."""
+
+    spec: str
+    split: str | None = None
+    limit: int | None = None  # seeded sample of N triplets
+    text_encoder: str | None = None  # default: the first source's text encoder
+    batch_size: int | None = None  # default: optim.batch_size
+
+
 class DataConfig(_Strict):
     sources: list[PairSource]
+    nli: NliSource | None = None
     input: Literal["tokens", "pooled"] = "tokens"
     max_text_tokens: int = 64
     # one random caption per media item per epoch (cheap, paper-like) or every (media, caption) pair

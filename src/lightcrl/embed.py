@@ -8,6 +8,7 @@ shards s with s % world == r into the same directory and rank 0 writes the manif
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -95,17 +96,26 @@ def _select_records(dataset, encoder: FrozenEncoder) -> list[Record]:
     raise LightCRLError(f"encoder {encoder.name} ({encoder.modality}) cannot embed {dataset.media} data")
 
 
+# Reasons for which listing drops one caption (not a media item): only text stores report them.
+_CAPTION_REASONS = frozenset({"empty_caption", "invalid_text"})
+
+
 def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: EmbedOptions) -> dict:
     """List the dataset and decide what the store will hold (cheap: no decoding, no model)."""
     from .data.datasets import open_dataset
+    from .data.nli import is_nli_spec, open_nli
 
-    ds = open_dataset(data_spec, split, strict=opts.strict)
-    if opts.limit:
-        ds = ds.subsample(opts.limit, seed=opts.seed)
+    if is_nli_spec(data_spec):  # NLI triplets: a text-only dataset of their unique sentences
+        ds = open_nli(data_spec, split, limit=opts.limit, seed=opts.seed)
+    else:
+        ds = open_dataset(data_spec, split, strict=opts.strict)
+        if opts.limit:
+            ds = ds.subsample(opts.limit, seed=opts.seed)
     records = _select_records(ds, encoder)
     if not records:
         raise LightCRLError(f"{data_spec} split {ds.split!r} has no usable items ({len(ds.skipped)} skipped)")
     fp = store_fingerprint(encoder.fingerprint(), ds.fingerprint(), [r.id for r in records])
+    enc_is_text = encoder.modality == "text"  # a media store does not count its dataset's bad captions
     return {
         "version": STORE_VERSION,
         "fingerprint": fp,
@@ -127,7 +137,9 @@ def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: 
         "batch_size": opts.batch_size,
         "n_shards": (len(records) + opts.shard_size - 1) // opts.shard_size,
         "records": [r.to_dict() for r in records],
-        "listing_skipped": [dict(s) for s in ds.skipped],
+        "listing_skipped": [
+            dict(s) for s in ds.skipped if enc_is_text or s.get("reason") not in _CAPTION_REASONS
+        ],
     }
 
 
@@ -151,6 +163,12 @@ def _check_existing(out: Path, plan: dict, overwrite: bool) -> str:
             return "reuse"
         if same_layout:
             return "resume"
+    old_version = (old or old_plan or {}).get("version")
+    if not overwrite and old_version is not None and old_version != STORE_VERSION:
+        raise StoreMismatch(
+            f"{out} holds a feature store in format version {old_version}, this lightcrl writes and reads "
+            f"version {STORE_VERSION}. Pass --overwrite to re-extract it, or choose another --out."
+        )
     if not overwrite:
         raise StoreMismatch(
             f"{out} holds a feature store made from other inputs (fingerprint {str(old_fp)[:12]} != "
@@ -176,37 +194,56 @@ def embed(
     enc = get_encoder(encoder, device=opts.device) if isinstance(encoder, str) else encoder
     out = Path(out_dir)
     plan = plan_store(enc, data_spec, split, opts)
-    out.mkdir(parents=True, exist_ok=True)
-    state = _check_existing(out, plan, opts.overwrite) if rank == 0 else "resume"
-    if world > 1:
-        torch.distributed.barrier()
-    if state == "reuse":
-        log.info("reusing feature store %s", out)
-        return FeatureStore(out)
-    if rank == 0:
-        write_json(out / "plan.json", plan, indent=None)
-    if world > 1:
-        torch.distributed.barrier()
+    with _write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        state = _check_existing(out, plan, opts.overwrite) if rank == 0 else "resume"
+        if world > 1:
+            torch.distributed.barrier()
+        if state == "reuse":
+            log.info("reusing feature store %s", out)
+            return FeatureStore(out)
+        if rank == 0:
+            _remove_stale_temp_files(out)  # left by a killed run (the other ranks wait at the barrier)
+            write_json(out / "plan.json", plan, indent=None)
+        if world > 1:
+            torch.distributed.barrier()
 
-    records = [Record(**r) for r in plan["records"]]
-    todo = [s for s in range(plan["n_shards"]) if s not in completed_shards(out) and s % world == rank]
-    try:
+        records = [Record(**r) for r in plan["records"]]
+        todo = [s for s in range(plan["n_shards"]) if s not in completed_shards(out) and s % world == rank]
         _extract(enc, records, plan, todo, out, opts, show=rank == 0)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            manifest = finalize(out, plan)
+            _report_skipped(manifest)
+        if world > 1:
+            torch.distributed.barrier()
+    return FeatureStore(out)
+
+
+# Errors of the file system rather than of lightcrl: reported as one line, the store left resumable.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path):
+    try:
+        yield
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if e.errno in _WRITE_ERRNOS:
             raise LightCRLError(
-                f"cannot write the feature store in {out}: {os.strerror(e.errno)}. Completed shards are "
-                "intact; free space (or fix permissions) and rerun the same command to resume."
+                f"cannot write the feature store in {out}: {os.strerror(e.errno)}"
+                f"{f' ({e.filename})' if e.filename else ''}. Completed shards are intact; free space "
+                "(or fix permissions) and rerun the same command to resume."
             ) from e
         raise
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        manifest = finalize(out, plan)
-        _report_skipped(manifest)
-    if world > 1:
-        torch.distributed.barrier()
-    return FeatureStore(out)
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temp files of lightcrl.io.atomic_open (``.<name>.<random>.tmp``) that a SIGKILL left behind."""
+    for p in out.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> None:

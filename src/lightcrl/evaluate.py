@@ -65,9 +65,14 @@ class EvalTarget:
     def embed(self, store: FeatureStore) -> np.ndarray:
         """DFE embeddings of a store, or the raw encoder's pooled vectors for the raw target."""
         if self.pipeline is None:
-            x = store.pooled()
-            return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+            return raw_pooled(store)
         return self.pipeline.encode_store(store)
+
+
+def raw_pooled(store: FeatureStore) -> np.ndarray:
+    """The frozen encoder's own pooled vectors, L2-normalised: the reference for every comparison."""
+    x = store.pooled()
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
 @dataclass
@@ -175,7 +180,7 @@ def task_linear_probe(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[d
                               mode=mode, seed=r.seed, **kw)
     m = {k: v for k, v in m.items()}
     if t.pipeline is not None:  # the raw encoder's pooled features as the reference
-        ref = linear_probe.evaluate(train.pooled(), train.items.labels, test.pooled(), test.items.labels,
+        ref = linear_probe.evaluate(raw_pooled(train), train.items.labels, raw_pooled(test), test.items.labels,
                                     mode=mode, seed=r.seed, **kw)
         m.update({f"raw_encoder/{k}": v for k, v in ref.items() if not isinstance(v, (dict, list))})
     m.update(n_train=len(train), n_test=len(test), mode=mode)

@@ -171,9 +171,9 @@ class Trainer:
         self.model = create_model(cfg.model, self.dims).to(self.device)
         self.loss_fn = build_loss(cfg.loss)
         self.needs_views = any(k.split("@")[0] == "simcse" for k in cfg.loss)
-        self.nli = None
+        self.nli_store, self.nli_rows = None, None
         if any(k.split("@")[0] == "simcse_sup" for k in cfg.loss):
-            raise LightCRLError("loss simcse_sup needs data.nli (NLI triplets)")  # wired in prepare_nli
+            self._prepare_nli()
         self.fingerprint = self._fingerprint()
 
         self.optimizer = torch.optim.AdamW(
@@ -197,12 +197,41 @@ class Trainer:
         if self.is_main:
             self._prepare_run_dir(overwrite)
 
+    def _prepare_nli(self):
+        from .data.nli import open_nli, triplet_index
+
+        src = self.cfg.data.nli
+        if src is None:
+            raise LightCRLError("loss simcse_sup needs data.nli: NLI triplets (simcse-csv:, snli: or sick-nli:)")
+        encoder = src.text_encoder or self.cfg.data.sources[0].text_encoder
+        opts = EmbedOptions(limit=src.limit, seed=self.cfg.seed, device=self.cfg.device,
+                            progress=self.cfg.progress and self.is_main, num_workers=self.cfg.data.num_workers)
+        self.nli_store = _store(encoder, src.spec, src.split, opts, self.rank, self.world)
+        triplets = open_nli(src.spec, src.split, limit=src.limit, seed=self.cfg.seed).triplets
+        self.nli_rows = triplet_index(triplets, self.nli_store.items.ids)
+
+    def _nli_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A seeded batch of triplets for this step, encoded through the trainable text path."""
+        bs = self.cfg.data.nli.batch_size or self.cfg.optim.batch_size
+        rng = np.random.default_rng([self.cfg.seed, self.state["step"], 104729])
+        pick = rank_slice(rng.choice(len(self.nli_rows), min(bs, len(self.nli_rows)), replace=False),
+                          self.rank, self.world)
+        rows = self.nli_rows[pick]
+        enc = self.ddp_model.module if self.world > 1 else self.ddp_model
+        out = []
+        for col in range(3):
+            t, m = self.nli_store.batch(rows[:, col], self.cfg.data.max_text_tokens)
+            out.append(enc.encode("text", t.to(self.device), m.to(self.device)))
+        return tuple(out)
+
     # ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(self.cfg.model_dump(mode="json", exclude={"progress", "name"}), sort_keys=True).encode())
         for s in self.train_sets:
             h.update(s.media.fingerprint.encode() + s.text.fingerprint.encode())
+        if self.nli_store is not None:
+            h.update(self.nli_store.fingerprint.encode())
         return h.hexdigest()
 
     def _epoch_size(self, s: PairSet) -> int:
@@ -330,6 +359,8 @@ class Trainer:
                 t, m = inputs["text"]
                 raw = self.ddp_model.module if self.world > 1 else self.ddp_model
                 kwargs["text_views"] = (out["text"], raw.encode("text", t, m))
+            if self.nli_rows is not None:
+                kwargs["nli"] = self._nli_batch()
             losses = self.loss_fn(out[s.media_modality], out["text"], out["logit_scale"],
                                   out.get("logit_bias"), **kwargs)
         loss = losses["loss"]
