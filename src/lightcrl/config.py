@@ -72,9 +72,15 @@ class OptimConfig(_Strict):
 
 
 class EarlyStopConfig(_Strict):
-    metric: str = "val/mean_recall@1"  # or "val/loss"
-    mode: Literal["max", "min"] = "max"
+    metric: str = "val/mean_recall@1"  # or "val/loss", "val/image_retrieval_recall@5", ...
+    mode: Literal["max", "min"] | None = None  # default: "min" for losses and ranks, else "max"
     patience: int | None = None  # epochs without improvement before stopping; None = never stop early
+
+    @property
+    def direction(self) -> str:
+        if self.mode:
+            return self.mode
+        return "min" if ("loss" in self.metric or "rank" in self.metric) else "max"
 
 
 class TrainConfig(_Strict):

@@ -398,7 +398,7 @@ class Trainer:
         self.scheduler.base_lrs = [self.cfg.optim.lr * self.plateau_scale for _ in self.scheduler.base_lrs]
 
     def _improved(self, value: float, best: float) -> bool:
-        return value > best if self.cfg.early_stop.mode == "max" else value < best
+        return value > best if self.cfg.early_stop.direction == "max" else value < best
 
     def fit(self, stop_after_epoch: int | None = None) -> dict:
         """Train to cfg.optim.epochs (or pause after ``stop_after_epoch``; rerun to continue)."""
