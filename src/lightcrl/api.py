@@ -10,8 +10,9 @@ Feature-store inputs go through ``encode_store`` so evaluation reuses cached fro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,14 +41,22 @@ class LightCRLPipeline:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str | None = None,
-                 untrained: bool = False, seed: int = 0) -> LightCRLPipeline:
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        device: str = "auto",
+        checkpoint: str | None = None,
+        untrained: bool = False,
+        seed: int = 0,
+    ) -> LightCRLPipeline:
         run_dir = Path(run_dir)
         info_path = run_dir / "model.json"
         if not info_path.exists():
             info_path = run_dir / "model_info.json"
         if not info_path.exists():
-            raise LightCRLError(f"{run_dir} is not a lightcrl run (no model.json): train one with `lightcrl train`")
+            raise LightCRLError(
+                f"{run_dir} is not a lightcrl run (no model.json): train one with `lightcrl train`"
+            )
         info = read_json(info_path)
         torch.manual_seed(seed)
         model = create_model(info["model_config"], info["input_dims"])
@@ -65,20 +74,25 @@ class LightCRLPipeline:
             try:
                 model.load_state_dict(load_file(str(weights)))
             except RuntimeError as e:
-                raise LightCRLError(f"{weights} does not match the model described in {info_path.name}: {e}") from e
+                raise LightCRLError(
+                    f"{weights} does not match the model described in {info_path.name}: {e}"
+                ) from e
         return cls(model, info, device, run_dir)
 
     def encoder(self, modality: str):
         if modality not in self.encoder_names:
-            raise LightCRLError(f"this model has no {modality} encoder (it has: {', '.join(self.encoder_names)})")
+            raise LightCRLError(
+                f"this model has no {modality} encoder (it has: {', '.join(self.encoder_names)})"
+            )
         if modality not in self._encoders:
             self._encoders[modality] = get_encoder(self.encoder_names[modality], device=self.device)
         return self._encoders[modality]
 
     # -- features -> embeddings -----------------------------------------------------------------
     @torch.no_grad()
-    def encode_features(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor,
-                        pooled: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_features(
+        self, modality: str, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.input == "pooled":
             if pooled is None:
                 m = mask.unsqueeze(-1).float()
@@ -94,8 +108,10 @@ class LightCRLPipeline:
         modality = store.modality
         expected = self.encoder_names.get(modality)
         if store.manifest["encoder"]["name"] != expected:
-            raise LightCRLError(f"store {store.dir} was made with {store.manifest['encoder']['name']}, "
-                                f"this model expects {expected}")
+            raise LightCRLError(
+                f"store {store.dir} was made with {store.manifest['encoder']['name']}, "
+                f"this model expects {expected}"
+            )
         idx_all = np.arange(len(store)) if indices is None else np.asarray(indices)
         out = []
         for s in range(0, len(idx_all), batch_size):
@@ -109,8 +125,9 @@ class LightCRLPipeline:
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.cfg.width), np.float32)
 
     # -- raw inputs -----------------------------------------------------------------------------
-    def _encode_raw(self, modality: str, items: Sequence[Any], batch_size: int, progress: bool,
-                    raw: bool = False) -> np.ndarray:
+    def _encode_raw(
+        self, modality: str, items: Sequence[Any], batch_size: int, progress: bool, raw: bool = False
+    ) -> np.ndarray:
         from tqdm.auto import tqdm
 
         enc = self.encoder(modality)
@@ -122,26 +139,32 @@ class LightCRLPipeline:
             if raw:
                 outs.append(torch.nn.functional.normalize(o.pooled.float(), dim=-1).cpu())
             else:
-                outs.append(self.encode_features(modality, o.tokens.cpu(), o.mask.cpu(), o.pooled.cpu()).cpu())
+                outs.append(
+                    self.encode_features(modality, o.tokens.cpu(), o.mask.cpu(), o.pooled.cpu()).cpu()
+                )
         return torch.cat(outs).numpy()
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256, progress: bool = True,
-                    raw: bool = False) -> np.ndarray:
+    def encode_text(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool = True, raw: bool = False
+    ) -> np.ndarray:
         """Captions -> [N, d] L2-normalised (``raw=True``: the frozen encoder's pooled vector instead)."""
         return self._encode_raw("text", list(texts), batch_size, progress, raw)
 
-    def encode_image(self, images: Sequence[Any], batch_size: int = 64, progress: bool = True,
-                     raw: bool = False) -> np.ndarray:
+    def encode_image(
+        self, images: Sequence[Any], batch_size: int = 64, progress: bool = True, raw: bool = False
+    ) -> np.ndarray:
         """PIL images or paths -> [N, d] L2-normalised."""
         return self._encode_raw("image", list(images), batch_size, progress, raw)
 
-    def encode_audio(self, clips: Sequence[Any], batch_size: int = 32, progress: bool = True,
-                     raw: bool = False) -> np.ndarray:
+    def encode_audio(
+        self, clips: Sequence[Any], batch_size: int = 32, progress: bool = True, raw: bool = False
+    ) -> np.ndarray:
         """Audio file paths (or float arrays at the encoder's rate) -> [N, d] L2-normalised."""
         return self._encode_raw("audio", list(clips), batch_size, progress, raw)
 
-    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str] | None = None,
-                         modality: str = "text") -> np.ndarray:
+    def class_embeddings(
+        self, classnames: Sequence[str], templates: Sequence[str] | None = None, modality: str = "text"
+    ) -> np.ndarray:
         """Zero-shot classifier: per class, the normalised mean of its normalised prompt embeddings."""
         templates = list(templates or ["a photo of a {c}."])
         prompts = [t.replace("{c}", c) if "{c}" in t else t.format(c) for c in classnames for t in templates]
@@ -149,8 +172,13 @@ class LightCRLPipeline:
         mean = emb.mean(1)
         return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
 
-    def classify(self, images: Sequence[Any], classnames: Sequence[str], templates: Sequence[str] | None = None,
-                 modality: str = "image") -> np.ndarray:
+    def classify(
+        self,
+        images: Sequence[Any],
+        classnames: Sequence[str],
+        templates: Sequence[str] | None = None,
+        modality: str = "image",
+    ) -> np.ndarray:
         """Class probabilities [N, C] (softmax of scaled cosine similarities)."""
         cls = self.class_embeddings(classnames, templates)
         emb = self._encode_raw(modality, list(images), 64, True)
@@ -162,5 +190,5 @@ class LightCRLPipeline:
 
 
 def load(run_dir: str | Path, device: str = "auto", checkpoint: str | None = None) -> LightCRLPipeline:
-    """Load a trained run (weights: <run>/model.safetensors, the best checkpoint; or ``checkpoint='last'``)."""
+    """Load a trained run: <run>/model.safetensors (the best checkpoint), or ``checkpoint='last'``."""
     return LightCRLPipeline.from_run(run_dir, device=device, checkpoint=checkpoint)

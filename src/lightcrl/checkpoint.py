@@ -49,8 +49,13 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, tag: str, model: torch.nn.Module, state: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    tag: str,
+    model: torch.nn.Module,
+    state: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
     folder = ckpt_root / f"{tag}-{state['step']:08d}"
     if folder.exists():
@@ -66,12 +71,15 @@ def save_checkpoint(run_dir: Path, tag: str, model: torch.nn.Module, state: dict
         t, optim_meta = flatten_optimizer(optimizer.state_dict())
         trainer_tensors.update(t)
     _save_tensors(folder / "trainer.safetensors", trainer_tensors)
-    write_json(folder / "state.json", {
-        "format_version": CHECKPOINT_VERSION,
-        "lightcrl_version": __version__,
-        **state,
-        "optimizer": optim_meta,
-    })
+    write_json(
+        folder / "state.json",
+        {
+            "format_version": CHECKPOINT_VERSION,
+            "lightcrl_version": __version__,
+            **state,
+            "optimizer": optim_meta,
+        },
+    )
     write_json(ckpt_root / f"{tag}.json", {"folder": folder.name, "step": state["step"]})
     for old in ckpt_root.glob(f"{tag}-*"):
         if old.is_dir() and old.name != folder.name:

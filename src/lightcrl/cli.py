@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -40,7 +40,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 @app.command()
 def embed(
-    encoder: str = typer.Option(..., help="Encoder name: efficientnet-lite0, minilm-l6, aisfx, hf-text:<id>, ..."),
+    encoder: str = typer.Option(..., help="Encoder: efficientnet-lite0, minilm-l6, aisfx, hf-text:<id>, ..."),
     data: str = typer.Option(..., help="Dataset spec KIND:PATH, e.g. flickr8k:../shared/data/flickr8k"),
     split: Optional[str] = typer.Option(None, help="Split (dataset-specific: train, dev, test, fold5...)"),
     out: Path = typer.Option(..., help="Store directory"),
@@ -76,7 +76,7 @@ def embed(
 def train(
     config: Path = typer.Option(..., help="YAML config (see configs/)"),
     out: Path = typer.Option(..., help="Run directory"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override: key.path=value (repeatable)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: key.path=value (repeatable)"),
     overwrite: bool = typer.Option(False, help="Start over in OUT instead of resuming"),
 ):
     """Train a DFE (or baseline heads) on cached features; resumes OUT if it holds a run."""
@@ -111,7 +111,8 @@ def eval_(
     """Evaluate a run (or its untrained twin, or raw encoders) on one task; writes a results JSON."""
     from .evaluate import EvalRequest, EvalTarget, headline, run_eval
 
-    opts = {"probe_mode": probe_mode, "train_split": train_split, "train_limit": train_limit, "epochs": epochs}
+    opts = {"probe_mode": probe_mode, "train_split": train_split, "train_limit": train_limit,
+            "epochs": epochs}
     if classnames:
         opts["classnames"] = [ln.strip() for ln in classnames.read_text().splitlines() if ln.strip()]
     if templates:
@@ -135,9 +136,8 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory")):
 
 def _print_table(title: str, values: dict):
     from rich.console import Console
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     table = Table(title=escape(title))
     table.add_column("metric")
@@ -155,17 +155,19 @@ def quickstart(
     zeroshot: Optional[str] = typer.Option(None, help="Zero-shot classification data, e.g. "
                                            "imagefolder:../shared/data/cifar10"),
     limit: Optional[int] = typer.Option(None, help="Training images (synthetic: 720; real data: 1000)"),
-    eval_limit: Optional[int] = typer.Option(None, help="Real data: images per evaluation (default 500)"),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (synthetic: 30; real data: 10)"),
+    eval_limit: Optional[int] = typer.Option(None, help="Images per real-data evaluation (default 500)"),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (synthetic: 20; real data: 10)"),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: the cores left idle by others)"),
 ):
     """Run the whole pipeline (data, embed, train, zero-shot + retrieval eval, report) in minutes."""
     from .quickstart import QuickstartOptions, headline_lines
     from .quickstart import quickstart as run_quickstart
 
-    summary = run_quickstart(QuickstartOptions(out=out, data=data, zeroshot=zeroshot, limit=limit,
-                                               eval_limit=eval_limit, epochs=epochs, device=device, seed=seed))
+    opts = QuickstartOptions(out=out, data=data, zeroshot=zeroshot, limit=limit, eval_limit=eval_limit,
+                             epochs=epochs, device=device, seed=seed, threads=threads)
+    summary = run_quickstart(opts)
     for line in headline_lines(summary):
         typer.echo(line)
     typer.echo(f"report: {summary['report']}\nsummary: {out / 'summary.json'}")
@@ -187,8 +189,8 @@ def search(
     res = run_search(run, images, query, top=top, out_html=out or default_html(run, query), device=device,
                      progress=True)
     s = res.stats
-    typer.echo(f"index: {res.n_images} images ({s.embedded} embedded, {s.reused} reused, {s.removed} removed, "
-               f"{s.skipped} unreadable)")
+    typer.echo(f"index: {res.n_images} images ({s.embedded} embedded, {s.reused} reused, "
+               f"{s.removed} removed, {s.skipped} unreadable)")
     for h in res.hits:
         typer.echo(f"{h.rank:3d}  {h.score:6.3f}  {h.path}")
     for n in res.notes:
@@ -202,7 +204,7 @@ def export(
     format: str = typer.Option("onnx", help="Export format (onnx)"),
     out: Optional[Path] = typer.Option(None, help="FILE.onnx (-> FILE.<modality>.onnx) or a folder "
                                        "(default: RUN/export/<modality>.onnx)"),
-    modality: Optional[List[str]] = typer.Option(None, help="Modality to export (repeatable; default all)"),
+    modality: Optional[list[str]] = typer.Option(None, help="Modality to export (repeatable; default all)"),
     atol: float = typer.Option(1e-4, help="Largest accepted |ONNX - PyTorch| difference"),
 ):
     """Export the trainable part (projection + DFE per modality) and check it against PyTorch."""
@@ -213,6 +215,39 @@ def export(
     for d in export_onnx(run, out, modalities=modality or None, atol=atol):
         typer.echo(f"{d.modality}: {d.path} (tokens [B, T, {d.input_dim}] + mask [B, T] -> embedding); "
                    f"max abs diff vs PyTorch {d.max_abs_diff:.2e}")
+
+
+@app.command()
+def experiment(
+    config: Path = typer.Argument(..., help="Experiment YAML (see configs/experiments/)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only cells matching this glob "
+                                             "(repeatable), e.g. 'dfe-add-*' or asif"),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/experiments/<name>)"),
+    results_md: Optional[Path] = typer.Option(None, "--results-md", help="Also write the results table "
+                                              "here (e.g. docs/results.md), with this command at its top"),
+    list_cells: bool = typer.Option(False, "--list", help="Validate, list the cells and their status; "
+                                    "run nothing"),
+):
+    """Run a grid of trainings and baselines with every evaluation (resumable); writes a results table."""
+    import shlex
+
+    from .experiment import cell_status, load_experiment, run_experiment
+
+    if list_cells:
+        exp = load_experiment(config)
+        folder = out or Path("runs") / "experiments" / exp.cfg.name
+        for cell in exp.select(only):
+            typer.echo(f"{cell.name:40s} {cell.kind:8s} {cell_status(exp, cell, folder)}")
+        return
+    command = shlex.join(["lightcrl", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else None
+    res = run_experiment(config, only=only, out=out, results_md=results_md, command=command)
+    typer.echo(res.markdown.read_text())
+    typer.echo(f"ran {len(res.ran)}, skipped {len(res.skipped)} (finished), failed {len(res.failed)}; "
+               f"table: {res.markdown} and {res.csv}")
+    for name, err in res.failed.items():
+        typer.secho(f"failed: {name}: {err}", err=True, fg=typer.colors.RED)
+    if res.failed:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,8 +143,9 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> TrainConfig:
     raw: dict = dict(base or {})
     if path is not None:
         p = Path(path)

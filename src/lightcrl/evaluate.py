@@ -41,26 +41,40 @@ class EvalTarget:
     run_dir: Path | None = None
 
     @classmethod
-    def resolve(cls, run: str, untrained: bool = False, device: str = "auto",
-                image_encoder: str = "efficientnet-lite0", text_encoder: str = "minilm-l6",
-                audio_encoder: str = "aisfx") -> EvalTarget:
+    def resolve(
+        cls,
+        run: str,
+        untrained: bool = False,
+        device: str = "auto",
+        image_encoder: str = "efficientnet-lite0",
+        text_encoder: str = "minilm-l6",
+        audio_encoder: str = "aisfx",
+    ) -> EvalTarget:
         if run == "raw":
             enc = {"image": image_encoder, "text": text_encoder, "audio": audio_encoder}
             return cls("raw", None, enc, {"kind": "raw", "encoders": enc})
         run_dir = Path(run)
         pipe = LightCRLPipeline.from_run(run_dir, device=device, untrained=untrained)
         info = pipe.info
-        ident = {"kind": "untrained" if untrained else "run", "run": str(run_dir),
-                 "name": run_dir.name, "encoders": pipe.encoder_names,
-                 "arch": info["model_config"].get("arch"), "fusion": info["model_config"].get("fusion"),
-                 "trainable_params": info.get("parameter_counts", {}).get("total_trainable"),
-                 "checkpoint": info.get("checkpoint"), "epoch": info.get("epoch")}
+        ident = {
+            "kind": "untrained" if untrained else "run",
+            "run": str(run_dir),
+            "name": run_dir.name,
+            "encoders": pipe.encoder_names,
+            "arch": info["model_config"].get("arch"),
+            "fusion": info["model_config"].get("fusion"),
+            "trainable_params": info.get("parameter_counts", {}).get("total_trainable"),
+            "checkpoint": info.get("checkpoint"),
+            "epoch": info.get("epoch"),
+        }
         return cls(ident["kind"], pipe, pipe.encoder_names, ident, run_dir)
 
     def require_shared_space(self, task: str):
         if self.pipeline is None:
-            raise LightCRLError(f"task {task} compares modalities in a shared space: raw encoders have none "
-                                "(evaluate a run, or --untrained for the untrained model)")
+            raise LightCRLError(
+                f"task {task} compares modalities in a shared space: raw encoders have none "
+                "(evaluate a run, or --untrained for the untrained model)"
+            )
 
     def embed(self, store: FeatureStore) -> np.ndarray:
         """DFE embeddings of a store, or the raw encoder's pooled vectors for the raw target."""
@@ -87,7 +101,9 @@ class EvalRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _store(target: EvalTarget, modality: str, spec: str, split: str | None, limit, seed, device) -> FeatureStore:
+def _store(
+    target: EvalTarget, modality: str, spec: str, split: str | None, limit, seed, device
+) -> FeatureStore:
     name = target.encoders.get(modality)
     if name is None:
         raise LightCRLError(f"the model has no {modality} encoder")
@@ -113,12 +129,18 @@ def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     templates = r.options.get("templates") or store.templates or ["a photo of a {c}."]
     if not classnames:
         raise LightCRLError(f"{r.data} has no class names: pass --classnames")
-    class_emb = zeroshot.build_classifier(lambda texts: t.pipeline.encode_text(texts, progress=False),
-                                          classnames, templates)
+    class_emb = zeroshot.build_classifier(
+        lambda texts: t.pipeline.encode_text(texts, progress=False), classnames, templates
+    )
     m = zeroshot.evaluate(t.embed(store), store.items.labels, class_emb, classnames)
     m.update(n_templates=len(templates), chance=100.0 / len(classnames))
-    png = plots_dir / f"confusion-{_slug(r)}.png"
-    plots.confusion_matrix(m["confusion_matrix"], classnames, png, title=f"zero-shot {r.data} [{store.manifest['dataset']['split']}]")
+    png = plots_dir / f"{r.options.get('_stem', _slug(r))}-confusion.png"
+    plots.confusion_matrix(
+        m["confusion_matrix"],
+        classnames,
+        png,
+        title=f"zero-shot {r.data} [{store.manifest['dataset']['split']}]",
+    )
     return m, [png]
 
 
@@ -176,12 +198,20 @@ def task_linear_probe(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[d
     train, test, _ = _labelled_stores(t, r)
     mode = r.options.get("probe_mode", "logreg")
     kw = {"epochs": r.options["epochs"]} if mode == "sgd" and r.options.get("epochs") else {}
-    m = linear_probe.evaluate(t.embed(train), train.items.labels, t.embed(test), test.items.labels,
-                              mode=mode, seed=r.seed, **kw)
+    m = linear_probe.evaluate(
+        t.embed(train), train.items.labels, t.embed(test), test.items.labels, mode=mode, seed=r.seed, **kw
+    )
     m = {k: v for k, v in m.items()}
     if t.pipeline is not None:  # the raw encoder's pooled features as the reference
-        ref = linear_probe.evaluate(raw_pooled(train), train.items.labels, raw_pooled(test), test.items.labels,
-                                    mode=mode, seed=r.seed, **kw)
+        ref = linear_probe.evaluate(
+            raw_pooled(train),
+            train.items.labels,
+            raw_pooled(test),
+            test.items.labels,
+            mode=mode,
+            seed=r.seed,
+            **kw,
+        )
         m.update({f"raw_encoder/{k}": v for k, v in ref.items() if not isinstance(v, (dict, list))})
     m.update(n_train=len(train), n_test=len(test), mode=mode)
     return m, []
@@ -196,13 +226,20 @@ def task_finetune(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     epochs = int(r.options.get("epochs") or 100)
     every = int(r.options.get("eval_every") or min(20, epochs))
     dev = str(t.pipeline.device)
-    common = dict(num_classes=n_cls, epochs=epochs, eval_every=every, seed=r.seed, device=dev,
-                  lr=float(r.options.get("lr") or 1e-3))
+    common = dict(
+        num_classes=n_cls,
+        epochs=epochs,
+        eval_every=every,
+        seed=r.seed,
+        device=dev,
+        lr=float(r.options.get("lr") or 1e-3),
+    )
     src_train, src_test = StoreSource(train, t.pipeline.input), StoreSource(test, t.pipeline.input)
     full = finetune.evaluate(t.pipeline.model, media, src_train, src_test, **common)
     head = finetune.evaluate(t.pipeline.model, media, src_train, src_test, freeze_encoder=True, **common)
-    probe = linear_probe.evaluate(t.embed(train), train.items.labels, t.embed(test), test.items.labels,
-                                  seed=r.seed)
+    probe = linear_probe.evaluate(
+        t.embed(train), train.items.labels, t.embed(test), test.items.labels, seed=r.seed
+    )
     m = {k: v for k, v in full.items()}
     m.update({f"frozen_dfe_head_only/{k}": v for k, v in head.items()})
     m.update({f"linear_probe/{k}": v for k, v in probe.items() if not isinstance(v, (dict, list))})
@@ -217,7 +254,7 @@ def task_geometry(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     media_emb, text_emb, text_to_media, _ = _pair_embeddings(t, r)
     a, b = media_emb[text_to_media], text_emb
     m = geometry.evaluate(a, b, seed=r.seed)
-    png = plots_dir / f"geometry-{_slug(r)}.png"
+    png = plots_dir / f"{r.options.get('_stem', _slug(r))}-geometry.png"
     geometry.plot(a, b, png, title=f"matched vs unmatched cosine, {r.data}")
     return m, [png]
 
@@ -251,7 +288,7 @@ def task_sts(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list
             e1, e2 = _encode_sentences(t, pipe, s1), _encode_sentences(t, pipe, s2)
             per[sub] = (e1, e2, g)
         if len(per) == 1:
-            (e1, e2, g), = per.values()
+            ((e1, e2, g),) = per.values()
             res = sts.evaluate(e1, e2, g)
         else:
             res = sts.evaluate_many(per)
@@ -280,8 +317,14 @@ def _encode_sentences(t: EvalTarget, pipe: LightCRLPipeline | None, sentences: l
     return np.concatenate(out)
 
 
-_TASK_FUNCS = {"zeroshot": task_zeroshot, "retrieval": task_retrieval, "linear_probe": task_linear_probe,
-               "finetune": task_finetune, "geometry": task_geometry, "sts": task_sts}
+_TASK_FUNCS = {
+    "zeroshot": task_zeroshot,
+    "retrieval": task_retrieval,
+    "linear_probe": task_linear_probe,
+    "finetune": task_finetune,
+    "geometry": task_geometry,
+    "sts": task_sts,
+}
 
 
 def _slug(r: EvalRequest) -> str:
@@ -300,6 +343,7 @@ def run_eval(target: EvalTarget, r: EvalRequest) -> dict:
         raise LightCRLError(f"unknown task {r.task!r}; tasks: {', '.join(TASKS)}")
     out = Path(r.output) if r.output else default_output(target, r)
     plots_dir = out.parent / "plots"
+    r.options.setdefault("_stem", out.stem)  # plots named after their results file: no collisions
     t0 = time.time()
     metrics, pngs = _TASK_FUNCS[r.task](target, r, plots_dir)
     result = {
@@ -328,12 +372,24 @@ def _rel(p: Path, base: Path | None) -> str:
 
 HEADLINE = {
     "zeroshot": ["top1", "top5", "mean_per_class_recall", "chance"],
-    "retrieval": ["image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
-                  "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10"],
+    "retrieval": [
+        "image_retrieval_recall@1",
+        "image_retrieval_recall@5",
+        "image_retrieval_recall@10",
+        "text_retrieval_recall@1",
+        "text_retrieval_recall@5",
+        "text_retrieval_recall@10",
+    ],
     "linear_probe": ["top1", "raw_encoder/top1", "C"],
     "finetune": ["top1", "frozen_dfe_head_only/top1", "linear_probe/top1"],
-    "geometry": ["alignment", "uniformity_a", "uniformity_b", "modality_gap", "matched_cosine_mean",
-                 "unmatched_cosine_mean"],
+    "geometry": [
+        "alignment",
+        "uniformity_a",
+        "uniformity_b",
+        "modality_gap",
+        "matched_cosine_mean",
+        "unmatched_cosine_mean",
+    ],
     "sts": ["spearman", "raw_encoder/spearman", "dfe/spearman"],
 }
 

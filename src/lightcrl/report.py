@@ -449,7 +449,7 @@ def _header_blocks(run: _Run) -> list[_Block]:
                 items.append(f"**{key}**: {value}")
     blocks.append(_Block("h2", "What was run"))
     if items:
-        blocks.append(_Block("ul", items=items[:30]))
+        blocks.append(_Block("ul", items=items[:60]))
     else:
         blocks.append(
             _Block("p", "No config.yaml/config.json or model_info.json was found in the run directory.")
@@ -575,7 +575,14 @@ def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
                     blocks.append(_Block("img", f"{r.path.name}: {rel}", path=p))
             cm = r.metrics.get("confusion_matrix")
             names = r.metrics.get("per_class_accuracy")
-            if isinstance(cm, list) and cm and isinstance(names, dict) and len(names) == len(cm):
+            has_own = any("confusion" in str(rel) for rel in r.data.get("plots") or [])
+            if (
+                not has_own
+                and isinstance(cm, list)
+                and cm
+                and isinstance(names, dict)
+                and len(names) == len(cm)
+            ):
                 png = files_dir / f"confusion_{r.path.stem}.png"
                 try:
                     plots.confusion_matrix(

@@ -42,13 +42,20 @@ def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int 
         if split is None:
             continue
         limit = src.limit if split_kind == "train" else src.val_limit
-        opts = EmbedOptions(limit=limit, seed=cfg.seed, device=cfg.device, progress=cfg.progress and rank == 0,
-                            batch_size=cfg.data.embed_batch_size, num_workers=cfg.data.num_workers)
+        opts = EmbedOptions(
+            limit=limit,
+            seed=cfg.seed,
+            device=cfg.device,
+            progress=cfg.progress and rank == 0,
+            batch_size=cfg.data.embed_batch_size,
+            num_workers=cfg.data.num_workers,
+        )
         media = _store(src.media_encoder, src.spec, split, opts, rank, world)
         text = _text_store(src, split, opts, rank, world)
         name = f"{src.spec.split(':', 1)[0]}{i}" if len(cfg.data.sources) > 1 else src.spec.split(":", 1)[0]
-        sets.append(PairSet.link(name, media, text, input=cfg.data.input,
-                                 max_text_tokens=cfg.data.max_text_tokens))
+        sets.append(
+            PairSet.link(name, media, text, input=cfg.data.input, max_text_tokens=cfg.data.max_text_tokens)
+        )
         if len(sets[-1]) == 0:
             raise LightCRLError(f"no (media, caption) pairs in {src.spec} split {split}")
     return sets
@@ -97,7 +104,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit" in name or "context" in name or "norm" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "logit" in name or "context" in name or "norm" in name else decay).append(
+            p
+        )
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -136,13 +145,19 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         keep = text_to_media >= 0
         r = retrieval.evaluate(media_emb, text_emb[keep], text_to_media[keep])
         prefix = f"val/{s.name}/" if len(sets) > 1 else "val/"
-        for k in ("image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5",
-                  "text_retrieval_recall@5"):
+        for k in (
+            "image_retrieval_recall@1",
+            "text_retrieval_recall@1",
+            "image_retrieval_recall@5",
+            "text_retrieval_recall@5",
+        ):
             metrics[prefix + k] = float(r[k])
         r1s.append((r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2)
         # val loss: symmetric InfoNCE at the current temperature on fixed random-caption batches
         pairs = s.epoch_pairs(seed, 10**6, "random_caption")  # a fixed epoch id never trained on
-        scale = raw.logit_scale.exp().clamp(max=100.0) if hasattr(raw, "logit_scale") else torch.tensor(1 / .07)
+        scale = (
+            raw.logit_scale.exp().clamp(max=100.0) if hasattr(raw, "logit_scale") else torch.tensor(1 / 0.07)
+        )
         me, te = torch.from_numpy(media_emb), torch.from_numpy(text_emb)
         for sl in epoch_batches(len(pairs), batch_size):
             p = pairs[sl]
@@ -177,22 +192,37 @@ class Trainer:
         self.fingerprint = self._fingerprint()
 
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-            eps=cfg.optim.eps)
+            param_groups(self.model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
         self.steps_per_epoch = sum(
-            len(epoch_batches(self._epoch_size(s), cfg.optim.batch_size)) for s in self.train_sets)
+            len(epoch_batches(self._epoch_size(s), cfg.optim.batch_size)) for s in self.train_sets
+        )
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         o = cfg.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda st: lr_lambda(st, o.warmup_steps, self.total_steps, o.min_lr_ratio, o.schedule))
+            self.optimizer,
+            lambda st: lr_lambda(st, o.warmup_steps, self.total_steps, o.min_lr_ratio, o.schedule),
+        )
         self.plateau_scale = 1.0
         self.plateau_bad = 0
         self.ddp_model = self.model
         if self.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": None,
-                      "bad_epochs": 0, "history": [], "fingerprint": self.fingerprint}
+                self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+            )
+        self.state = {
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "best": None,
+            "best_epoch": None,
+            "bad_epochs": 0,
+            "history": [],
+            "fingerprint": self.fingerprint,
+        }
         self.tb = None
         if self.is_main:
             self._prepare_run_dir(overwrite)
@@ -202,10 +232,17 @@ class Trainer:
 
         src = self.cfg.data.nli
         if src is None:
-            raise LightCRLError("loss simcse_sup needs data.nli: NLI triplets (simcse-csv:, snli: or sick-nli:)")
+            raise LightCRLError(
+                "loss simcse_sup needs data.nli: NLI triplets (simcse-csv:, snli: or sick-nli:)"
+            )
         encoder = src.text_encoder or self.cfg.data.sources[0].text_encoder
-        opts = EmbedOptions(limit=src.limit, seed=self.cfg.seed, device=self.cfg.device,
-                            progress=self.cfg.progress and self.is_main, num_workers=self.cfg.data.num_workers)
+        opts = EmbedOptions(
+            limit=src.limit,
+            seed=self.cfg.seed,
+            device=self.cfg.device,
+            progress=self.cfg.progress and self.is_main,
+            num_workers=self.cfg.data.num_workers,
+        )
         self.nli_store = _store(encoder, src.spec, src.split, opts, self.rank, self.world)
         triplets = open_nli(src.spec, src.split, limit=src.limit, seed=self.cfg.seed).triplets
         self.nli_rows = triplet_index(triplets, self.nli_store.items.ids)
@@ -214,8 +251,9 @@ class Trainer:
         """A seeded batch of triplets for this step, encoded through the trainable text path."""
         bs = self.cfg.data.nli.batch_size or self.cfg.optim.batch_size
         rng = np.random.default_rng([self.cfg.seed, self.state["step"], 104729])
-        pick = rank_slice(rng.choice(len(self.nli_rows), min(bs, len(self.nli_rows)), replace=False),
-                          self.rank, self.world)
+        pick = rank_slice(
+            rng.choice(len(self.nli_rows), min(bs, len(self.nli_rows)), replace=False), self.rank, self.world
+        )
         rows = self.nli_rows[pick]
         enc = self.ddp_model.module if self.world > 1 else self.ddp_model
         out = []
@@ -227,7 +265,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps(self.cfg.model_dump(mode="json", exclude={"progress", "name"}), sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                self.cfg.model_dump(mode="json", exclude={"progress", "name"}), sort_keys=True
+            ).encode()
+        )
         for s in self.train_sets:
             h.update(s.media.fingerprint.encode() + s.text.fingerprint.encode())
         if self.nli_store is not None:
@@ -252,12 +294,21 @@ class Trainer:
     def model_info(self) -> dict:
         sources = []
         for s in self.train_sets:
-            sources.append({"name": s.name, "media_store": s.media.summary(), "text_store": s.text.summary(),
-                            "pairs": len(s)})
+            sources.append(
+                {
+                    "name": s.name,
+                    "media_store": s.media.summary(),
+                    "text_store": s.text.summary(),
+                    "pairs": len(s),
+                }
+            )
         encoders = {}
         for src in self.cfg.data.sources:
-            media_mod = next(s.media_modality for s in self.train_sets if s.media.manifest["encoder"]["name"]
-                             == src.media_encoder)
+            media_mod = next(
+                s.media_modality
+                for s in self.train_sets
+                if s.media.manifest["encoder"]["name"] == src.media_encoder
+            )
             encoders[media_mod] = src.media_encoder
             encoders["text"] = src.text_encoder
         return {
@@ -295,7 +346,9 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [
+            ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+        ]
         write_text(path, "".join(ln + "\n" for ln in keep))
 
     def _log(self, row: dict):
@@ -315,8 +368,12 @@ class Trainer:
     def _save(self, tag: str):
         if not self.is_main:
             return
-        st = dict(self.state, scheduler=self.scheduler.state_dict(), plateau_scale=self.plateau_scale,
-                  plateau_bad=self.plateau_bad)
+        st = dict(
+            self.state,
+            scheduler=self.scheduler.state_dict(),
+            plateau_scale=self.plateau_scale,
+            plateau_bad=self.plateau_bad,
+        )
         save_checkpoint(self.run_dir, tag, self.model, st, self.optimizer if tag == "last" else None)
 
     def _publish(self, tag: str):
@@ -326,10 +383,14 @@ class Trainer:
         folder = checkpoint_folder(self.run_dir, tag)
         from .io import atomic_open
 
-        with open(folder / "model.safetensors", "rb") as src, atomic_open(self.run_dir / "model.safetensors",
-                                                                           "wb") as dst:
+        with (
+            open(folder / "model.safetensors", "rb") as src,
+            atomic_open(self.run_dir / "model.safetensors", "wb") as dst,
+        ):
             dst.write(src.read())
-        write_json(self.run_dir / "model.json", dict(self.model_info(), checkpoint=tag, epoch=self.state["epoch"]))
+        write_json(
+            self.run_dir / "model.json", dict(self.model_info(), checkpoint=tag, epoch=self.state["epoch"])
+        )
 
     # ---------------------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[int, np.ndarray]]:
@@ -361,13 +422,14 @@ class Trainer:
                 kwargs["text_views"] = (out["text"], raw.encode("text", t, m))
             if self.nli_rows is not None:
                 kwargs["nli"] = self._nli_batch()
-            losses = self.loss_fn(out[s.media_modality], out["text"], out["logit_scale"],
-                                  out.get("logit_bias"), **kwargs)
+            losses = self.loss_fn(
+                out[s.media_modality], out["text"], out["logit_scale"], out.get("logit_bias"), **kwargs
+            )
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise LightCRLError(
-                f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch']} step {self.state['step']}: "
-                f"training stopped; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. "
+                f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch']} "
+                f"step {self.state['step']}: training stopped; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. "
                 "Try a lower optim.lr or optim.grad_clip."
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -409,8 +471,11 @@ class Trainer:
         if self.is_main and not resumed:
             write_json(self.run_dir / "model_info.json", self.model_info())
             if self.val_sets and cfg.eval_every:
-                row = {"step": 0, "epoch": 0, **validate(self.model, self.val_sets, self.device,
-                                                          cfg.optim.batch_size, cfg.seed)}
+                row = {
+                    "step": 0,
+                    "epoch": 0,
+                    **validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed),
+                }
                 self._log(row)
         t_start = time.time()
         stopped_early = False
@@ -419,8 +484,14 @@ class Trainer:
             # Dropout RNG is a function of (seed, epoch): a resumed epoch replays exactly.
             torch.manual_seed(cfg.seed * 100003 + epoch)
             schedule = self._schedule()
-            bar = tqdm(total=len(schedule), initial=self.state["batch"], desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                       disable=not (cfg.progress and self.is_main), dynamic_ncols=True, leave=False)
+            bar = tqdm(
+                total=len(schedule),
+                initial=self.state["batch"],
+                desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                disable=not (cfg.progress and self.is_main),
+                dynamic_ncols=True,
+                leave=False,
+            )
             t0 = time.time()
             n_pairs = 0
             for j in range(self.state["batch"], len(schedule)):
@@ -437,15 +508,21 @@ class Trainer:
             epoch_time = time.time() - t0
             self.state["epoch"] = epoch + 1
             self.state["batch"] = 0
-            row = {"step": self.state["step"], "epoch": epoch + 1, "time/epoch_s": epoch_time,
-                   "time/pairs_per_s": n_pairs / max(epoch_time, 1e-9)}
+            row = {
+                "step": self.state["step"],
+                "epoch": epoch + 1,
+                "time/epoch_s": epoch_time,
+                "time/pairs_per_s": n_pairs / max(epoch_time, 1e-9),
+            }
             metric = None
             if self.is_main and self.val_sets and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 row.update(validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed))
                 metric = row.get(cfg.early_stop.metric)
                 if metric is None:
-                    raise LightCRLError(f"early_stop.metric {cfg.early_stop.metric!r} is not computed; "
-                                        f"available: {', '.join(k for k in row if k.startswith('val/'))}")
+                    raise LightCRLError(
+                        f"early_stop.metric {cfg.early_stop.metric!r} is not computed; "
+                        f"available: {', '.join(k for k in row if k.startswith('val/'))}"
+                    )
             self._apply_plateau(metric)
             self._log(row)
             if metric is not None:
@@ -455,7 +532,9 @@ class Trainer:
                     self._publish("best")
                 else:
                     self.state["bad_epochs"] += 1
-            self.state["history"].append({k: v for k, v in row.items() if k.startswith("val/") or k == "epoch"})
+            self.state["history"].append(
+                {k: v for k, v in row.items() if k.startswith("val/") or k == "epoch"}
+            )
             self._save("last")
             if not self.val_sets:
                 self._publish("last")
@@ -470,9 +549,15 @@ class Trainer:
                 break
             if stop_after_epoch is not None and self.state["epoch"] >= stop_after_epoch:
                 break
-        summary = {"epochs": self.state["epoch"], "steps": self.state["step"], "best": self.state["best"],
-                   "best_epoch": self.state["best_epoch"], "stopped_early": stopped_early,
-                   "train_time_s": time.time() - t_start, "metric": cfg.early_stop.metric}
+        summary = {
+            "epochs": self.state["epoch"],
+            "steps": self.state["step"],
+            "best": self.state["best"],
+            "best_epoch": self.state["best_epoch"],
+            "stopped_early": stopped_early,
+            "train_time_s": time.time() - t_start,
+            "metric": cfg.early_stop.metric,
+        }
         if self.is_main:
             if checkpoint_folder(self.run_dir, "best") is None:
                 self._publish("last")
@@ -482,8 +567,9 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False,
-          stop_after_epoch: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False, stop_after_epoch: int | None = None
+) -> dict:
     trainer = Trainer(cfg, run_dir, overwrite=overwrite)
     try:
         return trainer.fit(stop_after_epoch)

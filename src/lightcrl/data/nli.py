@@ -85,8 +85,10 @@ def load_triplets(spec: str, split: str | None = None) -> list[Triplet]:
             raise LightCRLError(f"SICK file not found: {path}")
         with open(path, encoding="utf-8", errors="replace") as f:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            rows = [(r["sentence_A"].strip(), r["sentence_B"].strip(), r["entailment_judgment"].strip().lower())
-                    for r in reader]
+            rows = [
+                (r["sentence_A"].strip(), r["sentence_B"].strip(), r["entailment_judgment"].strip().lower())
+                for r in reader
+            ]
         return _from_groups(rows)
     raise LightCRLError(f"unknown NLI spec {spec!r}; kinds: {', '.join(k + ':PATH' for k in NLI_KINDS)}")
 
@@ -117,9 +119,21 @@ def open_nli(spec: str, split: str | None = None, limit: int | None = None, seed
             sid = sentence_id(s)
             seen.setdefault(sid, Record(id=sid, text=s, group=sid))
     kind, _, raw = spec.partition(":")
-    ds = _NliDataset(spec=spec, kind=kind, root=Path(raw), split=split or "train", task="pairs", media="text",
-                 classnames=None, templates=None, media_records=list(seen.values()), text_records=[],
-                 skipped=[], base=Path(raw).parent, stats={})
+    ds = _NliDataset(
+        spec=spec,
+        kind=kind,
+        root=Path(raw),
+        split=split or "train",
+        task="pairs",
+        media="text",
+        classnames=None,
+        templates=None,
+        media_records=list(seen.values()),
+        text_records=[],
+        skipped=[],
+        base=Path(raw).parent,
+        stats={},
+    )
     ds.triplets = triplets
     return ds
 

@@ -140,7 +140,13 @@ class HFVisionEncoder(FrozenEncoder):
         if h.dim() == 4:  # CNN backbones: [B, C, H, W] -> tokens
             h = h.flatten(2).transpose(1, 2)
         mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        has_cls = getattr(self.config, "model_type", "") in {"vit", "deit", "beit", "dinov2", "clip_vision_model"}
+        has_cls = getattr(self.config, "model_type", "") in {
+            "vit",
+            "deit",
+            "beit",
+            "dinov2",
+            "clip_vision_model",
+        }
         pooled = h[:, 0] if has_cls else h.mean(1)
         return EncoderOutput(h, mask, pooled)
 

@@ -1,0 +1,371 @@
+"""Frozen audio encoders: aiSFX (offline weights from PyPI) and any transformers audio model.
+
+``aisfx`` is the X-Sequential-CE model of Ma & Lerch (ISMIR 2022), shipped by the ``aisfx`` package: a
+9-layer CNN (DCASE cross-task baseline) over 44.1 kHz log-mel spectrograms (2048-sample window, 1024 hop,
+96 HTK mel bands, ``log10(1 + 1e4 * power)`` / 9.4578). The package cuts the spectrogram into blocks of
+100 frames (~2.3 s) with a 50-frame hop and embeds each block into 512-d; a block is our token. The
+package defines no clip-level vector, so ``pooled`` is the masked mean of the block embeddings.
+
+The package's weights are a pickle (``checkpoint.pth``). They are unpickled ONCE, converted to a
+safetensors copy in ``<cache>/weights/aisfx-<digest>.safetensors``, and every normal run loads that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LightCRLError, SkipItem
+from ..paths import cache_dir
+from .base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+
+# ------------------------------------------------------------------------------------------ waveforms
+
+
+def load_waveform(item: Any, sample_rate: int) -> np.ndarray:
+    """A path, a float array at ``sample_rate`` or ``(array, rate)`` -> mono float32 at ``sample_rate``.
+
+    Files go through :func:`lightcrl.data.media.load_audio` (decoding, resampling, skip reasons). Arrays
+    are ``(samples,)`` or ``(channels, samples)``; they get the same silence/NaN checks as files.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        from ..data.media import load_audio
+
+        return load_audio(str(item), sample_rate)
+    rate = sample_rate
+    if isinstance(item, tuple) and len(item) == 2:
+        item, rate = item
+    wav = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+    wav = wav.astype(np.float32, copy=False)
+    if wav.ndim == 2:
+        wav = wav.mean(axis=0)
+    if wav.ndim != 1:
+        raise SkipItem("corrupt_audio", f"expected (samples,) or (channels, samples), got {wav.shape}")
+    if wav.size == 0:
+        raise SkipItem("silent_audio", "no samples")
+    if not np.isfinite(wav).all():
+        raise SkipItem("corrupt_audio", "non-finite samples")
+    if float(np.abs(wav).max()) < 1e-6:
+        raise SkipItem("silent_audio", "all samples are (near) zero")
+    if int(rate) != sample_rate:
+        import librosa
+
+        wav = librosa.resample(wav, orig_sr=int(rate), target_sr=sample_rate, res_type="soxr_hq")
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ aiSFX
+
+
+@lru_cache(maxsize=4)
+def _mel_basis(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    import librosa
+
+    # HTK mel scale with unit-area (L1) filters: the package's librosa path (Essentia's htkMel/unit_sum).
+    return librosa.filters.mel(
+        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=True, norm=1.0
+    )
+
+
+@dataclass(frozen=True)
+class AisfxFrontEnd:
+    """Waveform -> normalised log-mel blocks ``[n_blocks, block_frames, n_mels]`` (picklable).
+
+    Defaults are aisfx.inference's constants (SAMPLE_RATE, SPEC_BLOCK_LENGTH, SPEC_HOP_LENGTH, MEL_BINS,
+    F_MIN/F_MAX, EMB_BLOCK_LENGTH, emb_hop_size=0.5, drop_partial_block=True) and the 'original' min/max
+    normalisation of aisfx.preprocessing.
+    """
+
+    sample_rate: int = 44100
+    n_fft: int = 2048
+    hop_length: int = 1024
+    n_mels: int = 96
+    f_min: float = 0.0
+    f_max: float = 22050.0
+    peak_normalize: bool = True  # the package's librosa front end scales each clip to peak 1
+    norm_min: float = 0.0
+    norm_max: float = 9.457798957824707
+    block_frames: int = 100  # ~2.3 s per embedding
+    block_hop: int = 50  # emb_hop_size 0.5
+    drop_partial_block: bool = True
+
+    def load(self, item: Any) -> np.ndarray:
+        """The mono waveform at the model's rate (resampled from any input rate)."""
+        return load_waveform(item, self.sample_rate)
+
+    def spectrogram(self, wav: np.ndarray) -> np.ndarray:
+        """``[frames, n_mels]`` float32 log-mel, normalised as the model was trained."""
+        import librosa
+
+        if self.peak_normalize:
+            wav = wav / max(float(np.abs(wav).max()), 1e-12)
+        stft = librosa.stft(
+            wav,
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.n_fft,
+            center=True,
+            pad_mode="constant",
+        )
+        mel = _mel_basis(self.sample_rate, self.n_fft, self.n_mels, self.f_min, self.f_max) @ (
+            np.abs(stft) ** 2
+        )
+        spec = np.log10(mel * 1e4 + 1.0)
+        # Time first: the model reads (time, freq). The package's librosa helper returns (freq, time),
+        # which its own blocking would then cut along frequency; Essentia's output is (time, freq).
+        return ((spec.T - self.norm_min) / (self.norm_max - self.norm_min)).astype(np.float32)
+
+    def blocks(self, spec: np.ndarray) -> np.ndarray:
+        """aisfx.preprocessing.blocking: zero-padded (= silence) blocks of ``block_frames`` frames."""
+        n = spec.shape[0]
+        count = int(np.ceil((n - self.block_frames) / self.block_hop + 1))
+        if (n - self.block_frames) % self.block_hop != 0 and self.drop_partial_block:
+            count -= 1
+        count = max(count, 1)
+        padded = np.concatenate([spec, np.zeros((self.block_frames, spec.shape[1]), spec.dtype)])
+        starts = np.arange(count) * self.block_hop
+        return np.stack([padded[s : s + self.block_frames] for s in starts])
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        return torch.from_numpy(self.blocks(self.spectrogram(self.load(item))))
+
+
+def collate_blocks(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pad clips to the most blocks in the batch; ``mask`` marks real blocks."""
+    longest = max(x.shape[0] for x in items)
+    blocks = items[0].new_zeros((len(items), longest, *items[0].shape[1:]))
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, x in enumerate(items):
+        blocks[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = True
+    return {"blocks": blocks, "mask": mask}
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    from ..io import atomic_open
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+class AisfxEncoder(FrozenEncoder):
+    """aiSFX X-Sequential-CE: tokens = 512-d embeddings of ~2.3 s blocks (1.16 s hop), pooled = their mean."""
+
+    name = "aisfx"
+    modality = "audio"
+    dim = 512
+
+    def __init__(self, device="auto", frontend: AisfxFrontEnd | None = None):
+        super().__init__(device)
+        self.frontend = frontend or AisfxFrontEnd()
+
+    @staticmethod
+    def weights_path() -> Path:
+        """The package's original (pickled) checkpoint."""
+        try:
+            from aisfx.inference import get_path_modelWeights
+        except ImportError as e:
+            raise LightCRLError(
+                "encoder aisfx needs the `aisfx` package: pip install --no-deps aisfx "
+                "(its pinned numpy/librosa are not needed)"
+            ) from e
+        return Path(get_path_modelWeights())
+
+    def weights_digest(self) -> str:
+        return file_digest([self.weights_path()])
+
+    def safetensors_path(self) -> Path:
+        return cache_dir() / "weights" / f"aisfx-{self.weights_digest()[:16]}.safetensors"
+
+    def convert_weights(self) -> Path:
+        """Unpickle the original checkpoint once and write the safetensors copy (atomically)."""
+        out = self.safetensors_path()
+        # The package's own checkpoint: a pickle of (state_dict, {dataset: (index, n_classes)}).
+        state, ds_dict = torch.load(self.weights_path(), map_location="cpu", weights_only=False)
+        meta = {
+            "source": "aisfx models/checkpoint.pth",
+            "source_sha256": self.weights_digest(),
+            "ds_dict": json.dumps({k: [int(a), int(b)] for k, (a, b) in ds_dict.items()}),
+        }
+        _atomic_save_safetensors(dict(state), out, meta)
+        return out
+
+    def state_dict_from_copy(self) -> dict[str, torch.Tensor]:
+        """The full CrossNet state dict read from the safetensors copy (made on first use)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.safetensors_path()
+        if not path.exists():
+            self.convert_weights()
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError):  # a damaged copy (disk trouble): make it again
+            self.convert_weights()
+            return load_file(str(path))
+
+    @staticmethod
+    def build_network() -> torch.nn.Module:
+        from aisfx.models.cnn2d import EmbeddingNet
+
+        # The arguments of aisfx.inference.load_bestModel: max pooling, 3x3 kernels, stride 1, 64 channels.
+        return EmbeddingNet("max", 3, 1, 64)
+
+    def _load(self) -> torch.nn.Module:
+        net = self.build_network()
+        prefix = "embedding_net."
+        state = {k[len(prefix) :]: v for k, v in self.state_dict_from_copy().items() if k.startswith(prefix)}
+        net.load_state_dict(state)  # strict: every conv/bn tensor must be there
+        return net
+
+    def _forward(self, model, batch):
+        mask = batch["mask"].bool()
+        blocks = batch["blocks"]
+        out = model(blocks[mask].float())  # only real blocks go through the CNN
+        tokens = out.new_zeros((*mask.shape, out.shape[-1]))
+        tokens[mask] = out
+        return EncoderOutput(tokens, mask, masked_mean(tokens, mask))
+
+    @property
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        return self.frontend
+
+    @property
+    def collate(self) -> Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]:
+        return collate_blocks
+
+    def identity(self) -> dict:
+        return {
+            "encoder": self.name,
+            "weights": self.weights_digest(),
+            "frontend": asdict(self.frontend),
+            "resample": "soxr_hq",
+            "tokens": "one 512-d embedding per spectrogram block, pooled = masked mean",
+        }
+
+
+# ------------------------------------------------------------------------------------- transformers
+
+
+@dataclass(frozen=True)
+class WaveformTransform:
+    """Path or array -> mono float32 waveform at ``sample_rate`` (picklable; features are made in collate)."""
+
+    sample_rate: int
+
+    def __call__(self, item: Any) -> np.ndarray:
+        return load_waveform(item, self.sample_rate)
+
+
+class HFAudioCollator:
+    """Waveforms -> the model's input tensors through its feature extractor (made lazily; picklable)."""
+
+    def __init__(self, model_id: str, sample_rate: int):
+        self.model_id, self.sample_rate = model_id, sample_rate
+        self._fe = None
+
+    def __getstate__(self):
+        return {"model_id": self.model_id, "sample_rate": self.sample_rate, "_fe": None}
+
+    @property
+    def extractor(self):
+        if self._fe is None:
+            from transformers import AutoFeatureExtractor
+
+            self._fe = AutoFeatureExtractor.from_pretrained(self.model_id)
+        return self._fe
+
+    def __call__(self, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        kw = {"sampling_rate": self.sample_rate, "return_tensors": "pt"}
+        try:
+            out = self.extractor(list(waves), **kw)
+        except ValueError:  # raw-waveform models (wav2vec2...) refuse ragged batches unless padded
+            out = self.extractor(list(waves), padding="longest", return_attention_mask=True, **kw)
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+class HFAudioEncoder(FrozenEncoder):
+    """Any transformers audio model (AST, CLAP's audio tower, wav2vec2/HuBERT, Whisper's encoder).
+
+    tokens = last hidden state (4-D maps flattened), masked by the attention mask where the model has one;
+    pooled = the model's pooler output when it has one of the token width, else the masked mean.
+    """
+
+    modality = "audio"
+
+    def __init__(self, model_id: str, device="auto"):
+        super().__init__(device)
+        from transformers import AutoConfig, AutoFeatureExtractor
+
+        self.model_id = str(model_id)
+        self.name = f"hf-audio:{model_id}"
+        self.config = AutoConfig.from_pretrained(self.model_id)
+        audio_cfg = getattr(self.config, "audio_config", None) or self.config  # CLAP nests its audio tower
+        hidden = getattr(audio_cfg, "hidden_size", None) or getattr(audio_cfg, "d_model", None)
+        if not hidden:
+            raise LightCRLError(f"{model_id}: cannot tell the hidden size of this audio model")
+        self.dim = int(hidden)
+        fe = AutoFeatureExtractor.from_pretrained(self.model_id)
+        self.sample_rate = int(fe.sampling_rate)
+        fe_blob = json.dumps(fe.to_dict(), sort_keys=True, default=str).encode()
+        self._fe_hash = hashlib.sha256(fe_blob).hexdigest()
+        self._transform = WaveformTransform(self.sample_rate)
+        self._collate = HFAudioCollator(self.model_id, self.sample_rate)
+
+    def _load(self) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.model_id)
+        if hasattr(model, "audio_model"):  # CLAP: keep the audio tower only
+            model = model.audio_model
+        elif getattr(model.config, "is_encoder_decoder", False):  # Whisper: the encoder
+            model = model.get_encoder()
+        return model
+
+    def _forward(self, model, batch):
+        import inspect
+
+        accepted = inspect.signature(model.forward).parameters
+        out = model(**{k: v for k, v in batch.items() if k in accepted})
+        h = out.last_hidden_state
+        if h.dim() == 4:  # conv-like maps [B, C, H, W] -> tokens [B, H*W, C]
+            h = h.flatten(2).transpose(1, 2)
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        am = batch.get("attention_mask")
+        if am is not None and hasattr(model, "_get_feat_extract_output_lengths"):
+            lengths = model._get_feat_extract_output_lengths(am.sum(-1))
+            mask = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
+        pooler = getattr(out, "pooler_output", None)
+        pooled = pooler if pooler is not None and pooler.shape[-1] == h.shape[-1] else masked_mean(h, mask)
+        return EncoderOutput(h, mask, pooled)
+
+    @property
+    def transform(self) -> Callable[[Any], np.ndarray]:
+        return self._transform
+
+    @property
+    def collate(self) -> Callable[[list[np.ndarray]], dict[str, torch.Tensor]]:
+        return self._collate
+
+    def identity(self) -> dict:
+        from .image import _hf_weights_identity
+
+        return {
+            "encoder": self.name,
+            "weights": _hf_weights_identity(self.model_id, self.config),
+            "sample_rate": self.sample_rate,
+            "feature_extractor": self._fe_hash,
+            "resample": "soxr_hq",
+        }

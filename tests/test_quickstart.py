@@ -1,0 +1,183 @@
+"""Quickstart end to end on a tiny synthetic dataset; the run it trains is shared with the other tests.
+
+One reduced quickstart (a few hundred rendered images, a narrow DFE, a few epochs) is built once per
+session by :func:`shared_tiny_run`; test_search_export.py uses the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lightcrl
+from lightcrl.embed import EmbedOptions, cached_store
+from lightcrl.errors import LightCRLError
+from lightcrl.evaluate import EvalTarget
+from lightcrl.quickstart import QuickstartOptions, quickstart
+from lightcrl.synthetic import HELD_OUT, SyntheticSpec, generate
+
+TINY_SPEC = dict(n_train=160, n_dev=0, n_test=24, zeroshot_per_class=4, seen_per_class=0,
+                 captions_per_image=2)
+TINY_MODEL = {"width": 64, "heads": 2, "ffn_dim": 128}
+
+
+@dataclass
+class TinyRun:
+    out: Path  # the run directory (quickstart OUT)
+    cache: Path  # its LIGHTCRL_CACHE
+    summary: dict
+
+
+_SHARED: dict[str, TinyRun] = {}
+
+
+def shared_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """Build (once per session) a reduced quickstart run in its own cache."""
+    if "run" not in _SHARED:
+        root = tmp_path_factory.mktemp("tiny-quickstart")
+        cache = root / "cache"
+        old = os.environ.get("LIGHTCRL_CACHE")
+        os.environ["LIGHTCRL_CACHE"] = str(cache)
+        try:
+            opts = QuickstartOptions(out=root / "run", synthetic=SyntheticSpec(**TINY_SPEC), epochs=12,
+                                     batch_size=32, lr=2e-3, model=TINY_MODEL, progress=False,
+                                     untrained_baseline=False)
+            summary = quickstart(opts)
+        finally:
+            if old is None:
+                os.environ.pop("LIGHTCRL_CACHE", None)
+            else:
+                os.environ["LIGHTCRL_CACHE"] = old
+        _SHARED["run"] = TinyRun(root / "run", cache, summary)
+    return _SHARED["run"]
+
+
+@pytest.fixture
+def tiny_run(tmp_path_factory, monkeypatch) -> TinyRun:
+    run = shared_tiny_run(tmp_path_factory)
+    monkeypatch.setenv("LIGHTCRL_CACHE", str(run.cache))
+    return run
+
+
+def test_summary_has_headline_numbers(tiny_run):
+    s = json.loads((tiny_run.out / "summary.json").read_text())
+    for key in ("zeroshot_top1", "chance", "wall_time_s", "timings_s", "retrieval", "held_out"):
+        assert key in s, key
+    assert s["chance"] == pytest.approx(100 / len(HELD_OUT))
+    assert 0.0 <= s["zeroshot_top1"] <= 100.0
+    # Even the tiny run composes colour and shape words it never saw together (24 images, 6 classes).
+    assert s["zeroshot_top1"] > s["chance"] + 15
+    assert s["zeroshot"]["shapes-unseen"]["n"] == TINY_SPEC["zeroshot_per_class"] * len(HELD_OUT)
+    assert set(s["retrieval"]["shapes-test"]) >= {"image_retrieval_recall@1", "text_retrieval_recall@1"}
+    assert (tiny_run.out / "report.html").is_file()
+    assert s["report"] == str((tiny_run.out / "report.html").resolve())
+
+
+def test_held_out_combos_never_in_training(tiny_run):
+    data = Path(tiny_run.summary["synthetic_data"])
+    captions = (data / "shapes" / "captions.txt").read_text().lower()
+    for colour, shape in HELD_OUT:
+        assert f"{colour} {shape}" not in captions
+        assert (data / "shapes-zeroshot" / "test" / f"{colour}_{shape}").is_dir()
+
+
+def test_synthetic_generation_is_reused(tmp_path):
+    spec = SyntheticSpec(n_train=3, n_dev=1, n_test=1, zeroshot_per_class=1, seen_per_class=1)
+    first = generate(tmp_path, spec)
+    mtime = (tmp_path / "shapes" / "captions.txt").stat().st_mtime_ns
+    again = generate(tmp_path, spec)
+    assert again.reused and not first.reused
+    assert (tmp_path / "shapes" / "captions.txt").stat().st_mtime_ns == mtime  # features stay cached
+
+
+def test_api_round_trip_matches_evaluator(tiny_run):
+    """lightcrl.load -> encode raw files/captions == what the evaluator embeds from the feature stores."""
+    spec = f"flickr8k:{Path(tiny_run.summary['synthetic_data']) / 'shapes'}"
+    opts = EmbedOptions(progress=False)
+    media = cached_store("efficientnet-lite0", spec, "test", opts)  # cache hits: nothing re-embedded
+    texts = cached_store("minilm-l6", spec, "test", opts)
+    target = EvalTarget.resolve(str(tiny_run.out))
+    ev_img, ev_txt = target.embed(media)[:5], target.embed(texts)[:6]
+
+    model = lightcrl.load(tiny_run.out)
+    root = Path(spec.split(":", 1)[1])
+    api_img = model.encode_image([root / i for i in media.items.ids[:5]], progress=False)
+    api_txt = model.encode_text(texts.items.texts[:6], progress=False)
+    # The stores hold float16 tokens; fresh encodes are float32: equal up to that rounding.
+    np.testing.assert_allclose(api_img, ev_img, atol=1e-2)
+    np.testing.assert_allclose(api_txt, ev_txt, atol=1e-2)
+    assert (np.sum(api_img * ev_img, 1) > 0.999).all() and (np.sum(api_txt * ev_txt, 1) > 0.999).all()
+
+
+class _Checker(HTMLParser):
+    """Checks that every non-void element is closed in order; collects the text."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.text: list[str] = []
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> with open {self.stack[-3:]}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_html(text: str) -> _Checker:
+    c = _Checker()
+    c.feed(text)
+    c.close()
+    assert not c.errors, c.errors[:3]
+    assert not c.stack, f"unclosed: {c.stack}"
+    return c
+
+
+def test_report_is_valid_html_naming_every_results_file(tiny_run):
+    page = parse_html((tiny_run.out / "report.html").read_text(encoding="utf-8"))
+    text = " ".join(page.text)
+    results = sorted((tiny_run.out / "results").glob("*.json"))
+    assert {p.name for p in results} == set(tiny_run.summary["results"])
+    for p in results:
+        assert p.name in text
+    images = [a for t, a in page.tags if t == "img"]
+    assert images and all(a["src"].startswith("data:image/") for a in images)  # self-contained
+
+
+def test_quickstart_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LightCRLError, match="not a quickstart output"):
+        quickstart(QuickstartOptions(out=tmp_path, progress=False))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="needs chromium")
+def test_screenshots_with_chromium(tiny_run, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "screenshot.py"
+    mod_spec = importlib.util.spec_from_file_location("screenshot", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    png = tmp_path / "report.png"
+    mod.screenshot(mod.find_browser(), tiny_run.out / "report.html", png, size="1280,900")
+    assert png.stat().st_size > 1000
