@@ -429,7 +429,8 @@ class Trainer:
         if not torch.isfinite(loss):
             raise LightCRLError(
                 f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch']} "
-                f"step {self.state['step']}: training stopped; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}. "
+                f"step {self.state['step']}: training stopped; the last good checkpoint is kept in "
+                f"{self.run_dir / 'checkpoints'}. "
                 "Try a lower optim.lr or optim.grad_clip."
             )
         self.optimizer.zero_grad(set_to_none=True)
