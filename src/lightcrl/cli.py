@@ -239,7 +239,7 @@ def experiment(
         for cell in exp.select(only):
             typer.echo(f"{cell.name:40s} {cell.kind:8s} {cell_status(exp, cell, folder)}")
         return
-    command = shlex.join(["lightcrl", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else None
+    command = shlex.join(["lightcrl", *sys.argv[1:]]) if "experiment" in sys.argv[1:] else None
     res = run_experiment(config, only=only, out=out, results_md=results_md, command=command)
     typer.echo(res.markdown.read_text())
     typer.echo(f"ran {len(res.ran)}, skipped {len(res.skipped)} (finished), failed {len(res.failed)}; "

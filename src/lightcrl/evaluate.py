@@ -54,6 +54,23 @@ class EvalTarget:
             enc = {"image": image_encoder, "text": text_encoder, "audio": audio_encoder}
             return cls("raw", None, enc, {"kind": "raw", "encoders": enc})
         run_dir = Path(run)
+        baseline = _baseline_kind(run_dir)
+        if baseline is not None:  # training-free / end-to-end baselines have their own pipelines
+            if untrained:
+                raise LightCRLError(f"--untrained applies to DFE runs, not to a {baseline} baseline")
+            if baseline == "asif":
+                from .baselines.asif import ASIFPipeline as Pipe
+            else:
+                from .baselines.convirt import ConVIRTPipeline as Pipe
+            pipe = Pipe.from_run(run_dir, device=device)
+            ident = {
+                "kind": baseline,
+                "run": str(run_dir),
+                "name": run_dir.name,
+                "encoders": pipe.encoder_names,
+                "arch": baseline,
+            }
+            return cls("run", pipe, pipe.encoder_names, ident, run_dir)
         pipe = LightCRLPipeline.from_run(run_dir, device=device, untrained=untrained)
         info = pipe.info
         ident = {
@@ -87,6 +104,16 @@ def raw_pooled(store: FeatureStore) -> np.ndarray:
     """The frozen encoder's own pooled vectors, L2-normalised: the reference for every comparison."""
     x = store.pooled()
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def _baseline_kind(run_dir: Path) -> str | None:
+    from .io import read_json
+
+    path = run_dir / "model.json"
+    if not path.exists():
+        return None
+    kind = read_json(path).get("kind")
+    return kind if kind in ("asif", "convirt") else None
 
 
 @dataclass
@@ -201,26 +228,41 @@ def task_linear_probe(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[d
     m = linear_probe.evaluate(
         t.embed(train), train.items.labels, t.embed(test), test.items.labels, mode=mode, seed=r.seed, **kw
     )
-    m = {k: v for k, v in m.items()}
-    if t.pipeline is not None:  # the raw encoder's pooled features as the reference
-        ref = linear_probe.evaluate(
-            raw_pooled(train),
-            train.items.labels,
-            raw_pooled(test),
-            test.items.labels,
-            mode=mode,
-            seed=r.seed,
-            **kw,
-        )
+    if t.pipeline is not None and r.options.get("raw_reference", True):  # the raw encoder as reference
+        ref = _raw_reference(train, test, mode, r.seed, kw)
         m.update({f"raw_encoder/{k}": v for k, v in ref.items() if not isinstance(v, (dict, list))})
     m.update(n_train=len(train), n_test=len(test), mode=mode)
     return m, []
+
+
+def _raw_reference(train: FeatureStore, test: FeatureStore, mode: str, seed: int, kw: dict) -> dict:
+    """The raw-encoder probe depends only on the two stores: computed once, cached beside the test store."""
+    import hashlib
+    import json
+
+    from .io import read_json
+    from .metrics import linear_probe
+
+    key = json.dumps([train.fingerprint, test.fingerprint, mode, seed, kw])
+    path = test.dir / f"probe-reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return read_json(path)
+    ref = linear_probe.evaluate(
+        raw_pooled(train), train.items.labels, raw_pooled(test), test.items.labels, mode=mode, seed=seed, **kw
+    )
+    try:
+        write_json(path, ref)
+    except OSError:
+        pass  # a read-only store only costs recomputing
+    return ref
 
 
 def task_finetune(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
     from .metrics import finetune, linear_probe
 
     t.require_shared_space("finetune")
+    if not hasattr(getattr(t.pipeline, "model", None), "encode"):
+        raise LightCRLError(f"finetune needs a trainable model; {t.identity.get('arch')} has none")
     train, test, media = _labelled_stores(t, r)
     n_cls = int(max(train.items.labels.max(), test.items.labels.max()) + 1)
     epochs = int(r.options.get("epochs") or 100)

@@ -217,6 +217,7 @@ class Trainer:
             "epoch": 0,
             "batch": 0,
             "step": 0,
+            "train_time_s": 0.0,  # cumulative over resumed calls
             "best": None,
             "best_epoch": None,
             "bad_epochs": 0,
@@ -336,7 +337,7 @@ class Trainer:
         self.plateau_scale = st.get("plateau_scale", 1.0)
         self.plateau_bad = st.get("plateau_bad", 0)
         torch.set_rng_state(ck["trainer"]["rng.torch"])
-        self.state = {k: st[k] for k in self.state if k in st}
+        self.state.update({k: st[k] for k in self.state if k in st})
         if self.is_main:
             self._truncate_metrics(st["step"])
             log.info("resumed from %s (epoch %d, step %d)", folder, st["epoch"], st["step"])
@@ -478,7 +479,6 @@ class Trainer:
                     **validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed),
                 }
                 self._log(row)
-        t_start = time.time()
         stopped_early = False
         while self.state["epoch"] < cfg.optim.epochs:
             epoch = self.state["epoch"]
@@ -507,6 +507,7 @@ class Trainer:
                     self._log({"step": self.state["step"], "epoch": epoch + (j + 1) / len(schedule), **row})
             bar.close()
             epoch_time = time.time() - t0
+            self.state["train_time_s"] += epoch_time
             self.state["epoch"] = epoch + 1
             self.state["batch"] = 0
             row = {
@@ -556,7 +557,7 @@ class Trainer:
             "best": self.state["best"],
             "best_epoch": self.state["best_epoch"],
             "stopped_early": stopped_early,
-            "train_time_s": time.time() - t_start,
+            "train_time_s": self.state["train_time_s"],
             "metric": cfg.early_stop.metric,
         }
         if self.is_main:

@@ -1,0 +1,205 @@
+"""Baselines: ASIF on synthetic anchors, ConVIRT's loss, augmentation, a ConVIRT training step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightcrl.augment import ConVIRTAugment, random_resized_crop
+from lightcrl.baselines.asif import ASIF, ASIFPipeline, tune
+from lightcrl.errors import LightCRLError
+from lightcrl.losses import ConVIRTLoss
+from lightcrl.metrics import retrieval
+
+
+# -- ASIF --------------------------------------------------------------------------------------------------
+def _linked(n: int, seed: int = 0, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs from a shared low-dimensional latent: image = zA, text = image W + noise (a fixed linear map)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 6)).astype(np.float32)
+    img = z @ np.random.default_rng(1).standard_normal((6, 64)).astype(np.float32)
+    txt = img @ np.random.default_rng(2).standard_normal((64, 48)).astype(np.float32)
+    return img, txt + noise * txt.std() * rng.standard_normal(txt.shape).astype(np.float32)
+
+
+def _mean_r1(model: ASIF, img: np.ndarray, txt: np.ndarray) -> float:
+    a, b = model.encode_image_features(img), model.encode_text_features(txt)
+    r = retrieval.evaluate(a, b, np.arange(len(img)))
+    return (r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2
+
+
+def test_asif_recovers_held_out_pairs_and_shuffled_anchors_are_chance():
+    img, txt = _linked(600)
+    anchors, held = slice(0, 500), slice(500, 600)
+    model = ASIF({"image": img[anchors], "text": txt[anchors]}, k=50, p=8)
+    rel = model.encode_image_features(img[held])
+    assert rel.shape == (100, 500)
+    assert ((rel > 0).sum(1) <= 50).all()  # sparsified to the top k
+    np.testing.assert_allclose(np.linalg.norm(rel, axis=1), 1.0, atol=1e-5)
+    assert _mean_r1(model, img[held], txt[held]) > 95
+    # the same features with the anchor pairing destroyed carry no cross-modal information
+    shuffled = np.random.default_rng(3).permutation(500)
+    control = ASIF({"image": img[anchors], "text": txt[anchors][shuffled]}, k=50, p=8)
+    assert _mean_r1(control, img[held], txt[held]) < 10  # chance: 1%
+
+
+def test_asif_k_larger_than_anchors_and_bad_inputs():
+    img, txt = _linked(30)
+    model = ASIF({"image": img[:20], "text": txt[:20]})  # default k=800 > 20 anchors: all kept
+    assert model.encode_text_features(txt[20:]).shape == (10, 20)
+    with pytest.raises(LightCRLError, match="equal count"):
+        ASIF({"image": img[:20], "text": txt[:19]})
+    with pytest.raises(LightCRLError, match="dim"):
+        model.encode_image_features(txt[20:])
+    with pytest.raises(LightCRLError, match="no audio anchors"):
+        model.encode_features("audio", img)
+
+
+def test_asif_tune_chooses_on_training_pairs():
+    img, txt = _linked(300)
+    res = tune(img, txt, ks=[5, 100], ps=[1, 8], val_fraction=0.2)
+    assert (res["k"], res["p"]) in {(5, 1.0), (5, 8.0), (100, 1.0), (100, 8.0)}
+    assert len(res["grid"]) == 4 and res["n_val"] == 60
+    assert res["val_mean_recall@1"] == max(g["val_mean_recall@1"] for g in res["grid"])
+
+
+def test_asif_pipeline_from_toy_stores(tmp_path, pairs_csv):
+    spec = {"data": pairs_csv, "split": "all", "limit": None, "seed": 0, "media_encoder": "toy-image",
+            "text_encoder": "toy-text", "pairs": "random_caption", "k": 10, "p": 4.0, "center": True}
+    pipe = ASIFPipeline.build(spec)
+    assert pipe.info["n_anchors"] == 40
+    pipe.save(tmp_path)
+    again = ASIFPipeline.from_run(tmp_path)
+    texts = ["a red square", "something blue"]
+    np.testing.assert_allclose(pipe.encode_text(texts), again.encode_text(texts), atol=1e-6)
+    assert pipe.encode_text(texts).shape == (2, 40)
+
+
+# -- ConVIRT loss ------------------------------------------------------------------------------------------
+def test_convirt_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 8)), rng.standard_normal((5, 8))
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    tau, lam = 0.1, 0.75
+    v2u = u2v = 0.0
+    for i in range(5):  # ConVIRT eq. 2 and 3, one positive per row/column
+        sims_row = [an[i] @ bn[k] / tau for k in range(5)]
+        sims_col = [bn[i] @ an[k] / tau for k in range(5)]
+        v2u += -(sims_row[i] - np.log(np.sum(np.exp(sims_row))))
+        u2v += -(sims_col[i] - np.log(np.sum(np.exp(sims_col))))
+    expected = (lam * v2u + (1 - lam) * u2v) / 5
+    out = ConVIRTLoss(gather=False)(torch.tensor(a), torch.tensor(b))  # unnormalised inputs: it normalises
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+# -- augmentation ------------------------------------------------------------------------------------------
+def _image(w: int = 40, h: int = 30) -> Image.Image:
+    x = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(x)
+
+
+def test_augment_shapes_and_seeded_determinism():
+    aug = ConVIRTAugment(size=24, saturation=0.4, hue=0.1)
+    img = _image()
+    a = aug(img, np.random.default_rng(7))
+    assert a.shape == (3, 24, 24) and a.dtype == torch.float32
+    assert torch.equal(a, aug(img, np.random.default_rng(7)))
+    assert not torch.equal(a, aug(img, np.random.default_rng(8)))
+    # normalisation: mean/std 0.5 maps [0, 1] onto [-1, 1]
+    assert a.min() >= -1 - 1e-6 and a.max() <= 1 + 1e-6
+
+
+def test_augment_identity_settings_and_crop_fallback():
+    img = _image(20, 20)
+    same = ConVIRTAugment(size=20, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0,
+                          contrast=0.0)
+    out = same.pil(img, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(out), np.asarray(img))
+    flipped = ConVIRTAugment(size=20, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0, brightness=0.0,
+                             contrast=0.0).pil(img, np.random.default_rng(0))
+    assert np.array_equal(np.asarray(flipped), np.asarray(img)[:, ::-1])
+    # an impossible aspect ratio falls back to a central crop, like torchvision
+    tall = random_resized_crop(_image(10, 40), 8, (1.0, 1.0), (2.0, 3.0), np.random.default_rng(0))
+    assert tall.size == (8, 8)
+
+
+# -- ConVIRT training --------------------------------------------------------------------------------------
+def test_convirt_step_updates_only_unfrozen_layers(tmp_path):
+    from lightcrl.baselines.convirt import (
+        ConVIRTModel,
+        ConVIRTPipeline,
+        load_config,
+        train_step,
+        trainable_parameter_names,
+    )
+
+    cfg = load_config({"data": {"spec": "csv:unused", "split": "all"}, "image_size": 48, "proj_dim": 16,
+                       "proj_hidden": 32, "lr": 1e-2, "progress": False})
+    model = ConVIRTModel(cfg)
+    img_train = {n for n, p in model.image.backbone.named_parameters() if p.requires_grad}
+    txt_train = {n for n, p in model.text.backbone.named_parameters() if p.requires_grad}
+    assert img_train and all(n.startswith(("_blocks.15.", "_conv_head.", "_bn1.")) for n in img_train)
+    assert any(n.startswith("_conv_head.") for n in img_train)
+    assert not any(n.startswith("_fc.") for n in img_train)  # unused classifier: dropped after the probe
+    assert txt_train and all(n.startswith("encoder.layer.5.") for n in txt_train)
+    assert trainable_parameter_names(model.text.backbone, "all") == {n for n, _ in
+                                                                     model.text.backbone.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    rng = np.random.default_rng(0)
+    rows = [(model.augment(_image(32 + 8 * i, 32), rng), f"a photo number {i}") for i in range(4)]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model.train()
+    losses = train_step(model, rows, ConVIRTLoss(gather=False), opt, torch.device("cpu"))
+    assert np.isfinite(losses["train/loss"])
+
+    trained = set(model.trained_state())
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    params = {n for n, _ in model.named_parameters()}
+    assert changed & params == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trained  # no frozen parameter and no frozen batch-norm statistic moved
+    assert "image.backbone._blocks.15._bn1.running_mean" in changed  # trained BN layers do adapt
+    assert "image.backbone._blocks.14._bn1.running_mean" not in changed
+
+    # a saved run reloads the trained tensors on top of the pretrained ones
+    from safetensors.torch import save_file
+
+    save_file(model.trained_state(), str(tmp_path / "convirt.safetensors"))
+    (tmp_path / "model.json").write_text(
+        '{"kind": "convirt", "config": ' + cfg.model_dump_json() + '}')
+    pipe = ConVIRTPipeline.from_run(tmp_path, device="cpu")
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(v, after[k]), k
+    emb = pipe.encode_text(["a dog", "a cat"])
+    assert emb.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_convirt_run_trains_resumes_and_evaluates(tmp_path):
+    from conftest import make_pairs_csv
+
+    from lightcrl.baselines.convirt import ConVIRTPipeline, load_config, train_convirt
+    from lightcrl.evaluate import EvalRequest, EvalTarget, run_eval
+
+    spec = make_pairs_csv(tmp_path / "pairs", n=8)
+    cfg = load_config({"data": {"spec": spec, "split": "all"}, "image_size": 48, "batch_size": 4,
+                       "proj_dim": 16, "proj_hidden": 32, "progress": False})
+    run = tmp_path / "run"
+    summary = train_convirt(cfg, run)
+    assert summary["steps"] == 2 and summary["n_train"] == 8 and summary["train_time_s"] > 0
+    assert (run / "model.json").exists() and (run / "convirt.safetensors").exists()
+    stamp = (run / "convirt.safetensors").stat().st_mtime_ns
+    assert train_convirt(cfg, run) == summary  # finished: nothing is trained again
+    assert (run / "convirt.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(LightCRLError, match="another configuration"):
+        train_convirt(load_config(dict(cfg.model_dump(), lr=1.0)), run)
+
+    pipe = ConVIRTPipeline.from_run(run)
+    target = EvalTarget("run", pipe, pipe.encoder_names, {"kind": "convirt"}, run)
+    res = run_eval(target, EvalRequest("retrieval", spec, "all", output=run / "results" / "ret.json"))
+    assert res["metrics"]["n_images"] == 8 and res["metrics"]["n_texts"] == 16
+    assert 0 <= res["metrics"]["image_retrieval_recall@1"] <= 100

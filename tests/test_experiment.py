@@ -1,0 +1,178 @@
+"""The experiment grid on toy encoders and generated data: table, skip on rerun, --only, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import COLORS, REPO, make_pairs_csv
+from PIL import Image
+
+from lightcrl.cli import main
+from lightcrl.errors import LightCRLError
+from lightcrl.experiment import ExperimentResult, load_experiment, run_experiment, set_path
+
+
+def _classes(root: Path, per_class: int = 4) -> str:
+    """An imagefolder of solid-colour squares, train/ and test/ splits, one class per colour."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c, rgb in COLORS.items():
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                px = np.clip(np.array(rgb) + rng.integers(-20, 20, 3), 0, 255).astype(np.uint8)
+                Image.fromarray(np.tile(px, (8, 8, 1))).save(root / split / c / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def _sts(root: Path) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    pairs = [("a red square", "a red box", 4.5), ("a blue square", "green grass", 0.5),
+             ("a yellow thing", "something yellow", 4.0), ("red", "blue", 1.0),
+             ("a green square", "green", 3.5)]
+    lines = [f"g\tf\t2020\t{i}\t{s}\t{a}\t{b}" for i, (a, b, s) in enumerate(pairs)]
+    (root / "sts-test.csv").write_text("\n".join(lines) + "\n")
+    return f"stsb:{root}"
+
+
+def _write_toy_experiment(tmp_path: Path) -> Path:
+    pairs = make_pairs_csv(tmp_path / "pairs", n=24)
+    classes = _classes(tmp_path / "classes")
+    exp = {
+        "name": "toy",
+        "base": {
+            "name": "toy", "seed": 0, "progress": False, "tensorboard": False,
+            "data": {"sources": [{"spec": pairs, "split": "all", "media_encoder": "toy-image",
+                                  "text_encoder": "toy-text"}], "num_workers": 0},
+            "model": {"width": 16, "depth": 1, "heads": 2, "ffn_dim": 32, "dropout": 0.0},
+            "loss": {"lightcrl": 1.0},
+            "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1},
+        },
+        "axes": {"fusion": {"key": "model.fusion", "values": ["add"]},
+                 "loss": {"values": {"lightcrl": None, "clip": {"loss": {"clip": 1.0}}}}},
+        "baselines": [{"kind": "asif", "k": 10, "p": 4}],
+        "evals": [
+            {"name": "zs", "task": "zeroshot", "data": classes, "split": "test",
+             "options": {"templates": ["a {c} square"]}},
+            {"name": "ret", "task": "retrieval", "data": pairs, "split": "all", "limit": 16},
+            {"name": "probe", "task": "linear_probe", "data": classes, "split": "test",
+             "options": {"probe_mode": "sgd", "epochs": 3}},
+            {"name": "ft", "task": "finetune", "data": classes, "split": "test", "options": {"epochs": 1},
+             "cells": ["*-clip"]},
+            {"name": "sts", "task": "sts", "data": _sts(tmp_path / "sts"), "split": "test"},
+            {"name": "geo", "task": "geometry", "data": pairs, "split": "all", "metrics": ["alignment"]},
+        ],
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> tuple[Path, Path, ExperimentResult]:
+    """One full run of the toy grid, shared by the tests of this module (training is the slow part)."""
+    tmp_path = tmp_path_factory.mktemp("experiment")
+    path = _write_toy_experiment(tmp_path)
+    res = run_experiment(path, out=tmp_path / "out", results_md=tmp_path / "docs" / "results.md",
+                         command="lightcrl experiment toy.yaml")
+    return tmp_path, path, res
+
+
+def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
+    tmp_path, toy_experiment, res = toy_run
+    out = tmp_path / "out"
+    assert res.failed == {}
+    assert res.ran == ["dfe-add-lightcrl", "dfe-add-clip", "asif"]
+    rows = {r["cell"]: r for r in res.rows}
+    assert set(rows) == set(res.ran) and all(r["status"] == "done" for r in rows.values())
+    grid = rows["dfe-add-clip"]
+    assert grid["fusion"] == "add" and grid["loss"] == "clip" and grid["kind"] == "train"
+    assert grid["trainable_params"] > 0 and grid["train_time_s"] > 0
+    for col in ("zs/top1", "zs/top4", "ret/t2i_R@1", "ret/i2t_R@10", "probe/top1", "ft/top1", "sts/spearman",
+                "geo/alignment"):
+        assert isinstance(grid[col], float), col
+    assert "zs/top5" in grid and grid["zs/top5"] is None  # 4 classes: no top-5
+    assert rows["asif"]["ft/top1"] == "n/a" and rows["asif"]["trainable_params"] == 0
+    assert rows["dfe-add-lightcrl"]["ft/top1"] == "n/a"  # not among the eval's cells
+    assert isinstance(rows["asif"]["ret/t2i_R@1"], float)
+
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert md.splitlines()[0] == "# Results: toy" and "lightcrl experiment toy.yaml" in md.split("|")[0]
+    assert "| dfe-add-lightcrl |" in md and "n/a" in md
+    assert (out / "results.csv").read_text().startswith("cell,kind,fusion,loss,trainable_params")
+    assert res.plots and all(p.exists() for p in res.plots)
+    assert "](../out/plots/" in md  # image links relative to where the copy lives
+
+    # a rerun skips every finished cell without touching its results
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/results/*.json")}
+    again = run_experiment(toy_experiment, out=out)
+    assert again.ran == [] and again.skipped == res.ran
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/results/*.json")}
+
+    # a changed evaluation reruns that evaluation only, not the training
+    raw = yaml.safe_load(toy_experiment.read_text())
+    raw["evals"][1]["limit"] = 12
+    toy_experiment.write_text(yaml.safe_dump(raw, sort_keys=False))
+    summary = out / "cells" / "dfe-add-clip" / "train_summary.json"
+    before = summary.stat().st_mtime_ns
+    third = run_experiment(toy_experiment, out=out, only=["dfe-add-clip"])
+    assert third.ran == ["dfe-add-clip"] and summary.stat().st_mtime_ns == before
+    assert stamp[out / "cells" / "dfe-add-clip" / "results" / "zs.json"] == (
+        out / "cells" / "dfe-add-clip" / "results" / "zs.json").stat().st_mtime_ns
+    assert {r["cell"]: r["status"] for r in third.rows}["dfe-add-lightcrl"] == "partial"
+
+
+def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
+    raw = yaml.safe_load(toy_run[1].read_text())
+    raw["evals"] = [e for e in raw["evals"] if e["name"] == "ret"]
+    toy_experiment = tmp_path / "only.yaml"
+    toy_experiment.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    res = run_experiment(toy_experiment, out=out, only=["*-clip"])
+    assert res.ran == ["dfe-add-clip"] and [r["cell"] for r in res.rows] == ["dfe-add-clip"]
+    with pytest.raises(LightCRLError, match="matches no cell"):
+        run_experiment(toy_experiment, out=out, only=["nothing*"])
+    assert main(["experiment", str(toy_experiment), "--out", str(out), "--only", "asif"]) == 0
+    assert "| asif |" in capsys.readouterr().out
+    assert main(["experiment", str(toy_experiment), "--out", str(out), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
+
+
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 20), ("paper", 20)])
+def test_shipped_experiment_configs_validate(name, n_cells):
+    exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
+    assert len(exp.cells) == n_cells
+    kinds = {c.kind for c in exp.cells}
+    assert "asif" in kinds and "train" in kinds
+    if name != "offline_smoke":
+        fusions = {c.labels.get("fusion") for c in exp.cells if c.labels}
+        losses = {c.labels.get("loss") for c in exp.cells if c.labels}
+        assert fusions == {"add", "mul", "concat", "attention"}
+        assert losses == {"lightcrl", "clip", "cyclip", "clip+simcse"}
+        assert exp.cell("dfe-mul-clip+simcse").spec["loss"] == {"clip": 1.0, "simcse": 1.0}
+        assert exp.cell("two_tower-clip").spec["model"]["arch"] == "two_tower"
+        tasks = {e.task for e in exp.cfg.evals}
+        assert tasks == {"zeroshot", "retrieval", "linear_probe", "finetune", "sts", "geometry"}
+    if name == "offline":
+        convirt = exp.cell("convirt").spec
+        assert (convirt["data"]["limit"], convirt["epochs"], convirt["unfreeze_image"]) == (500, 1, 1)
+        assert exp.cell("asif").spec["split"] == "train"
+
+
+def test_overrides_replace_nodes_and_bad_configs(tmp_path):
+    raw = {"loss": {"lightcrl": 1.0}, "data": {"sources": [{"spec": "a", "limit": 3}]}}
+    assert set_path(raw, "loss", {"clip": 1.0})["loss"] == {"clip": 1.0}
+    assert set_path(raw, "data.sources.0.limit", 5)["data"]["sources"][0] == {"spec": "a", "limit": 5}
+    assert raw["data"]["sources"][0]["limit"] == 3  # the input is never modified
+    base = {"data": {"sources": [{"spec": "csv:x"}]}}
+    with pytest.raises(LightCRLError, match=r"(?s)cell dfe-sum.*model\.fusion"):
+        load_experiment({"base": base, "axes": {"f": {"key": "model.fusion", "values": ["sum"]}}})
+    with pytest.raises(LightCRLError, match="needs `key`"):
+        load_experiment({"base": base, "axes": {"f": {"values": ["add"]}}})
+    with pytest.raises(LightCRLError, match=r"evals\.0\.task"):
+        load_experiment({"base": base, "evals": [{"name": "x", "task": "nope", "data": "d"}]})
+    with pytest.raises(LightCRLError, match="duplicate cell"):
+        load_experiment({"base": base, "baselines": [{"kind": "asif"}, {"kind": "asif"}]})
