@@ -51,7 +51,22 @@ def stack_images(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"pixels": torch.stack(items)}
 
 
-class EfficientNetLite0(FrozenEncoder):
+class _ImageEncoder(FrozenEncoder):
+    """Image encoders share the per-item transform (set as ``_transform``) and stacking."""
+
+    modality = "image"
+    _transform: ImageTransform
+
+    @property
+    def transform(self):
+        return self._transform
+
+    @property
+    def collate(self):
+        return stack_images
+
+
+class EfficientNetLite0(_ImageEncoder):
     """EfficientNet-Lite0 (ImageNet): tokens are the 7x7 map of the last conv (49 x 1280)."""
 
     name = "efficientnet-lite0"
@@ -83,14 +98,6 @@ class EfficientNetLite0(FrozenEncoder):
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens, mask, tokens.mean(1))
 
-    @property
-    def transform(self):
-        return self._transform
-
-    @property
-    def collate(self):
-        return stack_images
-
     def identity(self) -> dict:
         return {
             "encoder": self.name,
@@ -100,7 +107,7 @@ class EfficientNetLite0(FrozenEncoder):
         }
 
 
-class HFVisionEncoder(FrozenEncoder):
+class HFVisionEncoder(_ImageEncoder):
     """Any transformers vision model (e.g. google/vit-base-patch16-224): tokens = last hidden state.
 
     pooled = the CLS token when the model has one (ViT family), else the mean over tokens.
@@ -149,14 +156,6 @@ class HFVisionEncoder(FrozenEncoder):
         }
         pooled = h[:, 0] if has_cls else h.mean(1)
         return EncoderOutput(h, mask, pooled)
-
-    @property
-    def transform(self):
-        return self._transform
-
-    @property
-    def collate(self):
-        return stack_images
 
     def identity(self) -> dict:
         return {
