@@ -190,3 +190,16 @@ def test_nli_triplets_from_official_files(shared_data):
     assert len(snli) > 400 and len(sick) > 100
     for a, p, n in snli[:50] + sick[:50]:
         assert a and p and n and p != n
+
+
+def test_source_weight_scales_its_share_of_steps(tmp_path, pairs_csv):
+    cfg = toy_config(pairs_csv)
+    second = dict(cfg["data"]["sources"][0], weight=2.0)
+    cfg["data"]["sources"].append(second)
+    trainer = Trainer(validate_config(cfg), tmp_path / "r")
+    sched = trainer._schedule()
+    counts = np.bincount([si for si, _ in sched], minlength=2)
+    assert counts[1] == 2 * counts[0] and len(sched) == trainer.steps_per_epoch
+    # evenly interleaved: the heavier source is not bunched at one end
+    first_half = [si for si, _ in sched[: len(sched) // 2]]
+    assert 0 in first_half and 1 in first_half

@@ -107,6 +107,7 @@ def eval_(
     device: str = typer.Option("auto"),
     image_encoder: str = typer.Option("efficientnet-lite0", help="--run raw: image encoder"),
     text_encoder: str = typer.Option("minilm-l6", help="--run raw: text encoder"),
+    audio_encoder: str = typer.Option("aisfx", help="--run raw: audio encoder"),
 ):
     """Evaluate a run (or its untrained twin, or raw encoders) on one task; writes a results JSON."""
     from .evaluate import EvalRequest, EvalTarget, headline, run_eval
@@ -118,7 +119,7 @@ def eval_(
     if templates:
         opts["templates"] = [ln.strip() for ln in templates.read_text().splitlines() if ln.strip()]
     target = EvalTarget.resolve(run, untrained=untrained, device=device, image_encoder=image_encoder,
-                                text_encoder=text_encoder)
+                                text_encoder=text_encoder, audio_encoder=audio_encoder)
     result = run_eval(target, EvalRequest(task, data, split, limit, seed, device, output, opts))
     _print_table(f"{task} on {data} [{split or 'default'}] - {target.identity.get('name', target.kind)}",
                  headline(result))

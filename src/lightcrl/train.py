@@ -197,9 +197,7 @@ class Trainer:
             betas=cfg.optim.betas,
             eps=cfg.optim.eps,
         )
-        self.steps_per_epoch = sum(
-            len(epoch_batches(self._epoch_size(s), cfg.optim.batch_size)) for s in self.train_sets
-        )
+        self.steps_per_epoch = sum(self._n_batches(si) for si in range(len(self.train_sets)))
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         o = cfg.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -394,20 +392,25 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------------------------------------
+    def _n_batches(self, si: int) -> int:
+        """Batches of source ``si`` per epoch: its own size, scaled by its ``weight``."""
+        n = len(epoch_batches(self._epoch_size(self.train_sets[si]), self.cfg.optim.batch_size))
+        return max(1, round(n * self.cfg.data.sources[si].weight)) if n else 0
+
     def _schedule(self) -> list[tuple[int, np.ndarray]]:
-        """(pair set, global batch of pair indices) for the current epoch, sources interleaved."""
-        epoch = self.state["epoch"]
-        per_set = []
-        for si, s in enumerate(self.train_sets):
-            pairs = s.epoch_pairs(self.cfg.seed + 1000 * si, epoch, self.cfg.data.pairs)
-            per_set.append([(si, pairs[sl]) for sl in epoch_batches(len(pairs), self.cfg.optim.batch_size)])
-        # interleave sources proportionally to their number of batches (and weight)
+        """(pair set, global batch of pair indices) for the current epoch, sources interleaved evenly."""
+        epoch, bs = self.state["epoch"], self.cfg.optim.batch_size
         rng = np.random.default_rng([self.cfg.seed, epoch, 31])
-        keys = []
-        for si, batches in enumerate(per_set):
-            w = self.cfg.data.sources[si].weight if si < len(self.cfg.data.sources) else 1.0
-            keys += [((j + rng.random()) / max(1e-9, len(batches) * w), si, j) for j in range(len(batches))]
-        return [per_set[si][j] for _, si, j in sorted(keys)]
+        keyed = []
+        for si, s in enumerate(self.train_sets):
+            want, batches, rep = self._n_batches(si), [], 0
+            while len(batches) < want:  # weight > 1 draws further shuffles of the same source
+                pairs = s.epoch_pairs(self.cfg.seed + 1000 * si + 100_003 * rep, epoch, self.cfg.data.pairs)
+                batches += [pairs[sl] for sl in epoch_batches(len(pairs), bs)]
+                rep += 1
+            keyed += [((j + rng.random()) / want, si, b) for j, b in enumerate(batches[:want])]
+        keyed.sort(key=lambda k: (k[0], k[1]))
+        return [(si, b) for _, si, b in keyed]
 
     def train_step(self, si: int, batch: np.ndarray) -> dict[str, float]:
         s = self.train_sets[si]
