@@ -370,8 +370,14 @@ _TASK_FUNCS = {
 
 
 def _slug(r: EvalRequest) -> str:
-    kind = r.data.split(":", 1)[0]
-    return f"{kind}-{r.split or 'default'}" + (f"-n{r.limit}" if r.limit else "")
+    """kind-name-split[-nLIMIT]: two datasets of one kind (cifar10, tinyimagenet folders) never collide."""
+    import re
+
+    kind, _, path = r.data.partition(":")
+    name = Path(path.split("?", 1)[0].rstrip("/")).name.replace(".", "_") if path else ""
+    parts = [kind] + ([name] if name and name != kind else []) + [r.split or "default"]
+    slug = "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", p) for p in parts)
+    return slug + (f"-n{r.limit}" if r.limit else "")
 
 
 def default_output(target: EvalTarget, r: EvalRequest) -> Path:

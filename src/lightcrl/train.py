@@ -474,6 +474,8 @@ class Trainer:
         cfg = self.cfg
         resumed = self.resume()
         if self.is_main and not resumed:
+            # no checkpoint: this is a fresh start, so rows of a run killed before its first one go
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             write_json(self.run_dir / "model_info.json", self.model_info())
             if self.val_sets and cfg.eval_every:
                 row = {
