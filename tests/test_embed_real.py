@@ -22,8 +22,13 @@ SHARD = 64
 @pytest.fixture(scope="module")
 def image_store(flickr_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("img") / "store"
-    return embed("efficientnet-lite0", flickr_spec, "dev", out,
-                 EmbedOptions(limit=N_IMAGES, shard_size=SHARD, batch_size=32))
+    return embed(
+        "efficientnet-lite0",
+        flickr_spec,
+        "dev",
+        out,
+        EmbedOptions(limit=N_IMAGES, shard_size=SHARD, batch_size=32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,9 @@ def test_text_store_every_caption_linked_and_padding_masked(image_store, text_st
 
 
 def test_two_runs_identical(flickr_spec, text_store, tmp_path):
-    again = embed("minilm-l6", flickr_spec, "dev", tmp_path / "again", EmbedOptions(limit=N_IMAGES, shard_size=512))
+    again = embed(
+        "minilm-l6", flickr_spec, "dev", tmp_path / "again", EmbedOptions(limit=N_IMAGES, shard_size=512)
+    )
     for name in ("tokens", "offsets", "pooled"):
         a = np.load(text_store.dir / f"shard_00000.{name}.npy")
         b = np.load(again.dir / f"shard_00000.{name}.npy")
@@ -74,9 +81,26 @@ def test_two_runs_identical(flickr_spec, text_store, tmp_path):
 
 def test_kill_after_first_shard_then_resume_is_bitwise_identical(flickr_spec, image_store, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lightcrl", "embed", "--encoder", "efficientnet-lite0", "--data", flickr_spec,
-           "--split", "dev", "--out", str(out), "--limit", str(N_IMAGES), "--shard-size", str(SHARD),
-           "--batch-size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightcrl",
+        "embed",
+        "--encoder",
+        "efficientnet-lite0",
+        "--data",
+        flickr_spec,
+        "--split",
+        "dev",
+        "--out",
+        str(out),
+        "--limit",
+        str(N_IMAGES),
+        "--shard-size",
+        str(SHARD),
+        "--batch-size",
+        "32",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while not (out / "shard_00000.json").exists():

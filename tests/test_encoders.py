@@ -46,8 +46,14 @@ def test_hf_vision_local_tiny_vit(tmp_path):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                    image_size=32, patch_size=16)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+    )
     ViTModel(cfg).save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
     enc = get_encoder(f"hf-vision:{tmp_path / 'vit'}", device="cpu")
@@ -68,11 +74,29 @@ def test_torchrun_embed_splits_shards_into_one_store(tmp_path, pairs_csv):
     script = Path(__file__).parent / "toy_cli.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["embed", "--encoder", "toy-image", "--data", pairs_csv, "--shard-size", "8", "--workers", "0"]
-    subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "one")], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                    str(script), *args, "--out", str(tmp_path / "two")], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(tmp_path / "one")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29541",
+            str(script),
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     one = sorted(p.name for p in (tmp_path / "one").glob("shard_*"))
     assert one == sorted(p.name for p in (tmp_path / "two").glob("shard_*")) and len(one) == 5 * 4
     for name in one:

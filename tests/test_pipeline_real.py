@@ -19,14 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(shared_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = load_config(REPO / "configs" / "smoke.yaml",
-                      [f"data.sources.0.spec=flickr8k:{shared_data / 'flickr8k'}", "progress=false"])
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [f"data.sources.0.spec=flickr8k:{shared_data / 'flickr8k'}", "progress=false"],
+    )
     train(cfg, run)
     return run
 
 
 def _metric_rows(run: Path, key: str):
-    return [json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines() if key in json.loads(x)]
+    return [
+        json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines() if key in json.loads(x)
+    ]
 
 
 def test_validation_retrieval_improves_over_untrained(run_dir):
@@ -45,7 +49,9 @@ def test_every_task_on_real_data(run_dir, shared_data):
     ret = run_eval(trained, EvalRequest("retrieval", flickr, "dev", limit=100))["metrics"]
     # same items and model as the trainer's best validation: the evaluator reproduces its numbers
     best = max(_metric_rows(run_dir, "val/mean_recall@1"))
-    assert (ret["image_retrieval_recall@1"] + ret["text_retrieval_recall@1"]) / 2 == pytest.approx(best, abs=1e-6)
+    assert (ret["image_retrieval_recall@1"] + ret["text_retrieval_recall@1"]) / 2 == pytest.approx(
+        best, abs=1e-6
+    )
     for k in (1, 5, 10):
         assert 0 <= ret[f"image_retrieval_recall@{k}"] <= 100
 
@@ -57,24 +63,36 @@ def test_every_task_on_real_data(run_dir, shared_data):
     zs0 = run_eval(untrained, EvalRequest("zeroshot", cifar, "test", limit=200))
     assert zs0["model"]["kind"] == "untrained" and "untrained-" in Path(zs0["output"]).name
 
-    probe = run_eval(trained, EvalRequest("linear_probe", cifar, "test", limit=200,
-                                          options={"train_limit": 300}))["metrics"]
+    probe = run_eval(
+        trained, EvalRequest("linear_probe", cifar, "test", limit=200, options={"train_limit": 300})
+    )["metrics"]
     assert probe["top1"] > 20 and probe["raw_encoder/top1"] > 20  # 10 classes: chance is 10
-    ft = run_eval(trained, EvalRequest("finetune", cifar, "test", limit=200,
-                                       options={"train_limit": 300, "epochs": 2}))["metrics"]
+    ft = run_eval(
+        trained, EvalRequest("finetune", cifar, "test", limit=200, options={"train_limit": 300, "epochs": 2})
+    )["metrics"]
     assert {"acc@epoch2", "top1", "frozen_dfe_head_only/top1", "linear_probe/top1"} <= ft.keys()
     assert ft["trainable_params"] > ft["frozen_dfe_head_only/trainable_params"]
 
     geo = run_eval(trained, EvalRequest("geometry", flickr, "dev", limit=100))["metrics"]
     assert geo["matched_cosine_mean"] > geo["unmatched_cosine_mean"]
 
-    sts = run_eval(trained, EvalRequest("sts", f"stsb:{shared_data / 'sts' / 'STSBenchmark'}", "dev",
-                                        limit=100))["metrics"]
+    sts = run_eval(
+        trained, EvalRequest("sts", f"stsb:{shared_data / 'sts' / 'STSBenchmark'}", "dev", limit=100)
+    )["metrics"]
     assert sts["raw_encoder/spearman"] > 50 and -100 <= sts["dfe/spearman"] <= 100
 
     raw = EvalTarget.resolve("raw")
-    raw_probe = run_eval(raw, EvalRequest("linear_probe", cifar, "test", limit=200, output=run_dir / "results"
-                                          / "raw-probe.json", options={"train_limit": 300}))["metrics"]
+    raw_probe = run_eval(
+        raw,
+        EvalRequest(
+            "linear_probe",
+            cifar,
+            "test",
+            limit=200,
+            output=run_dir / "results" / "raw-probe.json",
+            options={"train_limit": 300},
+        ),
+    )["metrics"]
     assert raw_probe["top1"] == pytest.approx(probe["raw_encoder/top1"])
 
 
@@ -94,8 +112,23 @@ def test_cli_eval_writes_results_json(run_dir, shared_data, tmp_path, capsys):
     from lightcrl.cli import main
 
     out = tmp_path / "r.json"
-    code = main(["eval", "--run", str(run_dir), "--task", "retrieval", "--data",
-                 f"flickr8k:{shared_data / 'flickr8k'}", "--split", "dev", "--limit", "100", "--output", str(out)])
+    code = main(
+        [
+            "eval",
+            "--run",
+            str(run_dir),
+            "--task",
+            "retrieval",
+            "--data",
+            f"flickr8k:{shared_data / 'flickr8k'}",
+            "--split",
+            "dev",
+            "--limit",
+            "100",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     res = json.loads(out.read_text())
     assert res["task"] == "retrieval" and res["split"] == "dev" and res["model"]["kind"] == "run"

@@ -19,7 +19,9 @@ def _arrays(d):
 
 
 def test_store_roundtrip_ragged_and_padded(tmp_path, pairs_csv):
-    s = embed("toy-text", pairs_csv, None, tmp_path / "t", EmbedOptions(shard_size=16, batch_size=8, num_workers=0))
+    s = embed(
+        "toy-text", pairs_csv, None, tmp_path / "t", EmbedOptions(shard_size=16, batch_size=8, num_workers=0)
+    )
     assert len(s) == 80 and s.manifest["count"] == 80
     assert len(s.manifest["shards"]) == 5
     lengths = s.lengths
@@ -54,8 +56,13 @@ def test_reuse_and_fingerprint_change(tmp_path, pairs_csv):
         f.write("new.png,a new image\n")
     with pytest.raises(StoreMismatch, match="--overwrite"):
         embed("toy-image", pairs_csv, None, out, opts)
-    s3 = embed("toy-image", pairs_csv, None, out, EmbedOptions(shard_size=16, batch_size=8, num_workers=0,
-                                                               overwrite=True))
+    s3 = embed(
+        "toy-image",
+        pairs_csv,
+        None,
+        out,
+        EmbedOptions(shard_size=16, batch_size=8, num_workers=0, overwrite=True),
+    )
     assert len(s3) == 41 and s3.fingerprint != s1.fingerprint
 
 
@@ -121,8 +128,13 @@ def test_out_of_disk_space_keeps_existing_store(tmp_path, pairs_csv, monkeypatch
 
     monkeypatch.setattr("lightcrl.io.np.save", full)
     with pytest.raises(LightCRLError, match="No space left"):
-        embed("toy-image", pairs_csv, None, out, EmbedOptions(shard_size=8, batch_size=4, num_workers=0,
-                                                               overwrite=True, limit=20))
+        embed(
+            "toy-image",
+            pairs_csv,
+            None,
+            out,
+            EmbedOptions(shard_size=8, batch_size=4, num_workers=0, overwrite=True, limit=20),
+        )
     monkeypatch.undo()
     # the old store files that were not cleared are intact; no temp files are left behind
     assert not list(out.glob(".*.tmp"))

@@ -23,8 +23,18 @@ def toy_config(spec: str, **over) -> dict:
         "seed": 0,
         "progress": False,
         "tensorboard": False,
-        "data": {"sources": [{"spec": spec, "split": "all", "val_split": "all", "media_encoder": "toy-image",
-                              "text_encoder": "toy-text"}], "num_workers": 0},
+        "data": {
+            "sources": [
+                {
+                    "spec": spec,
+                    "split": "all",
+                    "val_split": "all",
+                    "media_encoder": "toy-image",
+                    "text_encoder": "toy-text",
+                }
+            ],
+            "num_workers": 0,
+        },
         "model": {"width": 32, "depth": 1, "heads": 4, "ffn_dim": 64, "dropout": 0.0},
         "loss": {"lightcrl": 1.0},
         "optim": {"epochs": 3, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2},
@@ -59,8 +69,10 @@ def test_invalid_config_names_the_field(tmp_path):
 
 
 def test_overrides_nested_and_list_index():
-    assert parse_overrides(["optim.lr=1e-3", "model.fusion=mul"]) == {"optim": {"lr": 1e-3},
-                                                                       "model": {"fusion": "mul"}}
+    assert parse_overrides(["optim.lr=1e-3", "model.fusion=mul"]) == {
+        "optim": {"lr": 1e-3},
+        "model": {"fusion": "mul"},
+    }
     cfg = load_config(None, ["data.sources.0.limit=10"], base={"data": {"sources": [{"spec": "csv:x"}]}})
     assert cfg.data.sources[0].limit == 10
 
@@ -69,8 +81,15 @@ def test_train_produces_a_loadable_run_that_learns(tmp_path, pairs_csv):
     run = tmp_path / "run"
     summary = train(validate_config(toy_config(pairs_csv, **{"optim.epochs": 6})), run)
     assert summary["epochs"] == 6
-    for f in ("config.yaml", "model.safetensors", "model.json", "metrics.jsonl", "train_summary.json",
-              "checkpoints/last.json", "checkpoints/best.json"):
+    for f in (
+        "config.yaml",
+        "model.safetensors",
+        "model.json",
+        "metrics.jsonl",
+        "train_summary.json",
+        "checkpoints/last.json",
+        "checkpoints/best.json",
+    ):
         assert (run / f).exists(), f
     val = rows(run, "val/mean_recall@1")
     assert val[0][0] == 0 and max(v for _, v in val[1:]) > val[0][1]  # better than untrained
@@ -85,7 +104,8 @@ def test_train_produces_a_loadable_run_that_learns(tmp_path, pairs_csv):
     b = embed_store(model.model, store, "image", "tokens", torch.device("cpu"))
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert model.info["parameter_counts"]["total_trainable"] == sum(
-        p.numel() for p in model.model.parameters() if p.requires_grad)
+        p.numel() for p in model.model.parameters() if p.requires_grad
+    )
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, pairs_csv):
@@ -151,9 +171,22 @@ def test_torchrun_two_processes_equal_one_with_global_batch(tmp_path, pairs_csv)
     script = Path(__file__).parent / "toy_train.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(cfg_path), str(tmp_path / "one")], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(script), str(cfg_path), str(tmp_path / "two")], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(script),
+            str(cfg_path),
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     a, b = rows(tmp_path / "one", "train/loss"), rows(tmp_path / "two", "train/loss")
     assert len(a) == len(b) > 0
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=0, atol=1e-5)
@@ -161,9 +194,14 @@ def test_torchrun_two_processes_equal_one_with_global_batch(tmp_path, pairs_csv)
 
 def test_loss_zoo_with_simcse_views_and_nli_triplets(tmp_path, pairs_csv):
     nli = tmp_path / "nli.csv"
-    nli.write_text("sent0,sent1,hard_neg\n" + "".join(
-        f"a {c} thing {i},the {c} object {i},no {c} at all {i}\n" for i in range(6)
-        for c in ("red", "blue", "green")))
+    nli.write_text(
+        "sent0,sent1,hard_neg\n"
+        + "".join(
+            f"a {c} thing {i},the {c} object {i},no {c} at all {i}\n"
+            for i in range(6)
+            for c in ("red", "blue", "green")
+        )
+    )
     cfg = toy_config(pairs_csv, **{"optim.epochs": 1})
     cfg["data"]["nli"] = {"spec": f"simcse-csv:{nli}", "batch_size": 6}
     cfg["loss"] = {"clip": 1.0, "simcse": 0.5, "simcse_sup": 0.5, "cyclip": 0.1}
@@ -203,3 +241,14 @@ def test_source_weight_scales_its_share_of_steps(tmp_path, pairs_csv):
     # evenly interleaved: the heavier source is not bunched at one end
     first_half = [si for si, _ in sched[: len(sched) // 2]]
     assert 0 in first_half and 1 in first_half
+
+
+def test_resume_drops_a_torn_metrics_line(tmp_path, pairs_csv):
+    cfg = validate_config(toy_config(pairs_csv, **{"optim.epochs": 2}))
+    run = tmp_path / "run"
+    train(cfg, run, stop_after_epoch=1)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "train/lo')  # killed mid-write
+    train(cfg, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(x) for x in lines) and max(json.loads(x)["step"] for x in lines) < 99

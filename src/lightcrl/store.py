@@ -20,12 +20,15 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import LightCRLError, StoreMismatch
 from .io import read_json, save_npy, write_json
+
+if TYPE_CHECKING:  # torch is imported where needed: writing and reading a store need numpy only
+    import torch
 
 STORE_VERSION = 1
 
@@ -52,16 +55,22 @@ def completed_shards(directory: Path) -> set[int]:
     return done
 
 
-def write_shard(directory: Path, index: int, tokens: list[np.ndarray], pooled: np.ndarray, meta: dict) -> None:
+def write_shard(
+    directory: Path, index: int, tokens: list[np.ndarray], pooled: np.ndarray, meta: dict
+) -> None:
     """Write one finished shard; the JSON goes last and marks it complete."""
     name = shard_name(index)
     dim = pooled.shape[1] if pooled.ndim == 2 and pooled.shape[0] else (tokens[0].shape[1] if tokens else 0)
     lengths = np.array([t.shape[0] for t in tokens], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.concatenate(tokens).astype(np.float16) if tokens else np.zeros((0, dim), np.float16)
+    flat = (
+        np.concatenate(tokens).astype(np.float16, copy=False)  # one copy, not two
+        if tokens
+        else np.zeros((0, dim), np.float16)
+    )
     save_npy(directory / f"{name}.tokens.npy", flat)
     save_npy(directory / f"{name}.offsets.npy", offsets)
-    save_npy(directory / f"{name}.pooled.npy", pooled.astype(np.float32))
+    save_npy(directory / f"{name}.pooled.npy", pooled.astype(np.float32, copy=False))
     write_json(directory / f"{name}.json", {**meta, "index": index, "count": len(tokens)}, indent=None)
 
 
@@ -82,8 +91,11 @@ class FeatureStore:
         self.dir = Path(directory)
         path = self.dir / "manifest.json"
         if not path.exists():
-            hint = " (extraction unfinished: rerun the same `lightcrl embed` to resume)" if (
-                self.dir / "plan.json").exists() else ""
+            hint = (
+                " (extraction unfinished: rerun the same `lightcrl embed` to resume)"
+                if (self.dir / "plan.json").exists()
+                else ""
+            )
             raise LightCRLError(f"no feature store at {self.dir}: manifest.json missing{hint}")
         self.manifest = read_json(path)
         version = self.manifest.get("version")
@@ -93,7 +105,9 @@ class FeatureStore:
                 f"version {STORE_VERSION}: re-extract it with `lightcrl embed ... --overwrite`"
             )
         items = self.manifest["items"]
-        self.items = Items(items["ids"], items["groups"], np.asarray(items["labels"], np.int64), items["texts"])
+        self.items = Items(
+            items["ids"], items["groups"], np.asarray(items["labels"], np.int64), items["texts"]
+        )
         self._tokens = []
         self._offsets = []
         self._pooled = []
@@ -105,9 +119,9 @@ class FeatureStore:
             self._pooled.append(np.load(self.dir / f"{name}.pooled.npy", mmap_mode="r"))
             starts.append(starts[-1] + shard["count"])
         self._starts = np.asarray(starts, np.int64)
-        self.lengths = np.concatenate(
-            [np.diff(o) for o in self._offsets] or [np.zeros(0, np.int64)]
-        ).astype(np.int64)
+        self.lengths = np.concatenate([np.diff(o) for o in self._offsets] or [np.zeros(0, np.int64)]).astype(
+            np.int64
+        )
         self._index = {rid: i for i, rid in enumerate(self.items.ids)}
 
     # -- identity -------------------------------------------------------------------------------
@@ -140,7 +154,9 @@ class FeatureStore:
     # -- reads ----------------------------------------------------------------------------------
     def pooled(self, indices: np.ndarray | None = None) -> np.ndarray:
         """Pooled features [N, D] float32 (all items, or the given indices in that order)."""
-        full = np.concatenate([np.asarray(p) for p in self._pooled]) if self._pooled else np.zeros((0, self.dim))
+        full = (
+            np.concatenate([np.asarray(p) for p in self._pooled]) if self._pooled else np.zeros((0, self.dim))
+        )
         return full if indices is None else full[np.asarray(indices)]
 
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +180,8 @@ class FeatureStore:
 
     def batch(self, indices, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens as float32 tensor + bool mask: the model's input."""
+        import torch
+
         tok, mask = self.tokens(indices, max_tokens)
         return torch.from_numpy(tok).float(), torch.from_numpy(mask)
 
@@ -206,8 +224,10 @@ def finalize(directory: Path, plan: dict) -> dict:
         "skipped": skipped,
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
         "shards": shards,
-        "max_tokens": max((int(np.diff(np.load(directory / f"{s['name']}.offsets.npy")).max(initial=0))
-                           for s in shards), default=0),
+        "max_tokens": max(
+            (int(np.diff(np.load(directory / f"{s['name']}.offsets.npy")).max(initial=0)) for s in shards),
+            default=0,
+        ),
         "items": {
             "ids": [r["id"] for r in kept],
             "groups": [r["group"] for r in kept],

@@ -345,9 +345,14 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [
-            ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
-        ]
+        keep = []
+        for ln in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:  # a line torn by a kill mid-write
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(ln)
         write_text(path, "".join(ln + "\n" for ln in keep))
 
     def _log(self, row: dict):

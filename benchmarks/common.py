@@ -1,0 +1,285 @@
+"""Shared helpers for the benchmarks: load checks, timers, memory readings, synthetic feature stores.
+
+The benchmarks run on a 2-core machine shared with others: every script waits (up to ``--wait`` seconds)
+for the 1-minute load average to drop below ``--max-load`` before measuring, prints the load before and
+after, and measures every ratio within one run of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=1.5,
+        help="wait until the 1-minute load average is below this before measuring (default 1.5)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=600,
+        help="longest wait for a quiet machine, seconds; then measure anyway, flagged (default 600)",
+    )
+
+
+def wait_for_quiet(max_load: float, wait: float) -> float:
+    """Block until the 1-minute load is below ``max_load`` (at most ``wait`` s); returns the load then."""
+    deadline = time.time() + wait
+    load = os.getloadavg()[0]
+    while load >= max_load and time.time() < deadline:
+        print(f"# load {load:.2f} >= {max_load}: waiting...", flush=True)
+        time.sleep(min(30.0, max(1.0, deadline - time.time())))
+        load = os.getloadavg()[0]
+    flag = "" if load < max_load else f"  (WARNING: above {max_load}: figures are noisy)"
+    print(f"# load before: {load:.2f}{flag}  cores: {os.cpu_count()}", flush=True)
+    return load
+
+
+def report_load_after() -> None:
+    print(f"# load after: {os.getloadavg()[0]:.2f}", flush=True)
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[list[float]]:
+    out = [0.0]
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out[0] = time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process (MiB): anonymous memory plus mapped file pages that were resident."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def proc_status_mb(field: str) -> float:
+    """A line of /proc/self/status (VmRSS, RssAnon, RssFile, VmHWM...) in MiB (0 where not available)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class AnonPeak:
+    """Samples RssAnon (private memory, not the memmapped store pages) every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak = interval, proc_status_mb("RssAnon")
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc_status_mb("RssAnon"))
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, proc_status_mb("RssAnon"))
+
+
+def quiet() -> None:
+    """The CLI's logging set-up: INFO lines, no transformers progress bars or warnings."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def data_root() -> Path:
+    from lightcrl.paths import data_root as _root
+
+    return _root()
+
+
+# ------------------------------------------------------------------------------- synthetic stores
+
+IMAGE_SHAPE = (49, 1280)  # efficientnet-lite0: 7x7 map of the last conv
+TEXT_DIM = 384  # minilm-l6
+
+
+def write_synthetic_store(
+    out: Path,
+    modality: str,
+    ids: list[str],
+    groups: list[str],
+    texts: list[str | None],
+    tokens_per_item,
+    dim: int,
+    shard_size: int = 2048,
+    seed: int = 0,
+    drop_cache: bool = False,
+) -> Path:
+    """A finished feature store of random features with the real stores' shapes, written through
+    lightcrl.store.write_shard + finalize (the writer the extraction uses).
+
+    ``tokens_per_item``: an int, or a callable ``i -> n_tokens`` (ragged text). ``drop_cache``: evict the
+    files from the page cache after writing (so a reader starts cold, e.g. inside a memory cgroup).
+    """
+    from lightcrl.store import STORE_VERSION, finalize, shard_name, write_shard
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    n_shards = (n + shard_size - 1) // shard_size
+    for s in range(n_shards):
+        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+        toks = []
+        for i in range(lo, hi):
+            t = tokens_per_item(i) if callable(tokens_per_item) else tokens_per_item
+            toks.append(rng.standard_normal((t, dim), dtype=np.float32).astype(np.float16))
+        pooled = np.stack([t.astype(np.float32).mean(0) for t in toks])
+        write_shard(out, s, toks, pooled, {"kept": list(range(lo, hi)), "skipped": [], "tokens": 0})
+        if drop_cache:
+            for p in out.glob(f"{shard_name(s)}.*"):
+                evict(p)
+    plan = {
+        "version": STORE_VERSION,
+        "fingerprint": f"synthetic-{modality}-{n}-{seed}",
+        "encoder": {"name": f"synthetic-{modality}", "modality": modality, "identity": {}},
+        "dataset": {
+            "spec": f"synthetic:{n}",
+            "kind": "synthetic",
+            "split": "train",
+            "task": "pairs",
+            "media": "image",
+            "classnames": None,
+            "templates": None,
+        },
+        "dim": dim,
+        "n_shards": n_shards,
+        "records": [
+            {"id": i, "path": None, "text": t, "group": g, "label": -1} for i, g, t in zip(ids, groups, texts)
+        ],
+        "listing_skipped": [],
+    }
+    finalize(out, plan)
+    return out
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (they were fsynced by the atomic writer)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def synthetic_pairs(
+    root: Path, n_pairs: int, seed: int = 0, drop_cache: bool = False, shard_size: int = 2048
+) -> tuple[Path, Path]:
+    """An image store (49 x 1280 tokens an item), a caption store (8-24 x 384 tokens): 1 caption an image."""
+    img_ids = [f"img{i:06d}.jpg" for i in range(n_pairs)]
+    img = write_synthetic_store(
+        root / "image",
+        "image",
+        img_ids,
+        img_ids,
+        [None] * n_pairs,
+        IMAGE_SHAPE[0],
+        IMAGE_SHAPE[1],
+        shard_size,
+        seed,
+        drop_cache,
+    )
+    lengths = np.random.default_rng(seed + 1).integers(8, 25, n_pairs)
+    txt = write_synthetic_store(
+        root / "text",
+        "text",
+        [f"{i}#0" for i in img_ids],
+        img_ids,
+        [f"caption {i}" for i in range(n_pairs)],
+        lambda i: int(lengths[i]),
+        TEXT_DIM,
+        shard_size,
+        seed + 2,
+        drop_cache,
+    )
+    return img, txt
+
+
+def store_bytes(*dirs: Path) -> int:
+    return sum(p.stat().st_size for d in dirs for p in Path(d).glob("shard_*.npy"))
+
+
+def patch_stores(image_dir: Path, text_dir: Path) -> None:
+    """Make lightcrl.train read these stores for any source: media encoder -> image, text encoder -> text."""
+    import lightcrl.train as train_mod
+    from lightcrl.store import FeatureStore
+
+    stores = {"image": FeatureStore(image_dir), "text": FeatureStore(text_dir)}
+
+    def cached_store(encoder, spec, split, opts=None):
+        return stores["text" if str(encoder).startswith("synthetic-text") else "image"]
+
+    train_mod.cached_store = cached_store
+
+
+def synthetic_config(epochs: int = 1, batch_size: int = 64, **model) -> dict:
+    """The model of configs/image_text.yaml (width 256, depth 1, 4 heads) on the synthetic stores."""
+    return {
+        "name": "bench",
+        "seed": 0,
+        "progress": False,
+        "tensorboard": False,
+        "log_every": 1000,
+        "eval_every": 0,
+        "data": {
+            "sources": [
+                {
+                    "spec": "synthetic:bench",
+                    "split": "train",
+                    "media_encoder": "synthetic-image",
+                    "text_encoder": "synthetic-text",
+                }
+            ],
+            "num_workers": 0,
+        },
+        "model": {"arch": "dfe", "fusion": "add", "width": 256, "depth": 1, "heads": 4, **model},
+        "loss": {"lightcrl": 1.0},
+        "optim": {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "warmup_steps": 10},
+    }
+
+
+def headline(name: str, value: float, fmt: str = ".3g") -> None:
+    """The last line of every benchmark: ``name=value``."""
+    print(f"{name}={value:{fmt}}", flush=True)
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=None, default=str)
