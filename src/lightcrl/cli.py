@@ -48,7 +48,7 @@ def embed(
     seed: int = typer.Option(0, help="Seed for --limit"),
     batch_size: int = typer.Option(64),
     shard_size: int = typer.Option(2048, help="Items per shard (the unit of resume)"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: cores - 1)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: cores torch leaves free)"),
     device: str = typer.Option("auto"),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of skipping it"),
     overwrite: bool = typer.Option(False, help="Re-extract if OUT holds a store of other inputs"),

@@ -96,7 +96,8 @@ def _select_records(dataset, encoder: FrozenEncoder) -> list[Record]:
     if encoder.modality == "text":
         if dataset.task != "pairs":
             raise LightCRLError(
-                f"{dataset.spec} is a classification dataset: it has no captions for text encoder {encoder.name}"
+                f"{dataset.spec} is a classification dataset: "
+                f"it has no captions for text encoder {encoder.name}"
             )
         return dataset.text_records()
     raise LightCRLError(f"encoder {encoder.name} ({encoder.modality}) cannot embed {dataset.media} data")

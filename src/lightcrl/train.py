@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -481,6 +482,7 @@ class Trainer:
         if self.is_main and not resumed:
             # no checkpoint: this is a fresh start, so rows of a run killed before its first one go
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
             write_json(self.run_dir / "model_info.json", self.model_info())
             if self.val_sets and cfg.eval_every:
                 row = {
