@@ -103,7 +103,9 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     assert "| dfe-add-lightcrl |" in md and "n/a" in md
     assert (out / "results.csv").read_text().startswith("cell,kind,fusion,loss,trainable_params")
     assert res.plots and all(p.exists() for p in res.plots)
-    assert "](../out/plots/" in md  # image links relative to where the copy lives
+    copies = sorted((tmp_path / "docs" / "results_plots").glob("*.png"))  # the copy carries its plots
+    assert [p.name for p in copies] == sorted(p.name for p in res.plots)
+    assert f"](results_plots/{copies[0].name})" in md and "../out/plots" not in md
 
     # a rerun skips every finished cell without touching its results
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/results/*.json")}
@@ -141,7 +143,7 @@ def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
 
 
-@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 20), ("paper", 20)])
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 27), ("paper", 20)])
 def test_shipped_experiment_configs_validate(name, n_cells):
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert len(exp.cells) == n_cells
@@ -160,6 +162,11 @@ def test_shipped_experiment_configs_validate(name, n_cells):
         convirt = exp.cell("convirt").spec
         assert (convirt["data"]["limit"], convirt["epochs"], convirt["unfreeze_image"]) == (500, 1, 1)
         assert exp.cell("asif").spec["split"] == "train"
+        # the quality push changes one thing of dfe-add-clip; selection reads a TRAIN-split zero-shot
+        assert exp.cell("push-linear-proj").spec["model"]["proj_layers"] == 1
+        assert exp.cell("push-linear-proj").spec["loss"] == {"clip": 1.0}
+        val = next(e for e in exp.cfg.evals if e.name == "zs-cifar10-val")
+        assert val.split == "train"
 
 
 def test_overrides_replace_nodes_and_bad_configs(tmp_path):
@@ -176,3 +183,12 @@ def test_overrides_replace_nodes_and_bad_configs(tmp_path):
         load_experiment({"base": base, "evals": [{"name": "x", "task": "nope", "data": "d"}]})
     with pytest.raises(LightCRLError, match="duplicate cell"):
         load_experiment({"base": base, "baselines": [{"kind": "asif"}, {"kind": "asif"}]})
+    # a train cell may start from another training config (e.g. the selected offline_best.yaml)
+    (tmp_path / "best.yaml").write_text("data: {sources: [{spec: 'csv:y'}]}\nmodel: {fusion: mul}\n")
+    exp = load_experiment({"base": base, "baselines": [{"kind": "train", "name": "best", "config": "best.yaml",
+                                                        "set": {"model.depth": 2}}]}, root=tmp_path)
+    spec = exp.cell("best").spec
+    assert spec["data"]["sources"][0]["spec"] == "csv:y" and spec["model"]["fusion"] == "mul"
+    assert spec["model"]["depth"] == 2
+    with pytest.raises(LightCRLError, match="config file not found"):
+        load_experiment({"base": base, "baselines": [{"kind": "train", "name": "b", "config": "nope.yaml"}]}, root=tmp_path)

@@ -711,17 +711,26 @@ def test_read_only_filesystem_fails_cleanly_then_resumes(tmp_path, capsys, small
     assert _embed_cli(capsys, *args)[0] == 0 and len(FeatureStore(mnt / "t")) == 24
 
 
-def test_read_only_directory_as_non_root(tmp_path, capsys, pairs_csv):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions (the read-only mount test covers this as root)")
+def test_read_only_directory(tmp_path, capsys, pairs_csv):
+    """An output directory nobody may write to: a clean error, nothing written. Root ignores permission
+    bits, so as root the directory is made immutable instead (chattr +i, which binds root too)."""
     out = tmp_path / "ro"
     out.mkdir()
-    out.chmod(0o555)
+    if os.geteuid() == 0:
+        r = subprocess.run(["chattr", "+i", str(out)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"running as root and chattr +i is unavailable here: {r.stderr.strip()}")
+        undo = ["chattr", "-i", str(out)]
+    else:
+        out.chmod(0o555)
+        undo = ["chmod", "755", str(out)]
     try:
         rc, _, err = _embed_cli(capsys, "--encoder", "toy-text", "--data", pairs_csv, "--out", out)
-        assert rc == 2 and "Permission denied" in err, err
+        assert rc == 2 and ("Permission denied" in err or "Operation not permitted" in err), err
+        assert "Traceback" not in err and list(out.iterdir()) == []
     finally:
-        out.chmod(0o755)
+        subprocess.run(undo, check=True)
+    assert _embed_cli(capsys, "--encoder", "toy-text", "--data", pairs_csv, "--out", out)[0] == 0
 
 
 def test_enospc_in_the_middle_of_a_shard_file(tmp_path, capsys, monkeypatch):

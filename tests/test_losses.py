@@ -118,6 +118,43 @@ def test_lightcrl_equals_clip_when_inmodal_similarities_are_identity():
         assert soft == pytest.approx(hard, rel=1e-9, abs=1e-12)
 
 
+def test_lightcrl_frozen_targets_come_from_the_frozen_features_and_resist_collapse(ab):
+    a, b = ab
+    n = len(a)
+    rng = np.random.default_rng(3)
+    fa, fb = rng.normal(size=(n, 7)), rng.normal(size=(n, 5))
+    na = fa / np.linalg.norm(fa, axis=1, keepdims=True)
+    nb = fb / np.linalg.norm(fb, axis=1, keepdims=True)
+    sim = (na @ na.T + nb @ nb.T) / 2
+    targets = np.exp(SCALE * sim) / np.exp(SCALE * sim).sum(1, keepdims=True)
+    logits = SCALE * np.asarray(a) @ np.asarray(b).T
+    lsm_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    lsm_cols = logits.T - np.log(np.exp(logits.T).sum(1, keepdims=True))
+    expected = (-(targets * lsm_rows).sum(1).mean() - (targets * lsm_cols).sum(1).mean()) / 2
+    loss = LightCRLLoss(targets="frozen")
+    out = loss(_t(a), _t(b), SCALE, frozen=(_t(fa), _t(fb)))
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)  # frozen features are read as float32
+    # Collapse (every embedding the same) is the floor of the paper's version (targets follow the
+    # embeddings and become uniform, entropy log n), but not of the frozen-target version.
+    same = _t(np.tile(np.asarray(a)[:1], (n, 1)))
+    paper = LightCRLLoss()(same, same, SCALE)
+    assert paper["target_entropy"].item() == pytest.approx(math.log(n))
+    assert paper["loss"].item() == pytest.approx(math.log(n))
+    # Cross-entropy's floor is the targets' entropy: the paper's version sits on it when collapsed,
+    # the frozen-target version stays well above it.
+    assert paper["loss"].item() - paper["target_entropy"].item() == pytest.approx(0.0, abs=1e-9)
+    collapsed = loss(same, same, SCALE, frozen=(_t(fa), _t(fb)))
+    assert collapsed["loss"].item() == pytest.approx(math.log(n))
+    assert collapsed["loss"].item() - collapsed["target_entropy"].item() > 0.1
+    with pytest.raises(ValueError, match="frozen"):
+        loss(_t(a), _t(b), SCALE)
+    with pytest.raises(ValueError, match="targets"):
+        LightCRLLoss(targets="own")
+    combined = build_loss({"lightcrl": {"weight": 1.0, "targets": "frozen"}})
+    assert combined.wants_frozen() and not build_loss({"lightcrl": 1.0}).wants_frozen()
+    assert combined(_t(a), _t(b), SCALE, frozen=(_t(fa), _t(fb)))["loss"].item() == pytest.approx(expected)
+
+
 def test_lightcrl_target_gradient_choice(ab):
     a, b = ab
     grads = {}

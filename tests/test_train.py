@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,6 +212,15 @@ def test_loss_zoo_with_simcse_views_and_nli_triplets(tmp_path, pairs_csv):
     keys = set().union(*last)
     for k in ("train/clip/loss", "train/simcse/loss", "train/simcse_sup/loss", "train/cyclip/loss"):
         assert k in keys, k
+
+
+def test_lightcrl_frozen_targets_train(tmp_path, pairs_csv):
+    cfg = toy_config(pairs_csv, **{"optim.epochs": 1})
+    cfg["loss"] = {"lightcrl": {"weight": 1.0, "targets": "frozen"}}
+    train(validate_config(cfg), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    entropies = [r["train/lightcrl/target_entropy"] for r in rows if "train/lightcrl/target_entropy" in r]
+    assert entropies and all(math.isfinite(e) for e in entropies)
 
 
 def test_simcse_sup_without_nli_data_is_a_clear_error(tmp_path, pairs_csv):

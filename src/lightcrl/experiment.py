@@ -87,8 +87,12 @@ class Axis(_Strict):
 
 
 class TrainBaseline(_Strict):
+    """A training cell: ``set`` overrides on the base config, or on ``config`` (a training YAML relative to
+    the experiment file, e.g. a selected configuration) when given."""
+
     kind: Literal["train"] = "train"
     name: str
+    config: str | None = None
     set: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -301,7 +305,8 @@ def _grid_cells(cfg: ExperimentConfig, base: dict) -> list[Cell]:
 
 def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -> Cell:
     if isinstance(b, TrainBaseline):
-        return _train_cell(b.name, base, b.set, {})
+        start = _expand_data_root(_read_yaml(root / b.config)) if b.config else base
+        return _train_cell(b.name, start, b.set, {})
     train_cfg = validate_config(dict(base, name=b.name), source=f"cell {b.name}")
     if isinstance(b, ASIFBaseline):
         if b.source >= len(train_cfg.data.sources):
@@ -556,7 +561,8 @@ def write_plots(exp: Experiment, rows: list[dict[str, Any]], plot_dir: Path) -> 
 
 def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path, command: str,
                   results_md: str | Path | None = None) -> tuple[Path, Path, list[Path]]:
-    """``OUT/results.csv``, ``OUT/results.md`` (and a copy at ``results_md``), ``OUT/plots/*.png``."""
+    """``OUT/results.csv``, ``OUT/results.md``, ``OUT/plots/*.png``; with ``results_md`` also a copy of the
+    table there and of the plots in ``<results_md stem>_plots/`` beside it (so the copy is self-contained)."""
     buf = io.StringIO()
     if rows:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -567,9 +573,10 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path, comman
     plot_paths = write_plots(exp, rows, out / "plots")
     md_path = out / "results.md"
     write_text(md_path, _markdown(exp, rows, command, plot_paths, md_path.parent))
-    if results_md:
+    if results_md:  # a copy with its own plots beside it (docs/results.md -> docs/results_plots/)
         target = Path(results_md)
-        write_text(target, _markdown(exp, rows, command, plot_paths, target.parent))
+        copies = write_plots(exp, rows, target.parent / f"{target.stem}_plots")
+        write_text(target, _markdown(exp, rows, command, copies, target.parent))
     return md_path, csv_path, plot_paths
 
 

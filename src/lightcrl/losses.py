@@ -90,26 +90,54 @@ class LightCRLLoss(_Loss):
     ``target_scale`` fixes it; as it grows (or when in-modal similarities are identity-like) the targets
     become one-hot and the loss is :class:`ClipLoss`.
 
+    ``targets="embeddings"`` (the paper) takes the in-modal similarities from the trained embeddings
+    ``a, b``. That has a trivial minimum: when every embedding is alike, targets and predictions are both
+    uniform and the loss is at its floor, and training does drift there (target entropy -> log N).
+    ``targets="frozen"`` takes them from the frozen encoders' pooled features instead (``frozen=(fa, fb)``,
+    passed by the trainer), which the model cannot move, so the soft targets keep their meaning.
+
     ``detach_targets=True`` (default) treats the targets as labels: without the stop-gradient the loss can
     also drop by reshaping the in-modal geometry towards the current cross-modal logits, i.e. the targets
     chase the predictions instead of supervising them. ``False`` reproduces the reference implementation
     (gradients through the targets).
     """
 
-    def __init__(self, gather: bool = True, detach_targets: bool = True, target_scale: float | None = None):
+    def __init__(
+        self,
+        gather: bool = True,
+        detach_targets: bool = True,
+        target_scale: float | None = None,
+        targets: Literal["embeddings", "frozen"] = "embeddings",
+    ):
         super().__init__(gather)
+        if targets not in ("embeddings", "frozen"):
+            raise ValueError(f"targets must be 'embeddings' or 'frozen', not {targets!r}")
         self.detach_targets = detach_targets
         self.target_scale = target_scale
+        self.targets = targets
+        self.wants_frozen = targets == "frozen"
 
     def forward(
-        self, a: Tensor, b: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | None = None
+        self,
+        a: Tensor,
+        b: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+        frozen: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """``logit_bias`` is accepted for a uniform interface: a constant shift leaves softmax unchanged."""
         a, b = self._gather(a, b)
         logits = logit_scale * a @ b.T
         scale = logit_scale if self.target_scale is None else self.target_scale
-        with torch.no_grad() if self.detach_targets else contextlib.nullcontext():
-            targets = F.softmax(scale * (a @ a.T + b @ b.T) / 2, dim=-1)
+        if self.wants_frozen:
+            if frozen is None:
+                raise ValueError("lightcrl with targets='frozen' needs frozen=(fa, fb), the frozen features")
+            fa, fb = (F.normalize(x.detach().float(), dim=-1) for x in self._gather(*frozen))
+            with torch.no_grad():
+                targets = F.softmax(scale * (fa @ fa.T + fb @ fb.T) / 2, dim=-1)
+        else:
+            with torch.no_grad() if self.detach_targets else contextlib.nullcontext():
+                targets = F.softmax(scale * (a @ a.T + b @ b.T) / 2, dim=-1)
         a_to_b = F.cross_entropy(logits, targets)
         b_to_a = F.cross_entropy(logits.T, targets)
         with torch.no_grad():
@@ -269,6 +297,10 @@ class CombinedLoss(nn.Module):
         for loss in self.losses.values():
             loss.gather = False
 
+    def wants_frozen(self) -> bool:
+        """Whether a member loss needs the frozen encoders' pooled features (``frozen=``)."""
+        return any(getattr(loss, "wants_frozen", False) for loss in self.losses.values())
+
     def required_inputs(self) -> set[str]:
         """Which of ``"pair"``, ``"text_views"``, ``"nli"`` a call must provide."""
         return {loss.inputs for loss in self.losses.values()}
@@ -281,6 +313,7 @@ class CombinedLoss(nn.Module):
         logit_bias: Tensor | None = None,
         text_views: tuple[Tensor, Tensor] | None = None,
         nli: tuple[Tensor, Tensor, Tensor] | None = None,
+        frozen: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         provided = {"pair": (a, b) if a is not None and b is not None else None, "text_views": text_views}
         provided["nli"] = nli
@@ -297,11 +330,15 @@ class CombinedLoss(nn.Module):
         gather = all_gather_with_grad if self.gather else _identity
         needed = self.required_inputs()
         inputs = {kind: tuple(gather(x) for x in provided[kind]) for kind in _INPUT_HINTS if kind in needed}
+        if frozen is not None and self.wants_frozen():
+            frozen = tuple(gather(x.detach()) for x in frozen)
 
         out: dict[str, Tensor] = {}
         total: Tensor | None = None
         for name, loss in self.losses.items():
-            if loss.inputs == "pair":
+            if loss.inputs == "pair" and getattr(loss, "wants_frozen", False):
+                terms = loss(*inputs["pair"], logit_scale, logit_bias, frozen=frozen)
+            elif loss.inputs == "pair":
                 terms = loss(*inputs["pair"], logit_scale, logit_bias)
             else:
                 terms = loss(*inputs[loss.inputs])

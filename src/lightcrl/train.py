@@ -25,6 +25,7 @@ from .checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unf
 from .config import TrainConfig, dump_config
 from .devices import autocast, resolve_device
 from .embed import EmbedOptions, cached_store
+from .encoders.base import masked_mean
 from .errors import LightCRLError
 from .io import write_json, write_text
 from .losses import ClipLoss, build_loss
@@ -170,6 +171,15 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
 
 
 # -- the trainer ------------------------------------------------------------------------------------
+
+def frozen_pooled(item: tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor) -> torch.Tensor:
+    """The frozen encoder's pooled feature of a batch input: masked token mean (a pooled input as is)."""
+    tokens, mask = (item, None) if isinstance(item, torch.Tensor) else item
+    if mask is None:
+        return tokens.float().mean(1) if tokens.dim() == 3 else tokens.float()
+    return masked_mean(tokens.float(), mask)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False):
         self.cfg = cfg
@@ -432,6 +442,8 @@ class Trainer:
                 kwargs["text_views"] = (out["text"], raw.encode("text", t, m))
             if self.nli_rows is not None:
                 kwargs["nli"] = self._nli_batch()
+            if self.loss_fn.wants_frozen():
+                kwargs["frozen"] = (frozen_pooled(inputs[s.media_modality]), frozen_pooled(inputs["text"]))
             losses = self.loss_fn(
                 out[s.media_modality], out["text"], out["logit_scale"], out.get("logit_bias"), **kwargs
             )
