@@ -185,10 +185,11 @@ def test_overrides_replace_nodes_and_bad_configs(tmp_path):
         load_experiment({"base": base, "baselines": [{"kind": "asif"}, {"kind": "asif"}]})
     # a train cell may start from another training config (e.g. the selected offline_best.yaml)
     (tmp_path / "best.yaml").write_text("data: {sources: [{spec: 'csv:y'}]}\nmodel: {fusion: mul}\n")
-    exp = load_experiment({"base": base, "baselines": [{"kind": "train", "name": "best", "config": "best.yaml",
-                                                        "set": {"model.depth": 2}}]}, root=tmp_path)
+    best = {"kind": "train", "name": "best", "config": "best.yaml", "set": {"model.depth": 2}}
+    exp = load_experiment({"base": base, "baselines": [best]}, root=tmp_path)
     spec = exp.cell("best").spec
     assert spec["data"]["sources"][0]["spec"] == "csv:y" and spec["model"]["fusion"] == "mul"
     assert spec["model"]["depth"] == 2
     with pytest.raises(LightCRLError, match="config file not found"):
-        load_experiment({"base": base, "baselines": [{"kind": "train", "name": "b", "config": "nope.yaml"}]}, root=tmp_path)
+        missing = {"kind": "train", "name": "b", "config": "nope.yaml"}
+        load_experiment({"base": base, "baselines": [missing]}, root=tmp_path)
