@@ -279,3 +279,18 @@ def test_three_modality_training_smoke(tmp_path):
         target, EvalRequest("zeroshot", esc10, "fold5", limit=8, device="cpu", output=tmp_path / "zs.json")
     )
     assert 0.0 <= result["metrics"]["top1"] <= 100.0 and result["metrics"]["chance"] == 10.0
+    # text -> audio retrieval on the label captions: instance recalls plus class relevance
+    result = run_eval(
+        target,
+        EvalRequest(
+            "retrieval",
+            f"labelcaptions:{esc10}",
+            "fold5",
+            limit=8,
+            device="cpu",
+            output=tmp_path / "ret.json",
+        ),
+    )
+    m = result["metrics"]
+    assert m["n_images"] == 8 and m["n_texts"] == 8 * 6
+    assert 0.0 <= m["class_map"] <= 100.0 and 0.0 <= m["class_precision@1"] <= 100.0

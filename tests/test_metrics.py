@@ -432,3 +432,19 @@ def test_sick_real_file():
     assert len(s1) == len(s2) == len(sc) == 4500
     assert sc.min() >= 1 and sc.max() <= 5
     assert s1[0].startswith("A group of kids is playing in a yard")
+
+
+def test_retrieval_by_class_by_hand():
+    # 4 media items of classes [0, 0, 1, 1]; 2 queries (class 0, class 1) on a line
+    media = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    out = retrieval.evaluate_by_class(media, queries, [0, 0, 1, 1], [0, 1], ks=(1, 2, 3))
+    # query 0 ranks items 0 (.. 1.0), 1 (0.8), 3 (0.6), 2 (0): relevant 1,1,0,0 -> AP 1
+    # query 1 ranks items 2 (1.0), 3 (0.8), 1 (0.6), 0 (0): relevant 1,1,0,0 -> AP 1
+    assert out["class_precision@1"] == 100.0 and out["class_precision@2"] == 100.0
+    assert out["class_precision@3"] == pytest.approx(200 / 3) and out["class_map"] == 100.0
+    # swap the classes of the queries: relevant items come last -> AP = (1/3 + 2/4) / 2
+    out = retrieval.evaluate_by_class(media, queries, [0, 0, 1, 1], [1, 0], ks=(1,))
+    assert out["class_precision@1"] == 0.0 and out["class_map"] == pytest.approx((1 / 3 + 2 / 4) / 2 * 100)
+    with pytest.raises(ValueError, match="no media item"):
+        retrieval.evaluate_by_class(media, queries, [0, 0, 1, 1], [0, 2])

@@ -175,8 +175,12 @@ def task_retrieval(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict
     from .metrics import retrieval
 
     t.require_shared_space("retrieval")
-    media_emb, text_emb, text_to_media, _ = _pair_embeddings(t, r)
-    return retrieval.evaluate(media_emb, text_emb, text_to_media), []
+    media_emb, text_emb, text_to_media, (ms, ts) = _pair_embeddings(t, r)
+    metrics = retrieval.evaluate(media_emb, text_emb, text_to_media)
+    labels = ms.items.labels
+    if len(labels) and (labels >= 0).all():  # captions of class-labelled media: class relevance too
+        metrics.update(retrieval.evaluate_by_class(media_emb, text_emb, labels, labels[text_to_media]))
+    return metrics, []
 
 
 def _pair_embeddings(t: EvalTarget, r: EvalRequest):
@@ -427,6 +431,9 @@ HEADLINE = {
         "text_retrieval_recall@1",
         "text_retrieval_recall@5",
         "text_retrieval_recall@10",
+        "class_precision@1",
+        "class_precision@5",
+        "class_map",
     ],
     "linear_probe": ["top1", "raw_encoder/top1", "C"],
     "finetune": ["top1", "frozen_dfe_head_only/top1", "linear_probe/top1"],

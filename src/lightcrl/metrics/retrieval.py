@@ -101,3 +101,37 @@ def evaluate(
     out["n_texts"] = len(txt)
     out["n_images_without_captions"] = int((~has_caption).sum())
     return out
+
+
+def evaluate_by_class(
+    media_emb: Any,
+    query_emb: Any,
+    media_labels: Any,
+    query_labels: Any,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Text -> media retrieval where every item of the query's class is relevant (percent).
+
+    For caption sets made from class names (e.g. ``labelcaptions:esc10``) instance retrieval is capped
+    at 1 / (items per class), since many items share one caption; class relevance is the meaningful
+    measure there. Returns ``class_precision@k`` (relevant share of the top k, mean over queries) and
+    ``class_map`` (mean average precision over the full ranking); ties are broken by item index.
+    """
+    media = l2_normalize(media_emb)
+    queries = l2_normalize(query_emb)
+    ml = to_numpy(media_labels, dtype=np.int64).reshape(-1)
+    ql = to_numpy(query_labels, dtype=np.int64).reshape(-1)
+    if len(ml) != len(media) or len(ql) != len(queries):
+        raise ValueError("one label per media item and per query is needed")
+    scores = queries @ media.T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    relevant = ml[order] == ql[:, None]  # [Q, N] in rank order
+    n_rel = relevant.sum(1)
+    if (n_rel == 0).any():
+        raise ValueError("a query's class has no media item: class retrieval is undefined")
+    out = {f"class_precision@{k}": float(relevant[:, :k].mean(1).mean() * 100) for k in ks if k <= len(ml)}
+    hits = np.cumsum(relevant, axis=1)
+    precision_at_hit = hits / np.arange(1, len(ml) + 1)[None, :]
+    ap = (precision_at_hit * relevant).sum(1) / n_rel
+    out["class_map"] = float(ap.mean() * 100)
+    return out
