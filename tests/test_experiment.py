@@ -29,9 +29,13 @@ def _classes(root: Path, per_class: int = 4) -> str:
 
 def _sts(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
-    pairs = [("a red square", "a red box", 4.5), ("a blue square", "green grass", 0.5),
-             ("a yellow thing", "something yellow", 4.0), ("red", "blue", 1.0),
-             ("a green square", "green", 3.5)]
+    pairs = [
+        ("a red square", "a red box", 4.5),
+        ("a blue square", "green grass", 0.5),
+        ("a yellow thing", "something yellow", 4.0),
+        ("red", "blue", 1.0),
+        ("a green square", "green", 3.5),
+    ]
     lines = [f"g\tf\t2020\t{i}\t{s}\t{a}\t{b}" for i, (a, b, s) in enumerate(pairs)]
     (root / "sts-test.csv").write_text("\n".join(lines) + "\n")
     return f"stsb:{root}"
@@ -43,28 +47,55 @@ def _write_toy_experiment(tmp_path: Path) -> Path:
     exp = {
         "name": "toy",
         "base": {
-            "name": "toy", "seed": 0, "progress": False, "tensorboard": False,
-            "data": {"sources": [{"spec": pairs, "split": "all", "media_encoder": "toy-image",
-                                  "text_encoder": "toy-text"}], "num_workers": 0},
+            "name": "toy",
+            "seed": 0,
+            "progress": False,
+            "tensorboard": False,
+            "data": {
+                "sources": [
+                    {"spec": pairs, "split": "all", "media_encoder": "toy-image", "text_encoder": "toy-text"}
+                ],
+                "num_workers": 0,
+            },
             "model": {"width": 16, "depth": 1, "heads": 2, "ffn_dim": 32, "dropout": 0.0},
             "loss": {"lightcrl": 1.0},
             "optim": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1},
         },
-        "axes": {"fusion": {"key": "model.fusion", "values": ["add"]},
-                 "loss": {"values": {"lightcrl": None, "clip": {"loss": {"clip": 1.0}}}}},
+        "axes": {
+            "fusion": {"key": "model.fusion", "values": ["add"]},
+            "loss": {"values": {"lightcrl": None, "clip": {"loss": {"clip": 1.0}}}},
+        },
         "baselines": [{"kind": "asif", "k": 10, "p": 4}],
         "evals": [
-            {"name": "zs", "task": "zeroshot", "data": classes, "split": "test",
-             "options": {"templates": ["a {c} square"]}},
+            {
+                "name": "zs",
+                "task": "zeroshot",
+                "data": classes,
+                "split": "test",
+                "options": {"templates": ["a {c} square"]},
+            },
             {"name": "ret", "task": "retrieval", "data": pairs, "split": "all", "limit": 16},
-            {"name": "probe", "task": "linear_probe", "data": classes, "split": "test",
-             "options": {"probe_mode": "sgd", "epochs": 3}},
-            {"name": "ft", "task": "finetune", "data": classes, "split": "test", "options": {"epochs": 1},
-             "cells": ["*-clip"]},
+            {
+                "name": "probe",
+                "task": "linear_probe",
+                "data": classes,
+                "split": "test",
+                "options": {"probe_mode": "sgd", "epochs": 3},
+            },
+            {
+                "name": "ft",
+                "task": "finetune",
+                "data": classes,
+                "split": "test",
+                "options": {"epochs": 1},
+                "cells": ["*-clip"],
+            },
             {"name": "sts", "task": "sts", "data": _sts(tmp_path / "sts"), "split": "test"},
             {"name": "geo", "task": "geometry", "data": pairs, "split": "all", "metrics": ["alignment"]},
         ],
     }
+    exp["notes"] = "toy_notes.md"
+    (tmp_path / "toy_notes.md").write_text("## Reading\n\nThe toy grid's reading.\n")
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
     return path
@@ -75,8 +106,12 @@ def toy_run(tmp_path_factory) -> tuple[Path, Path, ExperimentResult]:
     """One full run of the toy grid, shared by the tests of this module (training is the slow part)."""
     tmp_path = tmp_path_factory.mktemp("experiment")
     path = _write_toy_experiment(tmp_path)
-    res = run_experiment(path, out=tmp_path / "out", results_md=tmp_path / "docs" / "results.md",
-                         command="lightcrl experiment toy.yaml")
+    res = run_experiment(
+        path,
+        out=tmp_path / "out",
+        results_md=tmp_path / "docs" / "results.md",
+        command="lightcrl experiment toy.yaml",
+    )
     return tmp_path, path, res
 
 
@@ -90,8 +125,16 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     grid = rows["dfe-add-clip"]
     assert grid["fusion"] == "add" and grid["loss"] == "clip" and grid["kind"] == "train"
     assert grid["trainable_params"] > 0 and grid["train_time_s"] > 0
-    for col in ("zs/top1", "zs/top4", "ret/t2i_R@1", "ret/i2t_R@10", "probe/top1", "ft/top1", "sts/spearman",
-                "geo/alignment"):
+    for col in (
+        "zs/top1",
+        "zs/top4",
+        "ret/t2i_R@1",
+        "ret/i2t_R@10",
+        "probe/top1",
+        "ft/top1",
+        "sts/spearman",
+        "geo/alignment",
+    ):
         assert isinstance(grid[col], float), col
     assert "zs/top5" in grid and grid["zs/top5"] is None  # 4 classes: no top-5
     assert rows["asif"]["ft/top1"] == "n/a" and rows["asif"]["trainable_params"] == 0
@@ -101,6 +144,7 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     md = (tmp_path / "docs" / "results.md").read_text()
     assert md.splitlines()[0] == "# Results: toy" and "lightcrl experiment toy.yaml" in md.split("|")[0]
     assert "| dfe-add-lightcrl |" in md and "n/a" in md
+    assert md.index("The toy grid's reading.") < md.index("## Evaluations")  # the notes follow the table
     assert (out / "results.csv").read_text().startswith("cell,kind,fusion,loss,trainable_params")
     assert res.plots and all(p.exists() for p in res.plots)
     copies = sorted((tmp_path / "docs" / "results_plots").glob("*.png"))  # the copy carries its plots
@@ -121,14 +165,17 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     before = summary.stat().st_mtime_ns
     third = run_experiment(toy_experiment, out=out, only=["dfe-add-clip"])
     assert third.ran == ["dfe-add-clip"] and summary.stat().st_mtime_ns == before
-    assert stamp[out / "cells" / "dfe-add-clip" / "results" / "zs.json"] == (
-        out / "cells" / "dfe-add-clip" / "results" / "zs.json").stat().st_mtime_ns
+    assert (
+        stamp[out / "cells" / "dfe-add-clip" / "results" / "zs.json"]
+        == (out / "cells" / "dfe-add-clip" / "results" / "zs.json").stat().st_mtime_ns
+    )
     assert {r["cell"]: r["status"] for r in third.rows}["dfe-add-lightcrl"] == "partial"
 
 
 def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     raw = yaml.safe_load(toy_run[1].read_text())
     raw["evals"] = [e for e in raw["evals"] if e["name"] == "ret"]
+    raw.pop("notes")
     toy_experiment = tmp_path / "only.yaml"
     toy_experiment.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
@@ -190,6 +237,8 @@ def test_overrides_replace_nodes_and_bad_configs(tmp_path):
     spec = exp.cell("best").spec
     assert spec["data"]["sources"][0]["spec"] == "csv:y" and spec["model"]["fusion"] == "mul"
     assert spec["model"]["depth"] == 2
+    with pytest.raises(LightCRLError, match="notes file not found"):
+        load_experiment({"base": base, "notes": "nope.md"}, root=tmp_path)
     with pytest.raises(LightCRLError, match="config file not found"):
         missing = {"kind": "train", "name": "b", "config": "nope.yaml"}
         load_experiment({"base": base, "baselines": [missing]}, root=tmp_path)

@@ -60,9 +60,12 @@ DEFAULT_METRICS: dict[str, list[str]] = {
     "sts": ["spearman"],
 }
 #: Short column names ("image retrieval" = text -> image, CLIP_benchmark's naming).
-SHORT = {**{f"image_retrieval_recall@{k}": f"t2i_R@{k}" for k in (1, 5, 10)},
-         **{f"text_retrieval_recall@{k}": f"i2t_R@{k}" for k in (1, 5, 10)},
-         "uniformity_a": "unif_media", "uniformity_b": "unif_text"}
+SHORT = {
+    **{f"image_retrieval_recall@{k}": f"t2i_R@{k}" for k in (1, 5, 10)},
+    **{f"text_retrieval_recall@{k}": f"i2t_R@{k}" for k in (1, 5, 10)},
+    "uniformity_a": "unif_media",
+    "uniformity_b": "unif_text",
+}
 #: Tasks each kind of cell can run: baselines have no cached-feature model to fine-tune.
 SUPPORTED = {"train": set(TASKS), "asif": set(TASKS) - {"finetune"}, "convirt": set(TASKS) - {"finetune"}}
 
@@ -153,6 +156,7 @@ class ExperimentConfig(_Strict):
     evals: list[EvalSpec] = Field(default_factory=list)
     seed: int = 0  # evaluation sampling seed
     device: str = "auto"
+    notes: str | None = None  # a markdown file (relative to the experiment file) appended to results.md
 
 
 # -- cells -----------------------------------------------------------------------------------------------
@@ -242,13 +246,18 @@ class Experiment:
             return list(self.cells)
         chosen = [c for c in self.cells if any(fnmatch.fnmatchcase(c.name, pat) for pat in only)]
         if not chosen:
-            raise LightCRLError(f"--only {' '.join(only)} matches no cell; cells: "
-                                + ", ".join(c.name for c in self.cells))
+            raise LightCRLError(
+                f"--only {' '.join(only)} matches no cell; cells: " + ", ".join(c.name for c in self.cells)
+            )
         return chosen
 
     def evals_for(self, cell: Cell) -> list[EvalSpec]:
-        return [e for e in self.cfg.evals if e.task in SUPPORTED[cell.kind]
-                and (not e.cells or any(fnmatch.fnmatchcase(cell.name, p) for p in e.cells))]
+        return [
+            e
+            for e in self.cfg.evals
+            if e.task in SUPPORTED[cell.kind]
+            and (not e.cells or any(fnmatch.fnmatchcase(cell.name, p) for p in e.cells))
+        ]
 
 
 def load_experiment(path: str | Path | dict, root: str | Path | None = None) -> Experiment:
@@ -266,6 +275,8 @@ def load_experiment(path: str | Path | dict, root: str | Path | None = None) -> 
     except ValidationError as e:
         lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
         raise LightCRLError(f"invalid experiment {source}:\n" + "\n".join(lines)) from None
+    if cfg.notes and not (base_dir / cfg.notes).exists():
+        raise LightCRLError(f"experiment {source}: notes file not found: {base_dir / cfg.notes}")
     base = _expand_data_root(_read_yaml(base_dir / cfg.base)) if isinstance(cfg.base, str) else cfg.base
     base = apply_overrides(base, cfg.set)
     cells = _grid_cells(cfg, base) + [_baseline_cell(b, cfg, base, base_dir) for b in cfg.baselines]
@@ -312,9 +323,19 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -
         if b.source >= len(train_cfg.data.sources):
             raise LightCRLError(f"asif: the base config has no data source {b.source}")
         src = train_cfg.data.sources[b.source]
-        spec = {"data": src.spec, "split": src.split, "limit": b.limit or src.limit, "seed": train_cfg.seed,
-                "media_encoder": src.media_encoder, "text_encoder": src.text_encoder, "pairs": b.pairs,
-                "k": b.k, "p": b.p, "center": b.center, "tune": b.tune.model_dump() if b.tune else None}
+        spec = {
+            "data": src.spec,
+            "split": src.split,
+            "limit": b.limit or src.limit,
+            "seed": train_cfg.seed,
+            "media_encoder": src.media_encoder,
+            "text_encoder": src.text_encoder,
+            "pairs": b.pairs,
+            "k": b.k,
+            "p": b.p,
+            "center": b.center,
+            "tune": b.tune.model_dump() if b.tune else None,
+        }
         return Cell(b.name, "asif", spec)
     from .baselines.convirt import load_config as load_convirt
 
@@ -342,15 +363,16 @@ def _read_state(cell_dir: Path) -> dict:
 
 
 def cell_status(exp: Experiment, cell: Cell, out: Path) -> str:
-    """"done", "partial" (trained or some results present) or "todo"."""
+    """ "done", "partial" (trained or some results present) or "todo"."""
     cell_dir = _cell_dir(out, cell)
     state = _read_state(cell_dir)
     if not state:
         return "todo"
     done = state.get("evals", {})
-    if state.get("trained") and all(done.get(e.name) == _eval_hash(e, exp.cfg.seed)
-                                    and (cell_dir / "results" / f"{e.name}.json").exists()
-                                    for e in exp.evals_for(cell)):
+    if state.get("trained") and all(
+        done.get(e.name) == _eval_hash(e, exp.cfg.seed) and (cell_dir / "results" / f"{e.name}.json").exists()
+        for e in exp.evals_for(cell)
+    ):
         return "done"
     return "partial"
 
@@ -384,9 +406,15 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
         t0 = time.time()
         pipe = ASIFPipeline.build(cell.spec, device)
         pipe.save(cell_dir)
-        write_json(cell_dir / "train_summary.json", {"train_time_s": time.time() - t0, "n_anchors":
-                                                     pipe.info["n_anchors"], "k": pipe.info["k"],
-                                                     "p": pipe.info["p"]})
+        write_json(
+            cell_dir / "train_summary.json",
+            {
+                "train_time_s": time.time() - t0,
+                "n_anchors": pipe.info["n_anchors"],
+                "k": pipe.info["k"],
+                "p": pipe.info["p"],
+            },
+        )
 
 
 def _target(cell: Cell, cell_dir: Path, device: str) -> EvalTarget:
@@ -401,8 +429,14 @@ def _target(cell: Cell, cell_dir: Path, device: str) -> EvalTarget:
 
         pipe = ConVIRTPipeline.from_run(cell_dir, device)
     params = pipe.info.get("parameter_counts", {}).get("total_trainable")
-    ident = {"kind": cell.kind, "run": str(cell_dir), "name": cell.name, "encoders": pipe.encoder_names,
-             "arch": cell.kind, "trainable_params": params}
+    ident = {
+        "kind": cell.kind,
+        "run": str(cell_dir),
+        "name": cell.name,
+        "encoders": pipe.encoder_names,
+        "arch": cell.kind,
+        "trainable_params": params,
+    }
     return EvalTarget("run", pipe, pipe.encoder_names, ident, cell_dir)
 
 
@@ -411,13 +445,20 @@ def run_cell(exp: Experiment, cell: Cell, out: Path) -> str:
     cell_dir = _cell_dir(out, cell)
     state = _read_state(cell_dir)
     if state and state.get("spec_hash") != cell.spec_hash:
-        raise LightCRLError(f"{cell_dir} was run with another definition of cell {cell.name}: delete it to "
-                            "rerun, or choose another --out")
+        raise LightCRLError(
+            f"{cell_dir} was run with another definition of cell {cell.name}: delete it to "
+            "rerun, or choose another --out"
+        )
     if cell_status(exp, cell, out) == "done":
         log.info("cell %s: finished, skipped", cell.name)
         return "skipped"
-    state = state or {"name": cell.name, "kind": cell.kind, "labels": cell.labels,
-                      "spec_hash": cell.spec_hash, "evals": {}}
+    state = state or {
+        "name": cell.name,
+        "kind": cell.kind,
+        "labels": cell.labels,
+        "spec_hash": cell.spec_hash,
+        "evals": {},
+    }
     state.pop("error", None)
     cell_dir.mkdir(parents=True, exist_ok=True)
     write_json(cell_dir / "cell.json", state)
@@ -425,8 +466,11 @@ def run_cell(exp: Experiment, cell: Cell, out: Path) -> str:
         log.info("cell %s: building (%s)", cell.name, cell.kind)
     _build(cell, cell_dir, exp.cfg.device)  # a no-op for a built cell (a resumed one continues)
     info = read_json(cell_dir / "model.json")
-    state.update(trained=True, train_time_s=_train_time(cell_dir),
-                 trainable_params=info.get("parameter_counts", {}).get("total_trainable"))
+    state.update(
+        trained=True,
+        train_time_s=_train_time(cell_dir),
+        trainable_params=info.get("parameter_counts", {}).get("total_trainable"),
+    )
     write_json(cell_dir / "cell.json", state)
     target = None
     for e in exp.evals_for(cell):
@@ -436,8 +480,12 @@ def run_cell(exp: Experiment, cell: Cell, out: Path) -> str:
             continue
         target = target or _target(cell, cell_dir, exp.cfg.device)
         log.info("cell %s: eval %s (%s on %s)", cell.name, e.name, e.task, e.data)
-        run_eval(target, EvalRequest(e.task, e.data, e.split, e.limit, exp.cfg.seed, exp.cfg.device,
-                                     result_path, dict(e.options)))
+        run_eval(
+            target,
+            EvalRequest(
+                e.task, e.data, e.split, e.limit, exp.cfg.seed, exp.cfg.device, result_path, dict(e.options)
+            ),
+        )
         state["evals"][e.name] = h
         write_json(cell_dir / "cell.json", state)
     return "done"
@@ -455,9 +503,14 @@ class ExperimentResult:
     plots: list[Path]
 
 
-def run_experiment(path: str | Path, only: list[str] | None = None, out: str | Path | None = None,
-                   results_md: str | Path | None = None, command: str | None = None,
-                   keep_going: bool = True) -> ExperimentResult:
+def run_experiment(
+    path: str | Path,
+    only: list[str] | None = None,
+    out: str | Path | None = None,
+    results_md: str | Path | None = None,
+    command: str | None = None,
+    keep_going: bool = True,
+) -> ExperimentResult:
     """Run the selected cells of an experiment (resuming / skipping finished ones), then write the table.
 
     A failing cell is logged and recorded (``failed``) and the others still run, unless ``keep_going``
@@ -538,8 +591,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _plot_metrics(exp: Experiment) -> list[tuple[str, str]]:
     """(column, title) of the charts: the first metric of every eval, plus size and training time."""
-    cols = [(f"{e.name}/{SHORT.get(e.columns()[0], e.columns()[0])}", f"{e.name}: {e.columns()[0]}")
-            for e in exp.cfg.evals]
+    cols = [
+        (f"{e.name}/{SHORT.get(e.columns()[0], e.columns()[0])}", f"{e.name}: {e.columns()[0]}")
+        for e in exp.cfg.evals
+    ]
     return cols + [("trainable_params", "trainable parameters"), ("train_time_s", "training time (s)")]
 
 
@@ -549,8 +604,11 @@ def write_plots(exp: Experiment, rows: list[dict[str, Any]], plot_dir: Path) -> 
 
     written = []
     for col, title in _plot_metrics(exp):
-        values = {r["cell"]: float(r[col]) for r in rows
-                  if isinstance(r.get(col), (int, float)) and not isinstance(r.get(col), bool)}
+        values = {
+            r["cell"]: float(r[col])
+            for r in rows
+            if isinstance(r.get(col), (int, float)) and not isinstance(r.get(col), bool)
+        }
         if not values:
             continue
         path = plot_dir / (col.replace("/", "--").replace("@", "at") + ".png")
@@ -559,8 +617,9 @@ def write_plots(exp: Experiment, rows: list[dict[str, Any]], plot_dir: Path) -> 
     return written
 
 
-def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path, command: str,
-                  results_md: str | Path | None = None) -> tuple[Path, Path, list[Path]]:
+def write_results(
+    exp: Experiment, rows: list[dict[str, Any]], out: Path, command: str, results_md: str | Path | None = None
+) -> tuple[Path, Path, list[Path]]:
     """``OUT/results.csv``, ``OUT/results.md``, ``OUT/plots/*.png``; with ``results_md`` also a copy of the
     table there and of the plots in ``<results_md stem>_plots/`` beside it (so the copy is self-contained)."""
     buf = io.StringIO()
@@ -580,18 +639,43 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path, comman
     return md_path, csv_path, plot_paths
 
 
-def _markdown(exp: Experiment, rows: list[dict[str, Any]], command: str, plot_paths: list[Path],
-              base: Path) -> str:
+def _markdown(
+    exp: Experiment, rows: list[dict[str, Any]], command: str, plot_paths: list[Path], base: Path
+) -> str:
     n_done = sum(r["status"] == "done" for r in rows)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = [f"# Results: {exp.cfg.name}", "", "Produced by:", "", "```", command, "```", "",
-            f"{n_done} of {len(exp.cells)} cells finished ({when}; experiment config `{exp.source}`). "
-            "Recalls and accuracies in percent; `t2i` = text->image retrieval, `i2t` = image->text; "
-            "`n/a` = the task does not apply to that kind of model; empty = not run yet. "
-            "`train_time_s` sums the training epochs only (feature extraction is cached and shared).", "", ""]
+    head = [
+        f"# Results: {exp.cfg.name}",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"{n_done} of {len(exp.cells)} cells finished ({when}; experiment config `{exp.source}`). "
+        "Recalls and accuracies in percent; `t2i` = text->image retrieval, `i2t` = image->text; "
+        "`n/a` = the task does not apply to that kind of model; empty = not run yet. "
+        "`train_time_s` sums the training epochs only (feature extraction is cached and shared).",
+        "",
+        "",
+    ]
     evals = ["| eval | task | data | split | limit | options |", "|---|---|---|---|---|---|"]
-    evals += [f"| {e.name} | {e.task} | `{e.data}` | {e.split or 'default'} | {e.limit or 'all'} | "
-              f"{json.dumps(e.options) if e.options else ''} |" for e in exp.cfg.evals]
+    evals += [
+        f"| {e.name} | {e.task} | `{e.data}` | {e.split or 'default'} | {e.limit or 'all'} | "
+        f"{json.dumps(e.options) if e.options else ''} |"
+        for e in exp.cfg.evals
+    ]
     figs = [f"![{p.stem}]({os.path.relpath(p, base)})" for p in plot_paths]
-    return "\n".join(head) + markdown_table(rows) + "\n## Evaluations\n\n" + "\n".join(evals) + "\n" + (
-        "\n## Plots\n\n" + "\n\n".join(figs) + "\n" if figs else "")
+    notes = ""
+    if exp.cfg.notes:  # the reading of the table, kept beside the experiment config
+        notes = "\n" + (exp.root / exp.cfg.notes).read_text().strip() + "\n"
+    return (
+        "\n".join(head)
+        + markdown_table(rows)
+        + notes
+        + "\n## Evaluations\n\n"
+        + "\n".join(evals)
+        + "\n"
+        + ("\n## Plots\n\n" + "\n\n".join(figs) + "\n" if figs else "")
+    )
