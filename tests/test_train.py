@@ -145,7 +145,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, pairs_csv,
         return out
 
     monkeypatch.setattr(trainer.loss_fn, "forward", poisoned)
-    with pytest.raises(LightCRLError, match=rf"step {steps_per_epoch + 1}"):
+    # poisoned: the 2nd step of epoch 2, i.e. the step metrics.jsonl would log as steps_per_epoch + 2
+    with pytest.raises(LightCRLError, match=rf"epoch 2 step {steps_per_epoch + 2} "):
         trainer.fit()
     last = json.loads((run / "checkpoints" / "last.json").read_text())
     assert last["step"] == steps_per_epoch  # the good checkpoint from epoch 1 is kept

@@ -450,8 +450,9 @@ class Trainer:
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise LightCRLError(
-                f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch']} "
-                f"step {self.state['step']}: training stopped; the last good checkpoint is kept in "
+                f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch'] + 1} "
+                f"step {self.state['step'] + 1} (numbered as in metrics.jsonl): training stopped; the last "
+                "good checkpoint is kept in "
                 f"{self.run_dir / 'checkpoints'}. "
                 "Try a lower optim.lr or optim.grad_clip."
             )
