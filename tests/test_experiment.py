@@ -56,7 +56,8 @@ def _write_toy_experiment(tmp_path: Path) -> Path:
         },
         "axes": {"fusion": {"key": "model.fusion", "values": ["add"]},
                  "loss": {"values": {"lightcrl": None, "clip": {"loss": {"clip": 1.0}}}}},
-        "baselines": [{"kind": "asif", "k": 10, "p": 4}],
+        "baselines": [{"kind": "asif", "k": 10, "p": 4},
+                      {"kind": "raw", "image_encoder": "toy-image", "text_encoder": "toy-text"}],
         "evals": [
             {"name": "zs", "task": "zeroshot", "data": classes, "split": "test",
              "options": {"templates": ["a {c} square"]}},
@@ -94,7 +95,7 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     tmp_path, toy_experiment, res = toy_run
     out = tmp_path / "out"
     assert res.failed == {}
-    assert res.ran == ["dfe-add-lightcrl", "dfe-add-clip", "asif"]
+    assert res.ran == ["dfe-add-lightcrl", "dfe-add-clip", "asif", "raw"]
     rows = {r["cell"]: r for r in res.rows}
     assert set(rows) == set(res.ran) and all(r["status"] == "done" for r in rows.values())
     grid = rows["dfe-add-clip"]
@@ -115,6 +116,10 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     assert rows["asif"]["ft/top1"] == "n/a" and rows["asif"]["trainable_params"] == 0
     assert rows["dfe-add-lightcrl"]["ft/top1"] == "n/a"  # not among the eval's cells
     assert isinstance(rows["asif"]["ret/t2i_R@1"], float)
+    # the raw encoders: probe and STS only (no shared space), no trainable parameters
+    raw = rows["raw"]
+    assert isinstance(raw["probe/top1"], float) and isinstance(raw["sts/spearman"], float)
+    assert raw["zs/top1"] == "n/a" and raw["ret/t2i_R@1"] == "n/a" and raw["trainable_params"] == 0
 
     md = (tmp_path / "docs" / "results.md").read_text()
     assert md.splitlines()[0] == "# Results: toy" and "lightcrl experiment toy.yaml" in md.split("|")[0]
@@ -165,7 +170,7 @@ def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
 
 
-@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 30), ("paper", 20)])
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 31), ("paper", 20)])
 def test_shipped_experiment_configs_validate(name, n_cells):
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert len(exp.cells) == n_cells

@@ -67,7 +67,8 @@ SHORT = {
     "uniformity_b": "unif_text",
 }
 #: Tasks each kind of cell can run: baselines have no cached-feature model to fine-tune.
-SUPPORTED = {"train": set(TASKS), "asif": set(TASKS) - {"finetune"}, "convirt": set(TASKS) - {"finetune"}}
+SUPPORTED = {"train": set(TASKS), "asif": set(TASKS) - {"finetune"}, "convirt": set(TASKS) - {"finetune"},
+             "raw": {"linear_probe", "sts"}}  # raw encoders: no shared space, nothing to fine-tune
 
 
 # -- the experiment file ---------------------------------------------------------------------------------
@@ -129,7 +130,19 @@ class ConVIRTBaseline(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
 
 
-Baseline = Annotated[TrainBaseline | ASIFBaseline | ConVIRTBaseline, Field(discriminator="kind")]
+class RawBaseline(_Strict):
+    """The frozen encoders themselves: the reference for linear probes and STS (no shared space)."""
+
+    kind: Literal["raw"]
+    name: str = "raw"
+    image_encoder: str = "efficientnet-lite0"
+    text_encoder: str = "minilm-l6"
+    audio_encoder: str = "aisfx"
+
+
+Baseline = Annotated[
+    TrainBaseline | ASIFBaseline | ConVIRTBaseline | RawBaseline, Field(discriminator="kind")
+]
 
 
 class EvalSpec(_Strict):
@@ -318,6 +331,8 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -
     if isinstance(b, TrainBaseline):
         start = _expand_data_root(_read_yaml(root / b.config)) if b.config else base
         return _train_cell(b.name, start, b.set, {})
+    if isinstance(b, RawBaseline):
+        return Cell(b.name, "raw", b.model_dump(exclude={"kind", "name"}))
     train_cfg = validate_config(dict(base, name=b.name), source=f"cell {b.name}")
     if isinstance(b, ASIFBaseline):
         if b.source >= len(train_cfg.data.sources):
@@ -400,6 +415,11 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
         from .baselines.convirt import load_config, train_convirt
 
         train_convirt(load_config(cell.spec), cell_dir)
+    elif cell.kind == "raw":
+        if not (cell_dir / "model.json").exists():
+            write_json(cell_dir / "model.json", {"kind": "raw", "encoders": cell.spec,
+                                                 "parameter_counts": {"total_trainable": 0}})
+            write_json(cell_dir / "train_summary.json", {"train_time_s": 0.0})
     elif not (cell_dir / "model.json").exists():  # asif: no training, only the anchors
         from .baselines.asif import ASIFPipeline
 
@@ -420,6 +440,8 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
 def _target(cell: Cell, cell_dir: Path, device: str) -> EvalTarget:
     if cell.kind == "train":
         return EvalTarget.resolve(str(cell_dir), device=device)
+    if cell.kind == "raw":
+        return EvalTarget.resolve("raw", device=device, **cell.spec)
     if cell.kind == "asif":
         from .baselines.asif import ASIFPipeline
 
