@@ -170,7 +170,7 @@ def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
 
 
-@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 31), ("paper", 20)])
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 32), ("paper", 20)])
 def test_shipped_experiment_configs_validate(name, n_cells):
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert len(exp.cells) == n_cells
