@@ -166,7 +166,7 @@ def asif_row(f: dict[str, np.ndarray]) -> dict[str, float]:
     for c, i in enumerate(f["cap2img"].tolist()):
         first.setdefault(i, c)
     anchors = {"image": f["img"], "text": f["txt"][[first[i] for i in range(len(f["img"]))]]}
-    asif = ASIF(anchors, k=800, p=8)
+    asif = ASIF(anchors, k=800, p=8)  # untuned; the grid's ASIF cell tunes (k, p) on training pairs
     t = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in f.items() if v.dtype != np.int64}
     with torch.no_grad():
         return _scores(
