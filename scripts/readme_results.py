@@ -31,6 +31,7 @@ ROWS = [
     "two_tower-clip",
     "asif",
     "convirt",
+    "raw",
 ]
 
 
