@@ -22,6 +22,8 @@ COLUMNS = [
 ]
 ROWS = [
     "offline-best",
+    "push-anchors",
+    "push-linear-proj",
     "dfe-add-clip",
     "dfe-add-lightcrl",
     "dfe-add-lightcrl-frozen",
@@ -30,6 +32,8 @@ ROWS = [
     "dfe-add-clip+simcse",
     "two_tower-clip",
     "asif",
+    "asif-centered",
+    "asif-centered-k200",
     "convirt",
     "raw",
 ]

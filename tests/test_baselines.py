@@ -65,6 +65,30 @@ def test_asif_tune_chooses_on_training_pairs():
     assert res["val_mean_recall@1"] == max(g["val_mean_recall@1"] for g in res["grid"])
 
 
+def test_asif_tune_can_choose_centring():
+    img, txt = _linked(300)
+    res = tune(img + 3.0, txt, ks=[20], ps=[4], center=[False, True], val_fraction=0.2)
+    assert len(res["grid"]) == 2 and {g["center"] for g in res["grid"]} == {False, True}
+    # an offset shared by every image flattens the cosines: centring wins on the held-out pairs
+    assert res["center"] is True
+
+
+def test_asif_mean_caption_anchors(tmp_path, pairs_csv):
+    from lightcrl.baselines.asif import anchor_features
+    from lightcrl.embed import EmbedOptions, cached_store
+
+    media = cached_store("toy-image", pairs_csv, "all", EmbedOptions(num_workers=0))
+    text = cached_store("toy-text", pairs_csv, "all", EmbedOptions(num_workers=0))
+    m, t = anchor_features(media, text, "mean_caption")
+    assert len(m) == len(t) == len(media)
+    groups = np.asarray(text.items.groups)
+    for i in (0, 7):
+        caps = text.pooled(np.flatnonzero(groups == media.items.ids[i]))
+        caps = caps / np.linalg.norm(caps, axis=1, keepdims=True)
+        np.testing.assert_allclose(t[i], caps.sum(0), atol=1e-5)
+        np.testing.assert_allclose(m[i], media.pooled(np.array([i]))[0], atol=1e-6)
+
+
 def test_asif_pipeline_from_toy_stores(tmp_path, pairs_csv):
     spec = {"data": pairs_csv, "split": "all", "limit": None, "seed": 0, "media_encoder": "toy-image",
             "text_encoder": "toy-text", "pairs": "random_caption", "k": 10, "p": 4.0, "center": True}

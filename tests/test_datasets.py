@@ -550,7 +550,24 @@ def test_fingerprint_tracks_listing(tmp_path):
     folder = make_imagefolder(tmp_path / "folder")
     fp = open_dataset(f"imagefolder:{folder}").fingerprint()
     write(folder / "class_0" / "new.jpg", jpeg_bytes(5))
-    assert open_dataset(f"imagefolder:{folder}").fingerprint() != fp
+    fp2 = open_dataset(f"imagefolder:{folder}").fingerprint()
+    assert fp2 != fp
+    fp = fp2
+
+    # A copy with new mtimes (cp without -p, a fresh mount) keeps the fingerprint: cached features stay
+    # valid. Rewriting a file with other bytes of the SAME size changes it.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copy)
+    for f in copy.rglob("*.jpg"):
+        os.utime(f, ns=(1, 1))
+    assert open_dataset(f"imagefolder:{copy}").fingerprint() == fp
+    target = next(iter(sorted(copy.rglob("*.jpg"))))
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF  # a byte near the end of the JPEG stream
+    target.write_bytes(bytes(data))
+    assert open_dataset(f"imagefolder:{copy}").fingerprint() != fp
 
 
 def test_subsample_is_seeded_and_spread(tmp_path):

@@ -151,6 +151,16 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     )
     assert {r["cell"]: r["status"] for r in third.rows}["dfe-add-lightcrl"] == "partial"
 
+    # a new optional setting left unset (None) keeps finished cells finished; a real change is reported
+    from lightcrl.experiment import Cell, cell_status
+
+    exp = load_experiment(toy_experiment)
+    cell = next(c for c in exp.cells if c.name == "dfe-add-clip")
+    padded = Cell(cell.name, cell.kind, dict(cell.spec, some_new_option=None))
+    assert padded.spec_hash == cell.spec_hash and cell_status(exp, padded, out) == "done"
+    changed = Cell(cell.name, cell.kind, dict(cell.spec, seed=cell.spec.get("seed", 0) + 1))
+    assert cell_status(exp, changed, out) == "changed"
+
 
 def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     raw = yaml.safe_load(toy_run[1].read_text())
@@ -170,7 +180,7 @@ def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
 
 
-@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 32), ("paper", 20)])
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 38), ("paper", 20)])
 def test_shipped_experiment_configs_validate(name, n_cells):
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert len(exp.cells) == n_cells
@@ -194,6 +204,11 @@ def test_shipped_experiment_configs_validate(name, n_cells):
         assert exp.cell("push-linear-proj").spec["loss"] == {"clip": 1.0}
         val = next(e for e in exp.cfg.evals if e.name == "zs-cifar10-val")
         assert val.split == "train"
+        # anchor cells, and the baseline they are measured against with the same anchors and centring
+        assert exp.cell("push-anchors").spec["model"]["anchors"]["k"] == 200
+        assert exp.cell("offline-best").spec["model"]["anchors"] is not None
+        asif_c = exp.cell("asif-centered").spec
+        assert asif_c["pairs"] == "mean_caption" and asif_c["tune"]["center"] == [False, True]
 
 
 def test_overrides_replace_nodes_and_bad_configs(tmp_path):

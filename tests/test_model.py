@@ -69,6 +69,7 @@ def test_default_parameter_count():
         "dfe": 790_272,  # one pre-LN layer (attention + 256->1024->256 FFN) and the final LayerNorm
         "logit_scale": 1,
         "logit_bias": 0,
+        "anchors": 0,
         "total_trainable": 1_419_009,
     }
     assert counts["total_trainable"] == sum(p.numel() for p in model.parameters())

@@ -123,6 +123,8 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     {"fusion": "attention", "input": "pooled"},
     {"fusion": "concat", "pool": "cls", "norm_first": False, "depth": 2},
     {"arch": "two_tower"},
+    {"fusion": "add", "anchors": {"k": 5, "p": 4.0, "dim": 8, "count": 12}},
+    {"arch": "two_tower", "anchors": {"k": 5, "dim": 8, "count": 12, "join": "sum"}},
 ])
 def test_onnx_export_model_variants(cfg):
     """Fusion / pooling / arch variants export with dynamic batch and token axes (text: cut at 8 tokens)."""
@@ -132,6 +134,8 @@ def test_onnx_export_model_variants(cfg):
     with tempfile.TemporaryDirectory() as d:
         run = Path(d)
         torch.nn.init.normal_(model.logit_scale)  # any weights: the check is ONNX vs PyTorch
+        if model.anchors is not None:
+            model.anchors.set_keys({m: torch.randn(12, d) for m, d in model.input_dims.items()})
         save_file(model.state_dict(), str(run / "model.safetensors"))
         (run / "model.json").write_text(json.dumps({
             "model_config": model.cfg.model_dump(), "input_dims": model.input_dims,

@@ -122,7 +122,7 @@ class LightCRLPipeline:
             else:
                 tok, mask = store.batch(idx, self.max_text_tokens if modality == "text" else None)
                 out.append(self.encode_features(modality, tok, mask).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.model.cfg.width), np.float32)
+        return torch.cat(out).numpy() if out else np.zeros((0, self.model.embed_dim), np.float32)
 
     # -- raw inputs -----------------------------------------------------------------------------
     def _encode_raw(

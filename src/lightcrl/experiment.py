@@ -103,6 +103,7 @@ class TrainBaseline(_Strict):
 class ASIFTune(_Strict):
     k: list[int]
     p: list[float]
+    center: list[bool] | None = None  # None: the baseline's own ``center`` only
     val_fraction: float = 0.2
 
 
@@ -114,7 +115,7 @@ class ASIFBaseline(_Strict):
     k: int = 800
     p: float = 8.0
     center: bool = False
-    pairs: Literal["random_caption", "all_pairs"] = "random_caption"
+    pairs: Literal["random_caption", "all_pairs", "mean_caption"] = "random_caption"
     source: int = 0
     limit: int | None = None
     tune: ASIFTune | None = None  # chosen on held-out training pairs, never on an evaluation split
@@ -184,7 +185,17 @@ class Cell:
 
     @property
     def spec_hash(self) -> str:
-        return _hash(self.spec)
+        # Unset (None) entries are left out, so a new optional setting (default None) does not mark every
+        # finished cell as changed.
+        return _hash(_without_none(self.spec))
+
+
+def _without_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_without_none(v) for v in obj]
+    return obj
 
 
 def _hash(obj: Any) -> str:
@@ -378,11 +389,14 @@ def _read_state(cell_dir: Path) -> dict:
 
 
 def cell_status(exp: Experiment, cell: Cell, out: Path) -> str:
-    """ "done", "partial" (trained or some results present) or "todo"."""
+    """ "done", "partial" (trained or some results present), "changed" (run with another definition of the
+    cell: delete its folder to rerun) or "todo"."""
     cell_dir = _cell_dir(out, cell)
     state = _read_state(cell_dir)
     if not state:
         return "todo"
+    if state.get("spec_hash") != cell.spec_hash:
+        return "changed"
     done = state.get("evals", {})
     if state.get("trained") and all(
         done.get(e.name) == _eval_hash(e, exp.cfg.seed) and (cell_dir / "results" / f"{e.name}.json").exists()

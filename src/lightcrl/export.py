@@ -78,8 +78,6 @@ class ModalityEncoder(nn.Module):
         self.input_mode, self.max_tokens = input_mode, max_tokens
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        from .model import _prepend
-
         m = self.model
         if self.input_mode == "pooled":
             tokens = _masked_mean(tokens, mask).unsqueeze(1)
@@ -87,6 +85,15 @@ class ModalityEncoder(nn.Module):
         elif self.max_tokens:
             tokens, mask = tokens[:, : self.max_tokens], mask[:, : self.max_tokens]
         tokens = tokens.to(m.logit_scale.dtype).masked_fill(~mask.unsqueeze(-1), 0.0)
+        z = self._encode_tokens(tokens, mask)
+        if m.anchors is None:
+            return z
+        return m.anchors.join(z, m.anchors.embed(self.modality, _masked_mean(tokens, mask)))
+
+    def _encode_tokens(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        from .model import _prepend
+
+        m = self.model
         if m.dfe is None:  # two_tower baseline
             return F.normalize(m.projections[self.modality](_masked_mean(tokens, mask)), dim=-1)
         x = m.projections[self.modality](tokens)

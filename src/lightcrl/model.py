@@ -12,6 +12,8 @@ Design notes:
 * ``pool="cls"`` uses ONE learnable CLS token shared by all modalities (modality identity comes from the
   context); with ``fusion="attention"`` the context token itself is the CLS, so no CLS parameter exists.
 * Padded token values never matter: they are zeroed on entry, excluded as attention keys and from the mean.
+* ``anchors`` (off by default) adds ASIF-style anchor coordinates learned next to the DFE; the embedding
+  is then ``[cos(theta) z_dfe, sin(theta) z_anchor]`` (see ``anchors.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+from .anchors import AnchorConfig, AnchorSpace
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
 
@@ -54,6 +58,7 @@ class ModelConfig(BaseModel):
     learn_logit_scale: bool = True
     logit_bias: float | None = None
     input_norm: bool = True
+    anchors: AnchorConfig | None = None
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -175,6 +180,9 @@ class LightCRLModel(nn.Module):
         self.logit_bias: nn.Parameter | None = None
         if cfg.logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias)))
+        self.anchors: AnchorSpace | None = None
+        if cfg.anchors is not None:  # count 0 raises: anchors are built from data (see anchors.py)
+            self.anchors = AnchorSpace(cfg.anchors, self.input_dims, width)
 
     @property
     def modalities(self) -> list[str]:
@@ -182,7 +190,9 @@ class LightCRLModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return self.cfg.width
+        if self.anchors is None:
+            return self.cfg.width
+        return self.anchors.dim + (self.cfg.width if self.cfg.anchors.join == "concat" else 0)
 
     def get_logit_scale(self) -> Tensor:
         """exp(logit_scale), clamped at exp(max_logit_scale)."""
@@ -193,11 +203,22 @@ class LightCRLModel(nn.Module):
         """Clamp the stored log-scale into [0, max_logit_scale]; call after each optimizer step."""
         self.logit_scale.clamp_(0.0, self.cfg.max_logit_scale)
 
-    def encode(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Embed one modality: tokens [B, T, D_in] (or [B, D_in]), mask [B, T] -> [B, width], L2-normed."""
+    def encode(
+        self, modality: str, tokens: Tensor, mask: Tensor | None = None, exclude: Tensor | None = None
+    ) -> Tensor:
+        """Embed one modality: tokens [B, T, D_in] (or [B, D_in]), mask [B, T] -> [B, embed_dim], L2-normed.
+
+        ``exclude`` [B] (anchors only): each row's own anchor id (-1 = none), left out during training.
+        """
         tokens, mask = self._check_inputs(modality, tokens, mask)
         # Zero padding on entry so no value there (even NaN/inf from a cache) can reach the output.
         tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        z = self._encode_tokens(modality, tokens, mask)
+        if self.anchors is None:
+            return z
+        return self.anchors.join(z, self.anchors.embed(modality, _masked_mean(tokens, mask), exclude))
+
+    def _encode_tokens(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
         if self.dfe is None:  # two_tower
             return F.normalize(self.projections[modality](_masked_mean(tokens, mask)), dim=-1)
 
@@ -212,15 +233,20 @@ class LightCRLModel(nn.Module):
         pooled = x[:, 0] if self.cfg.pool == "cls" else _masked_mean(x, mask)
         return F.normalize(pooled, dim=-1)
 
-    def forward(self, batch: Mapping[str, tuple[Tensor, Tensor | None] | Tensor]) -> dict[str, Tensor]:
+    def forward(
+        self,
+        batch: Mapping[str, tuple[Tensor, Tensor | None] | Tensor],
+        exclude: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """``{modality: (tokens, mask)}`` -> ``{modality: embedding, "logit_scale": s, ["logit_bias": b]}``.
 
-        A bare tensor stands for tokens without padding.
+        A bare tensor stands for tokens without padding. ``exclude``: anchor ids to leave out, shared by
+        the modalities of a batch of pairs (see ``encode``).
         """
         out: dict[str, Tensor] = {}
         for modality, item in batch.items():
             tokens, mask = (item, None) if isinstance(item, Tensor) else item
-            out[modality] = self.encode(modality, tokens, mask)
+            out[modality] = self.encode(modality, tokens, mask, exclude)
         out["logit_scale"] = self.get_logit_scale()
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
@@ -237,6 +263,7 @@ class LightCRLModel(nn.Module):
         counts["dfe"] = _count(self.dfe.parameters()) if self.dfe is not None else 0
         counts["logit_scale"] = _count([self.logit_scale])
         counts["logit_bias"] = _count([self.logit_bias]) if self.logit_bias is not None else 0
+        counts["anchors"] = _count(self.anchors.parameters()) if self.anchors is not None else 0
         counts["total_trainable"] = _count(self.parameters())
         return counts
 

@@ -280,7 +280,7 @@ def image_embeddings(pipe, index: ImageIndex, batch_size: int = 256) -> np.ndarr
     for s in range(0, len(index), batch_size):
         tok, mask, pooled = index.batch(np.arange(s, min(s + batch_size, len(index))))
         out.append(pipe.encode_features("image", tok, mask, pooled).cpu().numpy())
-    emb = np.concatenate(out) if out else np.zeros((0, pipe.model.cfg.width), np.float32)
+    emb = np.concatenate(out) if out else np.zeros((0, pipe.model.embed_dim), np.float32)
     if path is not None:
         for old in index.dir.glob(f"emb-{key}-*.npy"):
             old.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import torch
 
 from . import __version__
 from . import distributed as dist
+from .anchors import build_anchor_set
 from .checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
 from .config import TrainConfig, dump_config
 from .devices import autocast, resolve_device
@@ -29,7 +30,7 @@ from .encoders.base import masked_mean
 from .errors import LightCRLError
 from .io import write_json, write_text
 from .losses import ClipLoss, build_loss
-from .model import create_model
+from .model import ModelConfig, create_model
 from .pairs import PairSet, epoch_batches, rank_slice
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,11 @@ class Trainer:
         # validation runs on rank 0 alone, so its stores are built without the cross-rank barriers
         self.val_sets = build_pairsets(cfg, "val") if self.is_main else []
         self.dims = input_dims(self.train_sets)
+        self.anchor_set, model_cfg = self._build_anchors()
         torch.manual_seed(cfg.seed)  # here, not earlier: building stores may consume the global RNG
-        self.model = create_model(cfg.model, self.dims).to(self.device)
+        self.model = create_model(model_cfg, self.dims).to(self.device)
+        if self.anchor_set is not None:
+            self.model.anchors.set_keys(self.anchor_set.keys)
         self.loss_fn = build_loss(cfg.loss)
         self.needs_views = any(k.split("@")[0] == "simcse" for k in cfg.loss)
         self.nli_store, self.nli_rows = None, None
@@ -271,6 +275,23 @@ class Trainer:
             t, m = self.nli_store.batch(rows[:, col], self.cfg.data.max_text_tokens)
             out.append(enc.encode("text", t.to(self.device), m.to(self.device)))
         return tuple(out)
+
+    def _build_anchors(self):
+        """model.anchors: anchor pairs from the first training source; the model config gets their count."""
+        model_cfg = ModelConfig.model_validate(self.cfg.model)
+        acfg = model_cfg.anchors
+        if acfg is None:
+            return None, model_cfg
+        s = self.train_sets[0]
+        missing = sorted(set(self.dims) - {s.media_modality, "text"})
+        if missing:
+            raise LightCRLError(
+                f"model.anchors come from the first training source ({s.name}: {s.media_modality}-text), "
+                f"which has no anchors for {missing}: drop model.anchors for multi-modality runs"
+            )
+        anchor_set = build_anchor_set(s, acfg.max_anchors, self.cfg.seed)
+        model_cfg.anchors = acfg.model_copy(update={"count": len(anchor_set)})
+        return anchor_set, model_cfg
 
     # ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
@@ -433,13 +454,16 @@ class Trainer:
         local = rank_slice(batch, self.rank, self.world)
         inputs = s.batch(local, self.device)
         self.ddp_model.train()
+        exclude = None
+        if self.anchor_set is not None and si == 0:  # leave-one-out: never see your own anchor
+            exclude = self.anchor_set.exclude(s.media_index[local]).to(self.device)
         with autocast(self.device):
-            out = self.ddp_model(inputs)
+            out = self.ddp_model(inputs, exclude) if exclude is not None else self.ddp_model(inputs)
             kwargs = {}
             if self.needs_views:
                 t, m = inputs["text"]
                 raw = self.ddp_model.module if self.world > 1 else self.ddp_model
-                kwargs["text_views"] = (out["text"], raw.encode("text", t, m))
+                kwargs["text_views"] = (out["text"], raw.encode("text", t, m, exclude))
             if self.nli_rows is not None:
                 kwargs["nli"] = self._nli_batch()
             if self.loss_fn.wants_frozen():

@@ -27,7 +27,7 @@ from ..errors import LightCRLError
 from ..io import read_json, write_json
 from ..store import FeatureStore
 
-__all__ = ["ASIF", "ASIFPipeline", "anchor_pairs", "tune"]
+__all__ = ["ASIF", "ASIFPipeline", "anchor_features", "anchor_pairs", "tune"]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -102,12 +102,36 @@ def anchor_pairs(media: FeatureStore, text: FeatureStore, pairs: str = "random_c
     return ps.media_index[pick], ps.text_index[pick]
 
 
-def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[float], center: bool = False,
-         val_fraction: float = 0.2, seed: int = 0, modality: str = "image") -> dict[str, Any]:
-    """Choose (k, p) by mean retrieval R@1 on held-out TRAINING pairs (the rest are the anchors).
+def anchor_features(media: FeatureStore, text: FeatureStore, pairs: str = "random_caption",
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled (media, text) features of the anchor pairs, row i of each = pair i. ``mean_caption``: one
+    anchor per media item whose text is the mean of its L2-normalised captions (steadier than one
+    random caption); otherwise the pairs of :func:`anchor_pairs`."""
+    if pairs != "mean_caption":
+        mi, ti = anchor_pairs(media, text, pairs, seed)
+        return media.pooled(mi), text.pooled(ti)
+    from ..pairs import PairSet
 
-    ``media``/``text``: pooled features of the training pairs, row i of each is pair i.
+    ps = PairSet.link("anchors", media, text)
+    if len(ps) == 0:
+        raise LightCRLError(f"no (media, caption) pairs between {media.dir} and {text.dir}")
+    rows, anchor_of_pair = np.unique(ps.media_index, return_inverse=True)
+    order = np.argsort(ps.text_index)  # read the text store in order
+    caps = _normalize(text.pooled(ps.text_index[order]))
+    mean = np.zeros((len(rows), caps.shape[1]), np.float32)
+    np.add.at(mean, anchor_of_pair[order], caps)
+    return media.pooled(rows), mean
+
+
+def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[float],
+         center: bool | Sequence[bool] = False, val_fraction: float = 0.2, seed: int = 0,
+         modality: str = "image") -> dict[str, Any]:
+    """Choose (k, p[, center]) by mean retrieval R@1 on held-out TRAINING pairs (the rest are the anchors).
+
+    ``media``/``text``: pooled features of the training pairs, row i of each is pair i. ``center``: one
+    value, or the values to choose from.
     """
+    centers = [center] if isinstance(center, bool) else list(center)
     from ..metrics import retrieval
 
     n = len(media)
@@ -117,14 +141,16 @@ def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[fl
     perm = np.random.default_rng(seed).permutation(n)
     val, anchor = perm[:n_val], perm[n_val:]
     scores = {}
-    for k, p in itertools.product(ks, ps):
-        model = ASIF({modality: media[anchor], "text": text[anchor]}, k=k, p=p, center=center)
+    for k, p, c in itertools.product(ks, ps, centers):
+        model = ASIF({modality: media[anchor], "text": text[anchor]}, k=k, p=p, center=c)
         r = retrieval.evaluate(model.encode_features(modality, media[val]),
                                model.encode_features("text", text[val]), np.arange(n_val))
-        scores[(k, p)] = (r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2
-    best = max(scores, key=lambda kp: scores[kp])
-    return {"k": int(best[0]), "p": float(best[1]), "val_mean_recall@1": scores[best], "n_val": n_val,
-            "grid": [{"k": int(k), "p": float(p), "val_mean_recall@1": v} for (k, p), v in scores.items()]}
+        scores[(k, p, c)] = (r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2
+    best = max(scores, key=lambda kpc: scores[kpc])
+    return {"k": int(best[0]), "p": float(best[1]), "center": bool(best[2]),
+            "val_mean_recall@1": scores[best], "n_val": n_val,
+            "grid": [{"k": int(k), "p": float(p), "center": bool(c), "val_mean_recall@1": v}
+                     for (k, p, c), v in scores.items()]}
 
 
 class ASIFPipeline:
@@ -154,19 +180,19 @@ class ASIFPipeline:
                             progress=progress)
         media = cached_store(spec["media_encoder"], spec["data"], spec["split"], opts)
         text = cached_store(spec["text_encoder"], spec["data"], spec["split"], opts)
-        mi, ti = anchor_pairs(media, text, spec.get("pairs", "random_caption"), spec.get("seed", 0))
-        m_feat, t_feat = media.pooled(mi), text.pooled(ti)
-        info = dict(spec, kind="asif", n_anchors=len(mi),
+        pairs = spec.get("pairs", "random_caption")
+        m_feat, t_feat = anchor_features(media, text, pairs, spec.get("seed", 0))
+        info = dict(spec, kind="asif", n_anchors=len(m_feat),
                     anchor_stores={"media": media.summary(), "text": text.summary()})
-        k, p = spec.get("k", 800), spec.get("p", 8.0)
+        k, p, center = spec.get("k", 800), spec.get("p", 8.0), spec.get("center", False)
         if spec.get("tune"):
             t = spec["tune"]
-            res = tune(m_feat, t_feat, t.get("k", [k]), t.get("p", [p]), spec.get("center", False),
+            res = tune(m_feat, t_feat, t.get("k", [k]), t.get("p", [p]), t.get("center") or center,
                        t.get("val_fraction", 0.2), spec.get("seed", 0), media.modality)
-            k, p = res["k"], res["p"]
+            k, p, center = res["k"], res["p"], res["center"]
             info["tuning"] = res
-        info.update(k=k, p=p)
-        asif = ASIF({media.modality: m_feat, "text": t_feat}, k=k, p=p, center=spec.get("center", False))
+        info.update(k=k, p=p, center=center)
+        asif = ASIF({media.modality: m_feat, "text": t_feat}, k=k, p=p, center=center)
         encoders = {media.modality: spec["media_encoder"], "text": spec["text_encoder"]}
         return cls(asif, encoders, info, device)
 
