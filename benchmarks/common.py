@@ -238,8 +238,8 @@ def store_bytes(*dirs: Path) -> int:
 
 
 def patch_stores(image_dir: Path, text_dir: Path) -> None:
-    """Make lightcrl.train read these stores for any source: media encoder -> image, text encoder -> text."""
-    import lightcrl.train as train_mod
+    """Make the trainer read these stores for any source: media encoder -> image, text encoder -> text."""
+    import lightcrl.app.train as train_mod
     from lightcrl.store import FeatureStore
 
     stores = {"image": FeatureStore(image_dir), "text": FeatureStore(text_dir)}

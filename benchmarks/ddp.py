@@ -30,8 +30,8 @@ import common
 
 
 def child(image_dir: str, text_dir: str, cfg_path: str, run_dir: str) -> None:
-    from lightcrl.config import validate_config
-    from lightcrl.train import train
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import train
 
     common.patch_stores(Path(image_dir), Path(text_dir))
     train(validate_config(json.loads(Path(cfg_path).read_text())), run_dir)

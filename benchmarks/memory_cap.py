@@ -36,8 +36,8 @@ CG_ROOT = Path("/sys/fs/cgroup")
 
 
 def child(image_dir: str, text_dir: str, batch_size: int) -> None:
-    from lightcrl.config import validate_config
-    from lightcrl.train import Trainer
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import Trainer
 
     common.patch_stores(Path(image_dir), Path(text_dir))
     with tempfile.TemporaryDirectory() as tmp:

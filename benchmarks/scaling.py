@@ -34,8 +34,8 @@ def child(image_dir: str, text_dir: str, batch_size: int) -> None:
     """One epoch on the given stores in this (fresh) process; prints one JSON line."""
     import time
 
-    from lightcrl.config import validate_config
-    from lightcrl.train import Trainer
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import Trainer
 
     rss0 = common.proc_status_mb("VmRSS")
     common.patch_stores(Path(image_dir), Path(text_dir))

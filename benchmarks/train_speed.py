@@ -49,10 +49,10 @@ def main(argv=None) -> None:
 
     import torch
 
-    from lightcrl.config import load_config
+    from lightcrl.app.config import load_config
+    from lightcrl.app.train import Trainer
     from lightcrl.encoders import get_encoder
     from lightcrl.io import read_json
-    from lightcrl.train import Trainer
 
     common.quiet()
     if args.threads:

@@ -106,9 +106,9 @@ def test_trainer_leaves_each_pair_out_of_its_anchors_and_run_reloads(tmp_path, p
     from test_train import toy_config
 
     import lightcrl
-    from lightcrl.config import validate_config
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import Trainer, embed_store
     from lightcrl.embed import EmbedOptions, cached_store
-    from lightcrl.train import Trainer, embed_store
 
     cfg = toy_config(pairs_csv, **{"optim.epochs": 2, "loss": {"clip": 1.0}})
     cfg["model"]["anchors"] = {"k": 8, "p": 2.0}

@@ -226,9 +226,9 @@ def test_hf_audio_encoder_on_a_tiny_local_ast(tmp_path):
 def test_three_modality_training_smoke(tmp_path):
     from safetensors.torch import load_file
 
-    from lightcrl.config import validate_config
-    from lightcrl.evaluate import EvalRequest, EvalTarget, run_eval
-    from lightcrl.train import train
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.evaluate import EvalRequest, EvalTarget, run_eval
+    from lightcrl.app.train import train
 
     esc10 = f"esc10:{DATA / 'esc10'}"
     cfg = validate_config(

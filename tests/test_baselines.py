@@ -152,11 +152,11 @@ def test_augment_identity_settings_and_crop_fallback():
 
 # -- ConVIRT training --------------------------------------------------------------------------------------
 def test_convirt_step_updates_only_unfrozen_layers(tmp_path):
+    from lightcrl.app.train_convirt import train_step
     from lightcrl.baselines.convirt import (
         ConVIRTModel,
         ConVIRTPipeline,
         load_config,
-        train_step,
         trainable_parameter_names,
     )
 
@@ -206,8 +206,9 @@ def test_convirt_step_updates_only_unfrozen_layers(tmp_path):
 def test_convirt_run_trains_resumes_and_evaluates(tmp_path):
     from conftest import make_pairs_csv
 
-    from lightcrl.baselines.convirt import ConVIRTPipeline, load_config, train_convirt
-    from lightcrl.evaluate import EvalRequest, EvalTarget, run_eval
+    from lightcrl.app.evaluate import EvalRequest, EvalTarget, run_eval
+    from lightcrl.app.train_convirt import train_convirt
+    from lightcrl.baselines.convirt import ConVIRTPipeline, load_config
 
     spec = make_pairs_csv(tmp_path / "pairs", n=8)
     cfg = load_config({"data": {"spec": spec, "split": "all"}, "image_size": 48, "batch_size": 4,

@@ -10,9 +10,9 @@ import yaml
 from conftest import COLORS, REPO, make_pairs_csv
 from PIL import Image
 
-from lightcrl.cli import main
+from lightcrl.app.cli import main
+from lightcrl.app.experiment import ExperimentResult, load_experiment, run_experiment, set_path
 from lightcrl.errors import LightCRLError
-from lightcrl.experiment import ExperimentResult, load_experiment, run_experiment, set_path
 
 
 def _classes(root: Path, per_class: int = 4) -> str:
@@ -152,7 +152,7 @@ def test_grid_runs_writes_table_and_skips_finished_cells(toy_run):
     assert {r["cell"]: r["status"] for r in third.rows}["dfe-add-lightcrl"] == "partial"
 
     # a new optional setting left unset (None) keeps finished cells finished; a real change is reported
-    from lightcrl.experiment import Cell, cell_status
+    from lightcrl.app.experiment import Cell, cell_status
 
     exp = load_experiment(toy_experiment)
     cell = next(c for c in exp.cells if c.name == "dfe-add-clip")

@@ -32,7 +32,7 @@ from conftest import make_pairs_csv
 from PIL import Image
 from safetensors.numpy import load_file
 
-from lightcrl.cli import main as cli_main
+from lightcrl.app.cli import main as cli_main
 from lightcrl.store import FeatureStore, completed_shards
 
 TESTS = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ import toy_encoders  # noqa: F401  (registers toy-image / toy-text)
 step_sleep = float(os.environ.get("FAULT_STEP_SLEEP") or 0)
 write_sleep = float(os.environ.get("FAULT_WRITE_SLEEP") or 0)
 if step_sleep:
-    import lightcrl.train as T
+    import lightcrl.app.train as T
     _step = T.Trainer.train_step
     def train_step(self, *a, **k):
         time.sleep(step_sleep)
@@ -61,7 +61,7 @@ if write_sleep:
         time.sleep(write_sleep)
         return _save(*a, **k)
     S.save_npy = save_npy
-from lightcrl.cli import main
+from lightcrl.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -249,7 +249,7 @@ def test_sigkill_during_train_then_rerun_equals_uninterrupted(train_setup, tmp_p
 
 def test_stop_before_first_checkpoint_leaves_no_duplicate_metric_rows(train_setup, tmp_path, monkeypatch):
     """The process dies at step 3 of epoch 1 (an exception here, as deterministic stand-in for a kill)."""
-    import lightcrl.train as train_mod
+    import lightcrl.app.train as train_mod
 
     cfg, ref = train_setup
     run = tmp_path / "run"
@@ -607,7 +607,7 @@ def test_silent_and_unreadable_audio_in_esc10_layout(tmp_path, capsys):
 def test_inf_loss_through_cli_stops_naming_the_step_and_keeps_last_good_checkpoint(
     train_setup, tmp_path, capsys, monkeypatch
 ):
-    import lightcrl.train as train_mod
+    import lightcrl.app.train as train_mod
 
     cfg, ref = train_setup
     real_build = train_mod.build_loss

@@ -10,7 +10,8 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from lightcrl.metrics import finetune, geometry, linear_probe, plots, retrieval, sts, zeroshot
+from lightcrl.app import plots
+from lightcrl.metrics import finetune, geometry, linear_probe, retrieval, sts, zeroshot
 from lightcrl.paths import data_root
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -325,7 +326,7 @@ def test_geometry_matches_brute_force():
 def test_geometry_plot(tmp_path: Path):
     rng = np.random.default_rng(11)
     a = _unit(rng, 200, 8)
-    geometry.plot(a, a + 0.3 * rng.normal(size=a.shape), tmp_path / "cos.png")
+    plots.cosine_histogram(a, a + 0.3 * rng.normal(size=a.shape), tmp_path / "cos.png")
     assert (tmp_path / "cos.png").read_bytes().startswith(PNG_MAGIC)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lightcrl.config import load_config
-from lightcrl.evaluate import EvalRequest, EvalTarget, run_eval
-from lightcrl.train import train
+from lightcrl.app.config import load_config
+from lightcrl.app.evaluate import EvalRequest, EvalTarget, run_eval
+from lightcrl.app.train import train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_every_task_on_real_data(run_dir, shared_data):
 
 
 def test_report_names_every_results_file(run_dir):
-    from lightcrl.cli import main
+    from lightcrl.app.cli import main
 
     assert main(["report", str(run_dir)]) == 0
     html = (run_dir / "report.html").read_text()
@@ -109,7 +109,7 @@ def test_report_names_every_results_file(run_dir):
 
 
 def test_cli_eval_writes_results_json(run_dir, shared_data, tmp_path, capsys):
-    from lightcrl.cli import main
+    from lightcrl.app.cli import main
 
     out = tmp_path / "r.json"
     code = main(

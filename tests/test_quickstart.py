@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 import lightcrl
+from lightcrl.app.evaluate import EvalTarget
+from lightcrl.app.quickstart import QuickstartOptions, quickstart
+from lightcrl.data.synthetic import HELD_OUT, SyntheticSpec, generate
 from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.errors import LightCRLError
-from lightcrl.evaluate import EvalTarget
-from lightcrl.quickstart import QuickstartOptions, quickstart
-from lightcrl.synthetic import HELD_OUT, SyntheticSpec, generate
 
 TINY_SPEC = dict(n_train=160, n_dev=0, n_test=24, zeroshot_per_class=4, seen_per_class=0,
                  captions_per_image=2)

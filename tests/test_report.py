@@ -6,8 +6,8 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
-from lightcrl.metrics import plots
-from lightcrl.report import build_report, compare_table
+from lightcrl.app import plots
+from lightcrl.app.report import build_report, compare_table
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 

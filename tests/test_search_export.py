@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import save_file
 from test_quickstart import parse_html, shared_tiny_run
 
-from lightcrl.cli import main
+from lightcrl.app.cli import main
+from lightcrl.app.evaluate import EvalTarget
+from lightcrl.app.search import ImageIndex, search
+from lightcrl.data.synthetic import Scene, render
 from lightcrl.embed import EmbedOptions, cached_store
-from lightcrl.evaluate import EvalTarget
 from lightcrl.export import export_onnx
 from lightcrl.model import create_model
-from lightcrl.search import ImageIndex, search
-from lightcrl.synthetic import Scene, render
 
 # Seen (trained) combinations that differ from the target in colour and shape.
 FOLDER = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightcrl.config import load_config, parse_overrides, validate_config
+from lightcrl.app.config import load_config, parse_overrides, validate_config
+from lightcrl.app.train import Trainer, train
 from lightcrl.errors import LightCRLError
-from lightcrl.train import Trainer, train
 
 
 def toy_config(spec: str, **over) -> dict:
@@ -96,8 +96,8 @@ def test_train_produces_a_loadable_run_that_learns(tmp_path, pairs_csv):
     assert val[0][0] == 0 and max(v for _, v in val[1:]) > val[0][1]  # better than untrained
     # the published model reproduces the trainer's validation embeddings
     import lightcrl
+    from lightcrl.app.train import embed_store
     from lightcrl.embed import EmbedOptions, cached_store
-    from lightcrl.train import embed_store
 
     model = lightcrl.load(run)
     store = cached_store("toy-image", pairs_csv, "all", EmbedOptions(num_workers=0))

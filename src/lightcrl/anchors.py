@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from .encoders.base import masked_mean
-from .errors import LightCRLError
+from lightcrl.encoders.base import masked_mean
+from lightcrl.errors import LightCRLError
 
 __all__ = ["AnchorConfig", "AnchorSet", "AnchorSpace", "build_anchor_set"]
 

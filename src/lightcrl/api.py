@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .devices import autocast, resolve_device
-from .encoders import get_encoder
-from .errors import LightCRLError
-from .io import read_json
-from .model import create_model
-from .store import FeatureStore
+from lightcrl.devices import autocast, resolve_device
+from lightcrl.encoders import get_encoder
+from lightcrl.errors import LightCRLError
+from lightcrl.io import read_json
+from lightcrl.model import create_model
+from lightcrl.store import FeatureStore
 
 
 class LightCRLPipeline:
@@ -63,7 +63,7 @@ class LightCRLPipeline:
         if not untrained:
             weights = run_dir / "model.safetensors"
             if checkpoint is not None:
-                from .checkpoint import checkpoint_folder
+                from lightcrl.checkpoint import checkpoint_folder
 
                 folder = checkpoint_folder(run_dir, checkpoint)
                 if folder is None:

@@ -23,7 +23,7 @@ __all__ = ["ConVIRTAugment", "color_jitter", "horizontal_flip", "random_resized_
 def _as_rgb(item: Any) -> Image.Image:
     if isinstance(item, Image.Image):
         return item.convert("RGB")
-    from .data.media import load_image
+    from lightcrl.data.media import load_image
 
     return load_image(str(item))
 

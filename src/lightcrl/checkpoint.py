@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .errors import LightCRLError, StoreMismatch
-from .io import read_json, write_json
+from lightcrl.errors import LightCRLError, StoreMismatch
+from lightcrl.io import read_json, write_json
+from lightcrl.version import __version__
 
 CHECKPOINT_VERSION = 1
 

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.records import Record
-from .encoders import FrozenEncoder, get_encoder
-from .errors import LightCRLError, SkipItem, StoreMismatch
-from .io import write_json
-from .paths import cache_dir
-from .store import (
+from lightcrl.data.records import Record
+from lightcrl.encoders import FrozenEncoder, get_encoder
+from lightcrl.errors import LightCRLError, SkipItem, StoreMismatch
+from lightcrl.io import write_json
+from lightcrl.paths import cache_dir
+from lightcrl.store import (
     STORE_VERSION,
     FeatureStore,
     completed_shards,
@@ -109,8 +109,8 @@ _CAPTION_REASONS = frozenset({"empty_caption", "invalid_text"})
 
 def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: EmbedOptions) -> dict:
     """List the dataset and decide what the store will hold (cheap: no decoding, no model)."""
-    from .data.datasets import open_dataset
-    from .data.nli import is_nli_spec, open_nli
+    from lightcrl.data.datasets import open_dataset
+    from lightcrl.data.nli import is_nli_spec, open_nli
 
     if is_nli_spec(data_spec):  # NLI triplets: a text-only dataset of their unique sentences
         ds = open_nli(data_spec, split, limit=opts.limit, seed=opts.seed)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import LightCRLError
-from .io import write_json
+from lightcrl.errors import LightCRLError
+from lightcrl.io import write_json
 
 log = logging.getLogger(__name__)
 DEFAULT_ATOL = 1e-4
@@ -91,7 +91,7 @@ class ModalityEncoder(nn.Module):
         return m.anchors.join(z, m.anchors.embed(self.modality, _masked_mean(tokens, mask)))
 
     def _encode_tokens(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        from .model import _prepend
+        from lightcrl.model import _prepend
 
         m = self.model
         if m.dfe is None:  # two_tower baseline
@@ -156,7 +156,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, modalities: 
         import onnxruntime as ort
     except ImportError as e:
         raise LightCRLError("ONNX export needs onnx and onnxruntime: pip install 'lightcrl[export]'") from e
-    from .api import LightCRLPipeline
+    from lightcrl.api import LightCRLPipeline
 
     run_dir = Path(run_dir)
     pipe = LightCRLPipeline.from_run(run_dir, device="cpu", checkpoint=checkpoint)

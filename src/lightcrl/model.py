@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from .anchors import AnchorConfig, AnchorSpace
+from lightcrl.anchors import AnchorConfig, AnchorSpace
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
 

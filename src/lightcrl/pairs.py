@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .store import FeatureStore
+from lightcrl.store import FeatureStore
 
 
 @dataclass

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import LightCRLError, StoreMismatch
-from .io import read_json, save_npy, write_json
+from lightcrl.errors import LightCRLError, StoreMismatch
+from lightcrl.io import read_json, save_npy, write_json
 
 if TYPE_CHECKING:  # torch is imported where needed: writing and reading a store need numpy only
     import torch

@@ -9,7 +9,7 @@ then the dot product. Negative cosines carry no evidence of likeness and are cli
 
 Defaults k=800, p=8 are the paper's. :func:`tune` chooses them on held-out *training* pairs, never on test.
 
-:class:`ASIFPipeline` wraps an :class:`ASIF` with the frozen encoders so that ``lightcrl.evaluate`` tasks
+:class:`ASIFPipeline` wraps an :class:`ASIF` with the frozen encoders so that ``lightcrl.app.evaluate`` tasks
 can use it like a trained model (``encode_store``, ``encode_text``, ``encode_image``).
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LightCRLError
-from ..io import read_json, write_json
-from ..store import FeatureStore
+from lightcrl.errors import LightCRLError
+from lightcrl.io import read_json, write_json
+from lightcrl.store import FeatureStore
 
 __all__ = ["ASIF", "ASIFPipeline", "anchor_features", "anchor_pairs", "tune"]
 
@@ -93,7 +93,7 @@ def anchor_pairs(media: FeatureStore, text: FeatureStore, pairs: str = "random_c
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(media rows, text rows) of the anchor pairs of a training split: one random caption per media item
     (seeded), or every (media, caption) pair."""
-    from ..pairs import PairSet
+    from lightcrl.pairs import PairSet
 
     ps = PairSet.link("anchors", media, text)
     if len(ps) == 0:
@@ -110,7 +110,7 @@ def anchor_features(media: FeatureStore, text: FeatureStore, pairs: str = "rando
     if pairs != "mean_caption":
         mi, ti = anchor_pairs(media, text, pairs, seed)
         return media.pooled(mi), text.pooled(ti)
-    from ..pairs import PairSet
+    from lightcrl.pairs import PairSet
 
     ps = PairSet.link("anchors", media, text)
     if len(ps) == 0:
@@ -132,7 +132,7 @@ def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[fl
     value, or the values to choose from.
     """
     centers = [center] if isinstance(center, bool) else list(center)
-    from ..metrics import retrieval
+    from lightcrl.metrics import retrieval
 
     n = len(media)
     n_val = max(2, int(round(n * val_fraction)))
@@ -164,7 +164,7 @@ class ASIFPipeline:
     model = None  # no trainable model: tasks that fine-tune one do not apply
 
     def __init__(self, asif: ASIF, encoders: dict[str, str], info: dict, device: str = "auto") -> None:
-        from ..devices import resolve_device
+        from lightcrl.devices import resolve_device
 
         self.asif = asif
         self.encoder_names = dict(encoders)
@@ -174,7 +174,7 @@ class ASIFPipeline:
     @classmethod
     def build(cls, spec: dict, device: str = "auto", progress: bool = False) -> ASIFPipeline:
         """``spec``: data, split, limit, seed, media_encoder, text_encoder, pairs, k, p, center[, tune]."""
-        from ..embed import EmbedOptions, cached_store
+        from lightcrl.embed import EmbedOptions, cached_store
 
         opts = EmbedOptions(limit=spec.get("limit"), seed=spec.get("seed", 0), device=device,
                             progress=progress)
@@ -210,7 +210,7 @@ class ASIFPipeline:
         spec = {k: v for k, v in info.items() if k not in ("tune", "tuning", "anchor_stores", "n_anchors")}
         return cls.build(spec, device)
 
-    # -- the pipeline interface used by lightcrl.evaluate ---------------------------------------
+    # -- the pipeline interface used by lightcrl.app.evaluate ---------------------------------------
     def _check_store(self, store: FeatureStore) -> None:
         expected = self.encoder_names.get(store.modality)
         if store.manifest["encoder"]["name"] != expected:
@@ -222,7 +222,7 @@ class ASIFPipeline:
         return self.asif.encode_features(store.modality, store.pooled(indices))
 
     def _pooled(self, modality: str, items: Sequence[Any], batch_size: int) -> np.ndarray:
-        from ..encoders import get_encoder
+        from lightcrl.encoders import get_encoder
 
         enc = get_encoder(self.encoder_names[modality], device=self.device)
         out = [enc.encode(list(items[s : s + batch_size])).pooled.cpu().numpy()

@@ -20,9 +20,9 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import LightCRLError
-from .datasets import Dataset
-from .records import Record
+from lightcrl.data.datasets import Dataset
+from lightcrl.data.records import Record
+from lightcrl.errors import LightCRLError
 
 NLI_KINDS = ("simcse-csv", "snli", "sick-nli")
 Triplet = tuple[str, str, str]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import LightCRLError
-from .base import EncoderOutput, FrozenEncoder, masked_mean
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, masked_mean
+from lightcrl.errors import LightCRLError
 
 _NAMED: dict[str, Callable[..., FrozenEncoder]] = {}
 _PREFIXED: dict[str, Callable[..., FrozenEncoder]] = {}
@@ -27,42 +27,42 @@ def register(name: str, prefixed: bool = False):
 
 @register("efficientnet-lite0")
 def _effnet(device="auto", **kw):
-    from .image import EfficientNetLite0
+    from lightcrl.encoders.image import EfficientNetLite0
 
     return EfficientNetLite0(device=device)
 
 
 @register("minilm-l6")
 def _minilm(device="auto", **kw):
-    from .text import MiniLML6
+    from lightcrl.encoders.text import MiniLML6
 
     return MiniLML6(device=device, **kw)
 
 
 @register("hf-text", prefixed=True)
 def _hf_text(model_id, device="auto", **kw):
-    from .text import HFTextEncoder
+    from lightcrl.encoders.text import HFTextEncoder
 
     return HFTextEncoder(model_id, device=device, **kw)
 
 
 @register("hf-vision", prefixed=True)
 def _hf_vision(model_id, device="auto", **kw):
-    from .image import HFVisionEncoder
+    from lightcrl.encoders.image import HFVisionEncoder
 
     return HFVisionEncoder(model_id, device=device)
 
 
 @register("aisfx")
 def _aisfx(device="auto", **kw):
-    from .audio import AisfxEncoder
+    from lightcrl.encoders.audio import AisfxEncoder
 
     return AisfxEncoder(device=device)
 
 
 @register("hf-audio", prefixed=True)
 def _hf_audio(model_id, device="auto", **kw):
-    from .audio import HFAudioEncoder
+    from lightcrl.encoders.audio import HFAudioEncoder
 
     return HFAudioEncoder(model_id, device=device)
 

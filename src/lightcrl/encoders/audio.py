@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LightCRLError, SkipItem
-from ..paths import cache_dir
-from .base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+from lightcrl.errors import LightCRLError, SkipItem
+from lightcrl.paths import cache_dir
 
 # ------------------------------------------------------------------------------------------ waveforms
 
@@ -38,7 +38,7 @@ def load_waveform(item: Any, sample_rate: int) -> np.ndarray:
     are ``(samples,)`` or ``(channels, samples)``; they get the same silence/NaN checks as files.
     """
     if isinstance(item, (str, os.PathLike)):
-        from ..data.media import load_audio
+        from lightcrl.data.media import load_audio
 
         return load_audio(str(item), sample_rate)
     rate = sample_rate
@@ -153,7 +153,7 @@ def collate_blocks(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
-    from ..io import atomic_open
+    from lightcrl.io import atomic_open
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_open(path, "wb") as f:
@@ -360,7 +360,7 @@ class HFAudioEncoder(FrozenEncoder):
         return self._collate
 
     def identity(self) -> dict:
-        from .image import _hf_weights_identity
+        from lightcrl.encoders.image import _hf_weights_identity
 
         return {
             "encoder": self.name,

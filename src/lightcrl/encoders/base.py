@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..devices import autocast, resolve_device
-from ..paths import cache_dir
+from lightcrl.devices import autocast, resolve_device
+from lightcrl.paths import cache_dir
 
 
 @dataclass
@@ -115,7 +115,7 @@ def file_digest(paths: list[Path]) -> str:
         h.update(digest.encode())
     if changed:
         try:
-            from ..io import write_json
+            from lightcrl.io import write_json
 
             write_json(memo_path, memo)
         except OSError:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import EncoderOutput, FrozenEncoder, file_digest
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ImageTransform:
         if isinstance(item, Image.Image):
             img = item.convert("RGB")
         else:
-            from ..data.media import load_image
+            from lightcrl.data.media import load_image
 
             img = load_image(str(item))
         if self.squash:

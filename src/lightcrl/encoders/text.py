@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
-from .image import _hf_weights_identity
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+from lightcrl.encoders.image import _hf_weights_identity
 
 
 class TextCollator:
@@ -37,7 +37,7 @@ class TextCollator:
 
 
 def clean_text(text: str) -> str:
-    from ..data.media import clean_caption
+    from lightcrl.data.media import clean_caption
 
     return clean_caption(text)
 

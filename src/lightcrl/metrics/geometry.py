@@ -6,7 +6,6 @@ between the modality centroids (Liang et al. 2022). All quantities use L2-normal
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -110,23 +109,3 @@ def sample_cosines(
     j = (i + rng.integers(1, n, size=k)) % n  # uniform over j != i
     unmatched = np.einsum("ij,ij->i", a_n[i], b_n[j])
     return matched, unmatched
-
-
-def plot(a: Any, b: Any, path: str | os.PathLike, title: str | None = None, seed: int = 0) -> None:
-    """Histogram of matched vs unmatched cosine similarity, saved as a PNG at ``path``."""
-    from lightcrl.metrics.plots import new_figure, save_png
-
-    matched, unmatched = sample_cosines(a, b, seed=seed)
-    fig = new_figure(6, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    lo = float(min(matched.min(), unmatched.min()))
-    hi = float(max(matched.max(), unmatched.max()))
-    bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
-    ax.hist(unmatched, bins=bins, density=True, alpha=0.6, label=f"unmatched (n={len(unmatched)})")
-    ax.hist(matched, bins=bins, density=True, alpha=0.6, label=f"matched (n={len(matched)})")
-    ax.set_xlabel("cosine similarity")
-    ax.set_ylabel("density")
-    ax.set_title(title or "Matched vs unmatched cosine similarity")
-    ax.legend()
-    fig.tight_layout()
-    save_png(fig, path)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .io import write_json
+from lightcrl.io import write_json
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),

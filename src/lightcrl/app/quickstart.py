@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig, validate_config
-from .errors import LightCRLError
-from .io import read_json, write_json
-from .paths import cache_dir
-from .synthetic import SyntheticData, SyntheticSpec, generate
+from lightcrl.app.config import TrainConfig, validate_config
+from lightcrl.data.synthetic import SyntheticData, SyntheticSpec, generate
+from lightcrl.errors import LightCRLError
+from lightcrl.io import read_json, write_json
+from lightcrl.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _Plan:
 
 # -- planning --------------------------------------------------------------------------------------------
 def _available_splits(spec: str, candidates: tuple[str, ...]) -> list[str]:
-    from .data.datasets import open_dataset
+    from lightcrl.data.datasets import open_dataset
 
     found = []
     for s in candidates:
@@ -192,8 +192,8 @@ def _check_out(out: Path) -> None:
 
 def _embed_all(cfg: TrainConfig, plan: _Plan, device: str, progress: bool) -> dict[str, int]:
     """Build every feature store up front (through the cache) so the stage timings are separable."""
-    from .data.datasets import open_dataset
-    from .embed import EmbedOptions, cached_store
+    from lightcrl.data.datasets import open_dataset
+    from lightcrl.embed import EmbedOptions, cached_store
 
     src = cfg.data.sources[0]
     jobs = [(src.media_encoder, src.spec, src.split, src.limit),
@@ -216,7 +216,7 @@ def _embed_all(cfg: TrainConfig, plan: _Plan, device: str, progress: bool) -> di
 
 def _run_eval(target, e: _Eval, results_dir: Path, prefix: str, seed: int, device: str) -> dict:
     """One evaluation with a unique results file; its plots renamed after that file (they collide else)."""
-    from .evaluate import EvalRequest, run_eval
+    from lightcrl.app.evaluate import EvalRequest, run_eval
 
     out = results_dir / f"{prefix}{e.task}-{e.name}.json"
     res = run_eval(target, EvalRequest(e.task, e.spec, e.split, e.limit, seed, device, out, {}))
@@ -270,9 +270,9 @@ def quickstart(opts: QuickstartOptions | None = None) -> dict:
 
 
 def _quickstart(opts: QuickstartOptions) -> dict:
-    from .evaluate import EvalTarget
-    from .report import build_report
-    from .train import train
+    from lightcrl.app.evaluate import EvalTarget
+    from lightcrl.app.report import build_report
+    from lightcrl.app.train import train
 
     out = Path(opts.out)
     t_start = time.time()
@@ -356,7 +356,7 @@ def _summary(opts, plan: _Plan, cfg: TrainConfig, train_summary: dict, results: 
 
 
 def _device(name: str):
-    from .devices import resolve_device
+    from lightcrl.devices import resolve_device
 
     return resolve_device(name)
 

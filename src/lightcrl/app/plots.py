@@ -169,3 +169,25 @@ def bar_table(
     ax.margins(x=0.15)
     fig.tight_layout()
     save_png(fig, path)
+
+
+def cosine_histogram(
+    a: Any, b: Any, path: str | os.PathLike, title: str | None = None, seed: int = 0
+) -> None:
+    """Histogram of matched vs unmatched cosine similarity, saved as a PNG at ``path``."""
+    from lightcrl.metrics.geometry import sample_cosines
+
+    matched, unmatched = sample_cosines(a, b, seed=seed)
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot(1, 1, 1)
+    lo = float(min(matched.min(), unmatched.min()))
+    hi = float(max(matched.max(), unmatched.max()))
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
+    ax.hist(unmatched, bins=bins, density=True, alpha=0.6, label=f"unmatched (n={len(unmatched)})")
+    ax.hist(matched, bins=bins, density=True, alpha=0.6, label=f"matched (n={len(matched)})")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.set_title(title or "Matched vs unmatched cosine similarity")
+    ax.legend()
+    fig.tight_layout()
+    save_png(fig, path)

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LightCRLError
-from .io import read_json, save_npy, write_json, write_text
-from .paths import cache_dir
+from lightcrl.errors import LightCRLError
+from lightcrl.io import read_json, save_npy, write_json, write_text
+from lightcrl.paths import cache_dir
 
 log = logging.getLogger(__name__)
 INDEX_VERSION = 1
@@ -65,7 +65,7 @@ class SearchResult:
 
 def _list_images(folder: Path) -> dict[str, tuple[int, int]]:
     """Relative POSIX path -> (size, mtime_ns) of every image file under ``folder`` (hidden ones skipped)."""
-    from .data.datasets import IMAGE_EXTS
+    from lightcrl.data.datasets import IMAGE_EXTS
 
     found: dict[str, tuple[int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -166,7 +166,7 @@ class ImageIndex:
     # -- update --------------------------------------------------------------------------------------------
     def update(self, batch_size: int = 32, progress: bool = False) -> IndexStats:
         """Bring the index in line with the folder: embed only new or changed images."""
-        from .encoders import get_encoder
+        from lightcrl.encoders import get_encoder
 
         enc = get_encoder(self.encoder_name, device=self.device)
         if enc.modality != "image":
@@ -295,7 +295,7 @@ def search(run_dir: str | Path, images: str | Path, query: str, top: int = 8,
 
     ``threads``: torch CPU threads while indexing (None: the cores other processes leave idle).
     """
-    from .quickstart import cpu_threads
+    from lightcrl.app.quickstart import cpu_threads
 
     if not query.strip():
         raise LightCRLError("the query is empty")
@@ -304,7 +304,7 @@ def search(run_dir: str | Path, images: str | Path, query: str, top: int = 8,
 
 
 def _search(run_dir, images, query: str, top: int, out_html, device: str, progress: bool) -> SearchResult:
-    from .api import LightCRLPipeline
+    from lightcrl.api import LightCRLPipeline
 
     pipe = LightCRLPipeline.from_run(run_dir, device=device)
     index = ImageIndex(images, pipe.encoder_names.get("image") or _no_image(run_dir), device=device)

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .api import LightCRLPipeline
-from .embed import EmbedOptions, cached_store
-from .encoders import get_encoder
-from .errors import LightCRLError
-from .io import write_json
-from .store import FeatureStore
+from lightcrl.api import LightCRLPipeline
+from lightcrl.embed import EmbedOptions, cached_store
+from lightcrl.encoders import get_encoder
+from lightcrl.errors import LightCRLError
+from lightcrl.io import write_json
+from lightcrl.store import FeatureStore
+from lightcrl.version import __version__
 
 log = logging.getLogger(__name__)
 TASKS = ("zeroshot", "retrieval", "linear_probe", "finetune", "geometry", "sts")
@@ -59,9 +59,9 @@ class EvalTarget:
             if untrained:
                 raise LightCRLError(f"--untrained applies to DFE runs, not to a {baseline} baseline")
             if baseline == "asif":
-                from .baselines.asif import ASIFPipeline as Pipe
+                from lightcrl.baselines.asif import ASIFPipeline as Pipe
             else:
-                from .baselines.convirt import ConVIRTPipeline as Pipe
+                from lightcrl.baselines.convirt import ConVIRTPipeline as Pipe
             pipe = Pipe.from_run(run_dir, device=device)
             ident = {
                 "kind": baseline,
@@ -107,7 +107,7 @@ def raw_pooled(store: FeatureStore) -> np.ndarray:
 
 
 def _baseline_kind(run_dir: Path) -> str | None:
-    from .io import read_json
+    from lightcrl.io import read_json
 
     path = run_dir / "model.json"
     if not path.exists():
@@ -138,17 +138,18 @@ def _store(
 
 
 def _media_modality(spec: str) -> str:
-    from .data.datasets import open_dataset  # listing only (cheap)
+    from lightcrl.data.datasets import open_dataset  # listing only (cheap)
 
     return open_dataset(spec, None).media if ":" in spec else "image"
 
 
 # -- tasks ------------------------------------------------------------------------------------------
 def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
-    from .metrics import plots, zeroshot
+    from lightcrl.app import plots
+    from lightcrl.metrics import zeroshot
 
     t.require_shared_space("zeroshot")
-    from .data.datasets import open_dataset
+    from lightcrl.data.datasets import open_dataset
 
     media = open_dataset(r.data, r.split).media
     store = _store(t, media, r.data, r.split, r.limit, r.seed, r.device)
@@ -172,7 +173,7 @@ def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
 
 
 def task_retrieval(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
-    from .metrics import retrieval
+    from lightcrl.metrics import retrieval
 
     t.require_shared_space("retrieval")
     media_emb, text_emb, text_to_media, (ms, ts) = _pair_embeddings(t, r)
@@ -184,7 +185,7 @@ def task_retrieval(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict
 
 
 def _pair_embeddings(t: EvalTarget, r: EvalRequest):
-    from .data.datasets import open_dataset
+    from lightcrl.data.datasets import open_dataset
 
     media = open_dataset(r.data, r.split).media
     ms = _store(t, media, r.data, r.split, r.limit, r.seed, r.device)
@@ -214,7 +215,7 @@ class StoreSource:
 
 
 def _labelled_stores(t: EvalTarget, r: EvalRequest):
-    from .data.datasets import open_dataset
+    from lightcrl.data.datasets import open_dataset
 
     media = open_dataset(r.data, r.split).media
     train_split = r.options.get("train_split") or "train"
@@ -224,7 +225,7 @@ def _labelled_stores(t: EvalTarget, r: EvalRequest):
 
 
 def task_linear_probe(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
-    from .metrics import linear_probe
+    from lightcrl.metrics import linear_probe
 
     train, test, _ = _labelled_stores(t, r)
     mode = r.options.get("probe_mode", "logreg")
@@ -244,8 +245,8 @@ def _raw_reference(train: FeatureStore, test: FeatureStore, mode: str, seed: int
     import hashlib
     import json
 
-    from .io import read_json
-    from .metrics import linear_probe
+    from lightcrl.io import read_json
+    from lightcrl.metrics import linear_probe
 
     key = json.dumps([train.fingerprint, test.fingerprint, mode, seed, kw])
     path = test.dir / f"probe-reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -262,7 +263,7 @@ def _raw_reference(train: FeatureStore, test: FeatureStore, mode: str, seed: int
 
 
 def task_finetune(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
-    from .metrics import finetune, linear_probe
+    from lightcrl.metrics import finetune, linear_probe
 
     t.require_shared_space("finetune")
     if not hasattr(getattr(t.pipeline, "model", None), "encode"):
@@ -294,19 +295,20 @@ def task_finetune(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
 
 
 def task_geometry(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
-    from .metrics import geometry
+    from lightcrl.app import plots
+    from lightcrl.metrics import geometry
 
     t.require_shared_space("geometry")
     media_emb, text_emb, text_to_media, _ = _pair_embeddings(t, r)
     a, b = media_emb[text_to_media], text_emb
     m = geometry.evaluate(a, b, seed=r.seed)
     png = plots_dir / f"{r.options.get('_stem', _slug(r))}-geometry.png"
-    geometry.plot(a, b, png, title=f"matched vs unmatched cosine, {r.data}")
+    plots.cosine_histogram(a, b, png, title=f"matched vs unmatched cosine, {r.data}")
     return m, [png]
 
 
 def _load_sts(spec: str, split: str | None):
-    from .metrics import sts
+    from lightcrl.metrics import sts
 
     kind, _, path = spec.partition(":")
     if kind in ("stsb", "stsbenchmark"):
@@ -320,7 +322,7 @@ def _load_sts(spec: str, split: str | None):
 
 
 def task_sts(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
-    from .metrics import sts
+    from lightcrl.metrics import sts
 
     subsets = _load_sts(r.data, r.split)
     if r.limit:

@@ -13,36 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import LightCRLError
+from lightcrl.data.sources import NliSource, PairSource
+from lightcrl.errors import LightCRLError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class PairSource(_Strict):
-    """One paired dataset: media (image or audio) + captions, each embedded by its frozen encoder."""
-
-    spec: str
-    split: str = "train"
-    val_split: str | None = None  # a held-out split of the same dataset for validation/model selection
-    media_encoder: str = "efficientnet-lite0"
-    text_encoder: str = "minilm-l6"
-    limit: int | None = None  # seeded sample of N media items (all their captions kept)
-    val_limit: int | None = None
-    # classification datasets become pairs through captions made from class names and templates
-    captions: Literal["dataset", "templates"] = "dataset"
-    weight: float = 1.0  # share of training steps relative to the source's size
-
-
-class NliSource(_Strict):
-    """NLI triplets for supervised SimCSE (loss ``simcse_sup``): simcse-csv:, snli: or sick-nli: spec."""
-
-    spec: str
-    split: str | None = None
-    limit: int | None = None  # seeded sample of N triplets
-    text_encoder: str | None = None  # default: the first source's text encoder
-    batch_size: int | None = None  # default: optim.batch_size
 
 
 class DataConfig(_Strict):
@@ -100,7 +76,7 @@ class TrainConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _check_model(cls, v):
-        from .model import ModelConfig
+        from lightcrl.model import ModelConfig
 
         return ModelConfig(**v).model_dump()
 

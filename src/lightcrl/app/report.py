@@ -474,7 +474,7 @@ def _best(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, Any, Any]:
 
 
 def _training_blocks(run: _Run, files_dir: Path) -> list[_Block]:
-    from lightcrl.metrics import plots
+    from lightcrl.app import plots
 
     blocks = [_Block("h2", "Training curves")]
     if not run.rows:
@@ -525,7 +525,7 @@ def _plot_path(run: _Run, rel: str) -> Path | None:
 
 
 def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
-    from lightcrl.metrics import plots
+    from lightcrl.app import plots
 
     blocks = [_Block("h2", "Results")]
     if not run.results:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import LightCRLError
+from lightcrl.errors import LightCRLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lightweight cross-modal representation learning on frozen encoders.")
@@ -54,9 +54,9 @@ def embed(
     overwrite: bool = typer.Option(False, help="Re-extract if OUT holds a store of other inputs"),
 ):
     """Extract frozen-encoder features of a dataset split into a feature store (resumable)."""
-    from . import distributed as dist
-    from .embed import EmbedOptions
-    from .embed import embed as run_embed
+    from lightcrl import distributed as dist
+    from lightcrl.embed import EmbedOptions
+    from lightcrl.embed import embed as run_embed
 
     rank, world, _, dev = dist.init_distributed()
     opts = EmbedOptions(batch_size=batch_size, shard_size=shard_size, num_workers=workers, strict=strict,
@@ -80,8 +80,8 @@ def train(
     overwrite: bool = typer.Option(False, help="Start over in OUT instead of resuming"),
 ):
     """Train a DFE (or baseline heads) on cached features; resumes OUT if it holds a run."""
-    from .config import load_config
-    from .train import train as run_train
+    from lightcrl.app.config import load_config
+    from lightcrl.app.train import train as run_train
 
     cfg = load_config(config, set_)
     summary = run_train(cfg, out, overwrite=overwrite)
@@ -110,7 +110,7 @@ def eval_(
     audio_encoder: str = typer.Option("aisfx", help="--run raw: audio encoder"),
 ):
     """Evaluate a run (or its untrained twin, or raw encoders) on one task; writes a results JSON."""
-    from .evaluate import EvalRequest, EvalTarget, headline, run_eval
+    from lightcrl.app.evaluate import EvalRequest, EvalTarget, headline, run_eval
 
     opts = {"probe_mode": probe_mode, "train_split": train_split, "train_limit": train_limit,
             "epochs": epochs}
@@ -129,7 +129,7 @@ def eval_(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Gather a run's curves and results files into report.md and a self-contained report.html."""
-    from .report import build_report
+    from lightcrl.app.report import build_report
 
     md, html = build_report(run_dir)
     typer.echo(f"report: {html}\nmarkdown: {md}")
@@ -163,8 +163,8 @@ def quickstart(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: the cores left idle by others)"),
 ):
     """Run the whole pipeline (data, embed, train, zero-shot + retrieval eval, report) in minutes."""
-    from .quickstart import QuickstartOptions, headline_lines
-    from .quickstart import quickstart as run_quickstart
+    from lightcrl.app.quickstart import QuickstartOptions, headline_lines
+    from lightcrl.app.quickstart import quickstart as run_quickstart
 
     opts = QuickstartOptions(out=out, data=data, zeroshot=zeroshot, limit=limit, eval_limit=eval_limit,
                              epochs=epochs, device=device, seed=seed, threads=threads)
@@ -184,8 +184,8 @@ def search(
     device: str = typer.Option("auto"),
 ):
     """Find the images of a folder that best match a text query; writes an HTML gallery."""
-    from .search import default_html
-    from .search import search as run_search
+    from lightcrl.app.search import default_html
+    from lightcrl.app.search import search as run_search
 
     res = run_search(run, images, query, top=top, out_html=out or default_html(run, query), device=device,
                      progress=True)
@@ -209,7 +209,7 @@ def export(
     atol: float = typer.Option(1e-4, help="Largest accepted |ONNX - PyTorch| difference"),
 ):
     """Export the trainable part (projection + DFE per modality) and check it against PyTorch."""
-    from .export import export_onnx
+    from lightcrl.export import export_onnx
 
     if format.lower() != "onnx":
         raise LightCRLError(f"unknown export format {format!r}: only onnx is supported")
@@ -232,7 +232,7 @@ def experiment(
     """Run a grid of trainings and baselines with every evaluation (resumable); writes a results table."""
     import shlex
 
-    from .experiment import cell_status, load_experiment, run_experiment
+    from lightcrl.app.experiment import cell_status, load_experiment, run_experiment
 
     if list_cells:
         exp = load_experiment(config)

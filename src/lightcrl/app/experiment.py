@@ -11,7 +11,7 @@ An experiment YAML (see ``configs/experiments/``) names
 * ``baselines``: more cells: ``kind: train`` (a training run with overrides, e.g. two-tower heads),
   ``kind: asif`` (training-free, anchors from the base config's training pairs) and ``kind: convirt``
   (end-to-end, raw images);
-* ``evals``: the evaluation tasks of :mod:`lightcrl.evaluate` with per-eval ``limit``/``options`` and the
+* ``evals``: the evaluation tasks of :mod:`lightcrl.app.evaluate` with per-eval ``limit``/``options`` and the
   metrics shown in the table.
 
 Every cell lives in ``OUT/cells/<cell>/`` (a normal run directory plus ``results/<eval>.json`` and
@@ -43,10 +43,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import TrainConfig, validate_config
-from .errors import LightCRLError
-from .evaluate import TASKS, EvalRequest, EvalTarget, run_eval
-from .io import read_json, write_json, write_text
+from lightcrl.app.config import TrainConfig, validate_config
+from lightcrl.app.evaluate import TASKS, EvalRequest, EvalTarget, run_eval
+from lightcrl.errors import LightCRLError
+from lightcrl.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 def _expand_data_root(obj: Any) -> Any:
     """``{data}`` in any string -> the shared data folder (``$LIGHTCRL_DATA`` or ``../shared/data``)."""
-    from .paths import data_root
+    from lightcrl.paths import data_root
 
     if isinstance(obj, str):
         return obj.replace("{data}", str(data_root())) if "{data}" in obj else obj
@@ -363,7 +363,7 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -
             "tune": b.tune.model_dump() if b.tune else None,
         }
         return Cell(b.name, "asif", spec)
-    from .baselines.convirt import load_config as load_convirt
+    from lightcrl.baselines.convirt import load_config as load_convirt
 
     raw = _expand_data_root(_read_yaml(root / b.config)) if isinstance(b.config, str) else dict(b.config)
     raw.setdefault("data", train_cfg.data.sources[0].model_dump())
@@ -422,11 +422,12 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
     """Train (or set up) the cell's model in ``cell_dir``; a finished one is left as it is."""
     if cell.kind == "train":
         if not (cell_dir / "train_summary.json").exists():
-            from .train import train
+            from lightcrl.app.train import train
 
             train(validate_config(cell.spec, source=f"cell {cell.name}"), cell_dir)
     elif cell.kind == "convirt":
-        from .baselines.convirt import load_config, train_convirt
+        from lightcrl.app.train_convirt import train_convirt
+        from lightcrl.baselines.convirt import load_config
 
         train_convirt(load_config(cell.spec), cell_dir)
     elif cell.kind == "raw":
@@ -435,7 +436,7 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
                                                  "parameter_counts": {"total_trainable": 0}})
             write_json(cell_dir / "train_summary.json", {"train_time_s": 0.0})
     elif not (cell_dir / "model.json").exists():  # asif: no training, only the anchors
-        from .baselines.asif import ASIFPipeline
+        from lightcrl.baselines.asif import ASIFPipeline
 
         t0 = time.time()
         pipe = ASIFPipeline.build(cell.spec, device)
@@ -457,11 +458,11 @@ def _target(cell: Cell, cell_dir: Path, device: str) -> EvalTarget:
     if cell.kind == "raw":
         return EvalTarget.resolve("raw", device=device, **cell.spec)
     if cell.kind == "asif":
-        from .baselines.asif import ASIFPipeline
+        from lightcrl.baselines.asif import ASIFPipeline
 
         pipe: Any = ASIFPipeline.from_run(cell_dir, device)
     else:
-        from .baselines.convirt import ConVIRTPipeline
+        from lightcrl.baselines.convirt import ConVIRTPipeline
 
         pipe = ConVIRTPipeline.from_run(cell_dir, device)
     params = pipe.info.get("parameter_counts", {}).get("total_trainable")
@@ -636,7 +637,7 @@ def _plot_metrics(exp: Experiment) -> list[tuple[str, str]]:
 
 def write_plots(exp: Experiment, rows: list[dict[str, Any]], plot_dir: Path) -> list[Path]:
     """One horizontal bar chart per headline column across cells (cells without the value left out)."""
-    from .metrics import plots
+    from lightcrl.app import plots
 
     written = []
     for col, title in _plot_metrics(exp):

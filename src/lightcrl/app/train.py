@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from . import distributed as dist
-from .anchors import build_anchor_set
-from .checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
-from .config import TrainConfig, dump_config
-from .devices import autocast, resolve_device
-from .embed import EmbedOptions, cached_store
-from .encoders.base import masked_mean
-from .errors import LightCRLError
-from .io import write_json, write_text
-from .losses import ClipLoss, build_loss
-from .model import ModelConfig, create_model
-from .pairs import PairSet, epoch_batches, rank_slice
+from lightcrl import distributed as dist
+from lightcrl.anchors import build_anchor_set
+from lightcrl.app.config import TrainConfig, dump_config
+from lightcrl.checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
+from lightcrl.devices import autocast, resolve_device
+from lightcrl.embed import EmbedOptions, cached_store
+from lightcrl.encoders.base import masked_mean
+from lightcrl.errors import LightCRLError
+from lightcrl.io import write_json, write_text
+from lightcrl.losses import ClipLoss, build_loss
+from lightcrl.model import ModelConfig, create_model
+from lightcrl.pairs import PairSet, epoch_batches, rank_slice
+from lightcrl.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def embed_store(model, store, modality: str, input_mode: str, device, batch_size
 
 @torch.no_grad()
 def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> dict[str, float]:
-    from .metrics import retrieval
+    from lightcrl.metrics import retrieval
 
     raw = model.module if hasattr(model, "module") else model
     metrics: dict[str, float] = {}
@@ -242,7 +242,7 @@ class Trainer:
             self._prepare_run_dir(overwrite)
 
     def _prepare_nli(self):
-        from .data.nli import open_nli, triplet_index
+        from lightcrl.data.nli import open_nli, triplet_index
 
         src = self.cfg.data.nli
         if src is None:
@@ -417,7 +417,7 @@ class Trainer:
         if not self.is_main:
             return
         folder = checkpoint_folder(self.run_dir, tag)
-        from .io import atomic_open
+        from lightcrl.io import atomic_open
 
         with (
             open(folder / "model.safetensors", "rb") as src,
