@@ -96,13 +96,13 @@ def test_train_produces_a_loadable_run_that_learns(tmp_path, pairs_csv):
     assert val[0][0] == 0 and max(v for _, v in val[1:]) > val[0][1]  # better than untrained
     # the published model reproduces the trainer's validation embeddings
     import lightcrl
-    from lightcrl.app.train import embed_store
     from lightcrl.embed import EmbedOptions, cached_store
 
     model = lightcrl.load(run)
     store = cached_store("toy-image", pairs_csv, "all", EmbedOptions(num_workers=0))
     a = model.encode_store(store)
-    b = embed_store(model.model, store, "image", "tokens", torch.device("cpu"))
+    with torch.no_grad():  # the same items straight through the model's forward, in one batch
+        b = model.model.eval().encode("image", *store.batch(np.arange(len(store)))).numpy()
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert model.info["parameter_counts"]["total_trainable"] == sum(
         p.numel() for p in model.model.parameters() if p.requires_grad
@@ -224,9 +224,31 @@ def test_lightcrl_frozen_targets_train(tmp_path, pairs_csv):
     assert entropies and all(math.isfinite(e) for e in entropies)
 
 
-def test_simcse_sup_without_nli_data_is_a_clear_error(tmp_path, pairs_csv):
+def _nli_csv(tmp_path):
+    nli = tmp_path / "nli.csv"
+    nli.write_text("sent0,sent1,hard_neg\n" + "".join(
+        f"a {c} thing {i},the {c} object {i},no {c} at all {i}\n" for i in range(6) for c in ("red", "blue")))
+    return nli
+
+
+@pytest.mark.parametrize("name", ["supsimcse", "simcse_sup@nli", "simcse@views"])
+def test_the_trainer_asks_the_loss_what_it_needs(tmp_path, pairs_csv, name):
+    """Registered aliases and tagged names get their data: the trainer never matches loss-name strings
+    (``supsimcse`` used to get no NLI triplets and fail at the first step)."""
+    cfg = toy_config(pairs_csv, **{"optim.epochs": 1})
+    cfg["data"]["nli"] = {"spec": f"simcse-csv:{_nli_csv(tmp_path)}", "batch_size": 4}
+    cfg["loss"] = {"clip": 1.0, name: 0.5}
+    cfg["model"]["dropout"] = 0.1
+    train(validate_config(cfg), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    values = [r[f"train/{name}/loss"] for r in rows if f"train/{name}/loss" in r]
+    assert values and all(math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.parametrize("name", ["simcse_sup", "supsimcse"])
+def test_simcse_sup_without_nli_data_is_a_clear_error(tmp_path, pairs_csv, name):
     cfg = toy_config(pairs_csv)
-    cfg["loss"] = {"clip": 1.0, "simcse_sup": 1.0}
+    cfg["loss"] = {"clip": 1.0, name: 1.0}
     with pytest.raises(LightCRLError, match="data.nli"):
         Trainer(validate_config(cfg), tmp_path / "run")
 

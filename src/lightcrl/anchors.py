@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from lightcrl.encoders.base import masked_mean
 from lightcrl.errors import LightCRLError
 
 __all__ = ["AnchorConfig", "AnchorSet", "AnchorSpace", "build_anchor_set"]
@@ -176,11 +175,11 @@ def build_anchor_set(
     media_anchor = np.full(len(pairs.media), -1, np.int64)
     media_anchor[media_rows] = np.arange(len(media_rows))
 
-    def pooled(store, rows, max_tokens=None) -> np.ndarray:
+    def pooled(store, rows) -> np.ndarray:
         out = []
         for s in range(0, len(rows), batch_size):
-            x, m = pairs.features(store, rows[s : s + batch_size], max_tokens)
-            out.append(masked_mean(x.float(), m).numpy())
+            x, m = pairs.adapter.from_store(store, rows[s : s + batch_size])
+            out.append(pairs.adapter.frozen_pooled(x, m).numpy())
         return np.concatenate(out).astype(np.float32)
 
     media_keys = pooled(pairs.media, media_rows)
@@ -188,7 +187,7 @@ def build_anchor_set(
     cap_anchor, cap_rows = media_anchor[pairs.media_index[keep]], pairs.text_index[keep]
     order = np.argsort(cap_rows)  # read the text store in order: fewer page faults on the memmap
     cap_anchor, cap_rows = cap_anchor[order], cap_rows[order]
-    text_feat = pooled(pairs.text, cap_rows, pairs.max_text_tokens)
+    text_feat = pooled(pairs.text, cap_rows)
     # normalise each caption first, so a long caption with a large pooled norm does not dominate the mean
     text_feat /= np.linalg.norm(text_feat, axis=1, keepdims=True).clip(1e-12)
     text_keys = np.zeros((len(media_rows), text_feat.shape[1]), np.float32)

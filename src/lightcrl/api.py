@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from lightcrl.devices import autocast, resolve_device
 from lightcrl.encoders import get_encoder
 from lightcrl.errors import LightCRLError
+from lightcrl.features import FeatureAdapter
 from lightcrl.io import read_json
 from lightcrl.model import create_model
 from lightcrl.store import FeatureStore
@@ -35,8 +36,7 @@ class LightCRLPipeline:
         self.info = info
         self.run_dir = run_dir
         self.encoder_names: dict[str, str] = dict(info["encoders"])
-        self.input = info.get("input", "tokens")
-        self.max_text_tokens = info.get("max_text_tokens")
+        self.adapter = FeatureAdapter.from_info(info)
         self._encoders: dict[str, Any] = {}
 
     # -- construction ---------------------------------------------------------------------------
@@ -89,40 +89,25 @@ class LightCRLPipeline:
         return self._encoders[modality]
 
     # -- features -> embeddings -----------------------------------------------------------------
+    @property
+    def logit_scale(self) -> float:
+        """The trained temperature's scale (exp of the clamped log-scale), as the losses used it."""
+        return float(self.model.get_logit_scale())
+
     @torch.no_grad()
-    def encode_features(
-        self, modality: str, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if self.input == "pooled":
-            if pooled is None:
-                m = mask.unsqueeze(-1).float()
-                pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
-            tokens, mask = pooled.unsqueeze(1), torch.ones(pooled.shape[0], 1, dtype=torch.bool)
-        elif modality == "text" and self.max_text_tokens:
-            tokens, mask = tokens[:, : self.max_text_tokens], mask[:, : self.max_text_tokens]
-        with autocast(self.device):
-            return self.model.encode(modality, tokens.to(self.device).float(), mask.to(self.device)).float()
+    def encode_features(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Model inputs (see :class:`lightcrl.features.FeatureAdapter`) -> embeddings [B, d] on the CPU."""
+        return encode_inputs(self.model, modality, tokens, mask, self.device)
 
     def encode_store(self, store: FeatureStore, batch_size: int = 512, indices=None) -> np.ndarray:
         """Embeddings [N, d] of (some) items of a feature store made with this model's encoder."""
-        modality = store.modality
-        expected = self.encoder_names.get(modality)
+        expected = self.encoder_names.get(store.modality)
         if store.manifest["encoder"]["name"] != expected:
             raise LightCRLError(
                 f"store {store.dir} was made with {store.manifest['encoder']['name']}, "
                 f"this model expects {expected}"
             )
-        idx_all = np.arange(len(store)) if indices is None else np.asarray(indices)
-        out = []
-        for s in range(0, len(idx_all), batch_size):
-            idx = idx_all[s : s + batch_size]
-            if self.input == "pooled":
-                p = torch.from_numpy(store.pooled(idx)).float()
-                out.append(self.encode_features(modality, None, None, pooled=p).cpu())
-            else:
-                tok, mask = store.batch(idx, self.max_text_tokens if modality == "text" else None)
-                out.append(self.encode_features(modality, tok, mask).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.model.embed_dim), np.float32)
+        return encode_store(self.model, self.adapter, store, self.device, batch_size, indices)
 
     # -- raw inputs -----------------------------------------------------------------------------
     def _encode_raw(
@@ -139,9 +124,8 @@ class LightCRLPipeline:
             if raw:
                 outs.append(torch.nn.functional.normalize(o.pooled.float(), dim=-1).cpu())
             else:
-                outs.append(
-                    self.encode_features(modality, o.tokens.cpu(), o.mask.cpu(), o.pooled.cpu()).cpu()
-                )
+                tokens, mask = self.adapter.from_encoder(modality, o.tokens, o.mask, o.pooled)
+                outs.append(self.encode_features(modality, tokens, mask))
         return torch.cat(outs).numpy()
 
     def encode_text(
@@ -182,11 +166,33 @@ class LightCRLPipeline:
         """Class probabilities [N, C] (softmax of scaled cosine similarities)."""
         cls = self.class_embeddings(classnames, templates)
         emb = self._encode_raw(modality, list(images), 64, True)
-        scale = float(self.model.get_logit_scale()) if hasattr(self.model, "get_logit_scale") else 100.0
-        logits = scale * emb @ cls.T
+        logits = self.logit_scale * emb @ cls.T
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True)
+
+
+@torch.no_grad()
+def encode_inputs(model: torch.nn.Module, modality: str, tokens: torch.Tensor, mask: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """One batch of model inputs through ``model.encode`` in eval mode -> float32 embeddings on the CPU."""
+    model.eval()
+    with autocast(device):
+        return model.encode(modality, tokens.to(device).float(), mask.to(device)).float().cpu()
+
+
+def encode_store(model: torch.nn.Module, adapter: FeatureAdapter, store: FeatureStore, device: torch.device,
+                 batch_size: int = 512, indices=None) -> np.ndarray:
+    """Every (or the given) item of a feature store through the trainable model: [N, d] float32, unit norm.
+
+    The one loop over a store that evaluation, validation during training and search share.
+    """
+    idx_all = np.arange(len(store)) if indices is None else np.asarray(indices)
+    out = []
+    for s in range(0, len(idx_all), batch_size):
+        tokens, mask = adapter.from_store(store, idx_all[s : s + batch_size])
+        out.append(encode_inputs(model, store.modality, tokens, mask, device))
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
 
 
 def load(run_dir: str | Path, device: str = "auto", checkpoint: str | None = None) -> LightCRLPipeline:

@@ -302,8 +302,10 @@ class CombinedLoss(nn.Module):
         return any(getattr(loss, "wants_frozen", False) for loss in self.losses.values())
 
     def required_inputs(self) -> set[str]:
-        """Which of ``"pair"``, ``"text_views"``, ``"nli"`` a call must provide."""
-        return {loss.inputs for loss in self.losses.values()}
+        """What a call must provide: ``"pair"``, ``"text_views"``, ``"nli"``, and ``"frozen"`` (the frozen
+        encoders' pooled features). The trainer prepares exactly this, never guessing from loss names."""
+        needed = {loss.inputs for loss in self.losses.values()}
+        return needed | ({"frozen"} if self.wants_frozen() else set())
 
     def forward(
         self,

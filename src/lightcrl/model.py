@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from lightcrl.anchors import AnchorConfig, AnchorSpace
+from lightcrl.features import masked_mean
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
 
@@ -107,12 +108,6 @@ class ContextAttention(nn.Module):
         weights = scores.softmax(dim=-1) * mask.any(dim=-1, keepdim=True)
         # Residual on the query so the token keeps the modality identity even for an empty input.
         return query + torch.einsum("bt,btw->bw", weights, self.value(tokens))
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over real tokens of x [B, T, W]; rows without any real token give zeros."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
 def _count(params: Any) -> int:
@@ -216,11 +211,11 @@ class LightCRLModel(nn.Module):
         z = self._encode_tokens(modality, tokens, mask)
         if self.anchors is None:
             return z
-        return self.anchors.join(z, self.anchors.embed(modality, _masked_mean(tokens, mask), exclude))
+        return self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude))
 
     def _encode_tokens(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
         if self.dfe is None:  # two_tower
-            return F.normalize(self.projections[modality](_masked_mean(tokens, mask)), dim=-1)
+            return F.normalize(self.projections[modality](masked_mean(tokens, mask)), dim=-1)
 
         x = self.projections[modality](tokens)
         x, mask = self._fuse(modality, x, mask)
@@ -230,7 +225,7 @@ class LightCRLModel(nn.Module):
         # padding instead; its pooled output is zero (mean) or the CLS token, either way finite.
         key_padding = ~mask & mask.any(dim=1, keepdim=True)
         x = self.dfe(x, src_key_padding_mask=key_padding)
-        pooled = x[:, 0] if self.cfg.pool == "cls" else _masked_mean(x, mask)
+        pooled = x[:, 0] if self.cfg.pool == "cls" else masked_mean(x, mask)
         return F.normalize(pooled, dim=-1)
 
     def forward(

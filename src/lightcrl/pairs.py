@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightcrl.features import FeatureAdapter
 from lightcrl.store import FeatureStore
 
 
@@ -22,8 +23,7 @@ class PairSet:
     text: FeatureStore
     media_index: np.ndarray  # [n_pairs] index into media store
     text_index: np.ndarray  # [n_pairs] index into text store
-    input: str = "tokens"  # or "pooled"
-    max_text_tokens: int | None = None
+    adapter: FeatureAdapter = FeatureAdapter()  # what the model sees of each item
 
     @classmethod
     def link(cls, name: str, media: FeatureStore, text: FeatureStore, **kw) -> PairSet:
@@ -58,15 +58,9 @@ class PairSet:
         pick = order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
         return pick[rng.permutation(len(pick))]
 
-    def features(self, store: FeatureStore, idx: np.ndarray, max_tokens=None):
-        if self.input == "pooled":
-            x = torch.from_numpy(store.pooled(idx)).float().unsqueeze(1)
-            return x, torch.ones(x.shape[:2], dtype=torch.bool)
-        return store.batch(idx, max_tokens)
-
     def batch(self, pair_idx: np.ndarray, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        m = self.features(self.media, self.media_index[pair_idx])
-        t = self.features(self.text, self.text_index[pair_idx], self.max_text_tokens)
+        m = self.adapter.from_store(self.media, self.media_index[pair_idx])
+        t = self.adapter.from_store(self.text, self.text_index[pair_idx])
         return {
             self.media_modality: (m[0].to(device, non_blocking=True), m[1].to(device)),
             "text": (t[0].to(device, non_blocking=True), t[1].to(device)),

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from lightcrl.api import LightCRLPipeline
 from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.encoders import get_encoder
 from lightcrl.errors import LightCRLError
+from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json
 from lightcrl.store import FeatureStore
 from lightcrl.version import __version__
@@ -198,20 +198,17 @@ def _pair_embeddings(t: EvalTarget, r: EvalRequest):
 
 
 class StoreSource:
-    """A labelled feature store as the FeatureSource that fine-tuning reads."""
+    """A labelled feature store as the FeatureSource that fine-tuning reads, in the run's input mode."""
 
-    def __init__(self, store: FeatureStore, input_mode: str = "tokens"):
-        self.store, self.input_mode = store, input_mode
+    def __init__(self, store: FeatureStore, adapter: FeatureAdapter):
+        self.store, self.adapter = store, adapter
         self.labels = store.items.labels
 
     def __len__(self):
         return len(self.store)
 
     def batch(self, indices):
-        if self.input_mode == "pooled":
-            x = torch.from_numpy(self.store.pooled(indices)).float().unsqueeze(1)
-            return x, torch.ones(x.shape[:2], dtype=torch.bool)
-        return self.store.batch(indices)
+        return self.adapter.from_store(self.store, indices)
 
 
 def _labelled_stores(t: EvalTarget, r: EvalRequest):
@@ -281,7 +278,7 @@ def task_finetune(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
         device=dev,
         lr=float(r.options.get("lr") or 1e-3),
     )
-    src_train, src_test = StoreSource(train, t.pipeline.input), StoreSource(test, t.pipeline.input)
+    src_train, src_test = StoreSource(train, t.pipeline.adapter), StoreSource(test, t.pipeline.adapter)
     full = finetune.evaluate(t.pipeline.model, media, src_train, src_test, **common)
     head = finetune.evaluate(t.pipeline.model, media, src_train, src_test, freeze_encoder=True, **common)
     probe = linear_probe.evaluate(

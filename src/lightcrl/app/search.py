@@ -279,7 +279,8 @@ def image_embeddings(pipe, index: ImageIndex, batch_size: int = 256) -> np.ndarr
     out = []
     for s in range(0, len(index), batch_size):
         tok, mask, pooled = index.batch(np.arange(s, min(s + batch_size, len(index))))
-        out.append(pipe.encode_features("image", tok, mask, pooled).cpu().numpy())
+        inputs = pipe.adapter.from_encoder("image", tok, mask, pooled)
+        out.append(pipe.encode_features("image", *inputs).numpy())
     emb = np.concatenate(out) if out else np.zeros((0, pipe.model.embed_dim), np.float32)
     if path is not None:
         for old in index.dir.glob(f"emb-{key}-*.npy"):

@@ -21,12 +21,13 @@ import torch
 
 from lightcrl import distributed as dist
 from lightcrl.anchors import build_anchor_set
+from lightcrl.api import encode_store
 from lightcrl.app.config import TrainConfig, dump_config
 from lightcrl.checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
 from lightcrl.devices import autocast, resolve_device
 from lightcrl.embed import EmbedOptions, cached_store
-from lightcrl.encoders.base import masked_mean
 from lightcrl.errors import LightCRLError
+from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json, write_text
 from lightcrl.losses import ClipLoss, build_loss
 from lightcrl.model import ModelConfig, create_model
@@ -56,12 +57,15 @@ def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int 
         media = _store(src.media_encoder, src.spec, split, opts, rank, world)
         text = _text_store(src, split, opts, rank, world)
         name = f"{src.spec.split(':', 1)[0]}{i}" if len(cfg.data.sources) > 1 else src.spec.split(":", 1)[0]
-        sets.append(
-            PairSet.link(name, media, text, input=cfg.data.input, max_text_tokens=cfg.data.max_text_tokens)
-        )
+        sets.append(PairSet.link(name, media, text, adapter=feature_adapter(cfg)))
         if len(sets[-1]) == 0:
             raise LightCRLError(f"no (media, caption) pairs in {src.spec} split {split}")
     return sets
+
+
+def feature_adapter(cfg: TrainConfig) -> FeatureAdapter:
+    """What the model sees of each stored item (recorded in model.json, so every reader agrees)."""
+    return FeatureAdapter(cfg.data.input, cfg.data.max_text_tokens)
 
 
 def _store(encoder, spec, split, opts, rank, world):
@@ -115,23 +119,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 # -- evaluation during training ------------------------------------------------------------------------
 @torch.no_grad()
-def embed_store(model, store, modality: str, input_mode: str, device, batch_size=512, max_tokens=None):
-    """Run every item of a store through the trainable model: [N, d] normalised float32."""
-    model.eval()
-    outs = []
-    for s in range(0, len(store), batch_size):
-        idx = np.arange(s, min(s + batch_size, len(store)))
-        if input_mode == "pooled":
-            x = torch.from_numpy(store.pooled(idx)).float().unsqueeze(1)
-            m = torch.ones(x.shape[:2], dtype=torch.bool)
-        else:
-            x, m = store.batch(idx, max_tokens)
-        with autocast(device):
-            outs.append(model.encode(modality, x.to(device), m.to(device)).float().cpu())
-    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
-
-
-@torch.no_grad()
 def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> dict[str, float]:
     from lightcrl.metrics import retrieval
 
@@ -140,9 +127,8 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
     losses, r1s = [], []
     clip = ClipLoss(gather=False)
     for s in sets:
-        mod = s.media_modality
-        media_emb = embed_store(raw, s.media, mod, s.input, device)
-        text_emb = embed_store(raw, s.text, "text", s.input, device, max_tokens=s.max_text_tokens)
+        media_emb = encode_store(raw, s.adapter, s.media, device)
+        text_emb = encode_store(raw, s.adapter, s.text, device)
         text_to_media = np.full(len(s.text), -1, np.int64)
         text_to_media[s.text_index] = s.media_index
         keep = text_to_media >= 0
@@ -158,9 +144,7 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         r1s.append((r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2)
         # val loss: symmetric InfoNCE at the current temperature on fixed random-caption batches
         pairs = s.epoch_pairs(seed, 10**6, "random_caption")  # a fixed epoch id never trained on
-        scale = (
-            raw.logit_scale.exp().clamp(max=100.0) if hasattr(raw, "logit_scale") else torch.tensor(1 / 0.07)
-        )
+        scale = raw.get_logit_scale().detach()
         me, te = torch.from_numpy(media_emb), torch.from_numpy(text_emb)
         for sl in epoch_batches(len(pairs), batch_size):
             p = pairs[sl]
@@ -172,14 +156,6 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
 
 
 # -- the trainer ------------------------------------------------------------------------------------
-
-def frozen_pooled(item: tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor) -> torch.Tensor:
-    """The frozen encoder's pooled feature of a batch input: masked token mean (a pooled input as is)."""
-    tokens, mask = (item, None) if isinstance(item, torch.Tensor) else item
-    if mask is None:
-        return tokens.float().mean(1) if tokens.dim() == 3 else tokens.float()
-    return masked_mean(tokens.float(), mask)
-
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False):
@@ -200,9 +176,9 @@ class Trainer:
         if self.anchor_set is not None:
             self.model.anchors.set_keys(self.anchor_set.keys)
         self.loss_fn = build_loss(cfg.loss)
-        self.needs_views = any(k.split("@")[0] == "simcse" for k in cfg.loss)
+        self.loss_inputs = self.loss_fn.required_inputs()  # the loss says what each step must provide
         self.nli_store, self.nli_rows = None, None
-        if any(k.split("@")[0] == "simcse_sup" for k in cfg.loss):
+        if "nli" in self.loss_inputs:
             self._prepare_nli()
         self.fingerprint = self._fingerprint()
 
@@ -247,7 +223,8 @@ class Trainer:
         src = self.cfg.data.nli
         if src is None:
             raise LightCRLError(
-                "loss simcse_sup needs data.nli: NLI triplets (simcse-csv:, snli: or sick-nli:)"
+                f"loss {', '.join(self._losses_needing('nli'))} needs data.nli: NLI triplets "
+                "(simcse-csv:, snli: or sick-nli:)"
             )
         encoder = src.text_encoder or self.cfg.data.sources[0].text_encoder
         opts = EmbedOptions(
@@ -261,6 +238,9 @@ class Trainer:
         triplets = open_nli(src.spec, src.split, limit=src.limit, seed=self.cfg.seed).triplets
         self.nli_rows = triplet_index(triplets, self.nli_store.items.ids)
 
+    def _losses_needing(self, kind: str) -> list[str]:
+        return [name for name, loss in self.loss_fn.losses.items() if loss.inputs == kind]
+
     def _nli_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A seeded batch of triplets for this step, encoded through the trainable text path."""
         bs = self.cfg.data.nli.batch_size or self.cfg.optim.batch_size
@@ -271,8 +251,9 @@ class Trainer:
         rows = self.nli_rows[pick]
         enc = self.ddp_model.module if self.world > 1 else self.ddp_model
         out = []
+        adapter = feature_adapter(self.cfg)
         for col in range(3):
-            t, m = self.nli_store.batch(rows[:, col], self.cfg.data.max_text_tokens)
+            t, m = adapter.from_store(self.nli_store, rows[:, col])
             out.append(enc.encode("text", t.to(self.device), m.to(self.device)))
         return tuple(out)
 
@@ -347,8 +328,7 @@ class Trainer:
             "model_config": self.model.cfg.model_dump() if hasattr(self.model, "cfg") else self.cfg.model,
             "input_dims": self.dims,
             "encoders": encoders,
-            "input": self.cfg.data.input,
-            "max_text_tokens": self.cfg.data.max_text_tokens,
+            **feature_adapter(self.cfg).describe(),
             "parameter_counts": self.model.parameter_counts(),
             "train_sources": sources,
             "fingerprint": self.fingerprint,
@@ -451,26 +431,24 @@ class Trainer:
 
     def train_step(self, si: int, batch: np.ndarray) -> dict[str, float]:
         s = self.train_sets[si]
+        media = s.media_modality
         local = rank_slice(batch, self.rank, self.world)
         inputs = s.batch(local, self.device)
         self.ddp_model.train()
         exclude = None
         if self.anchor_set is not None and si == 0:  # leave-one-out: never see your own anchor
             exclude = self.anchor_set.exclude(s.media_index[local]).to(self.device)
+        needs = self.loss_inputs
         with autocast(self.device):
             out = self.ddp_model(inputs, exclude) if exclude is not None else self.ddp_model(inputs)
-            kwargs = {}
-            if self.needs_views:
-                t, m = inputs["text"]
-                raw = self.ddp_model.module if self.world > 1 else self.ddp_model
-                kwargs["text_views"] = (out["text"], raw.encode("text", t, m, exclude))
-            if self.nli_rows is not None:
-                kwargs["nli"] = self._nli_batch()
-            if self.loss_fn.wants_frozen():
-                kwargs["frozen"] = (frozen_pooled(inputs[s.media_modality]), frozen_pooled(inputs["text"]))
-            losses = self.loss_fn(
-                out[s.media_modality], out["text"], out["logit_scale"], out.get("logit_bias"), **kwargs
-            )
+            extra = {}
+            if "text_views" in needs:  # the same captions again under other dropout (unsupervised SimCSE)
+                extra["text_views"] = (out["text"], self.model.encode("text", *inputs["text"], exclude))
+            if "nli" in needs:
+                extra["nli"] = self._nli_batch()
+            if "frozen" in needs:
+                extra["frozen"] = tuple(s.adapter.frozen_pooled(*inputs[m]) for m in (media, "text"))
+            losses = self.loss_fn(out[media], out["text"], out["logit_scale"], out.get("logit_bias"), **extra)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise LightCRLError(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, masked_mean
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder
 from lightcrl.errors import LightCRLError
+from lightcrl.features import masked_mean
 
 _NAMED: dict[str, Callable[..., FrozenEncoder]] = {}
 _PREFIXED: dict[str, Callable[..., FrozenEncoder]] = {}

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest
 from lightcrl.errors import LightCRLError, SkipItem
+from lightcrl.features import masked_mean
 from lightcrl.paths import cache_dir
 
 # ------------------------------------------------------------------------------------------ waveforms

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lightcrl.devices import autocast, resolve_device
+from lightcrl.features import masked_mean  # noqa: F401  (re-exported: encoders pool with it)
 from lightcrl.paths import cache_dir
 
 
@@ -84,12 +85,6 @@ class FrozenEncoder:
     def fingerprint(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens only; an all-padding row gives zeros rather than NaN."""
-    m = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def file_digest(paths: list[Path]) -> str:

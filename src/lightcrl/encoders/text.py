@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest, masked_mean
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest
 from lightcrl.encoders.image import _hf_weights_identity
+from lightcrl.features import masked_mean
 
 
 class TextCollator:
