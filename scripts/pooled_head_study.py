@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcrl.baselines.asif import ASIF
+from lightcrl.baselines.asif import asif_model, encode_pooled
 from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.encoders import get_encoder
 from lightcrl.io import write_text
@@ -166,12 +166,12 @@ def asif_row(f: dict[str, np.ndarray]) -> dict[str, float]:
     for c, i in enumerate(f["cap2img"].tolist()):
         first.setdefault(i, c)
     anchors = {"image": f["img"], "text": f["txt"][[first[i] for i in range(len(f["img"]))]]}
-    asif = ASIF(anchors, k=800, p=8)  # untuned; the grid's ASIF cell tunes (k, p) on training pairs
+    asif = asif_model(anchors, k=800, p=8)  # untuned; the grid's ASIF cell tunes (k, p) on training pairs
     t = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in f.items() if v.dtype != np.int64}
     with torch.no_grad():
         return _scores(
-            lambda x: torch.from_numpy(asif.encode_image_features(x.numpy())).float(),
-            lambda x: torch.from_numpy(asif.encode_text_features(x.numpy())).float(),
+            lambda x: torch.from_numpy(encode_pooled(asif, "image", x.numpy())).float(),
+            lambda x: torch.from_numpy(encode_pooled(asif, "text", x.numpy())).float(),
             t,
             f,
             False,

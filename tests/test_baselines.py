@@ -7,14 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
+# -- ASIF --------------------------------------------------------------------------------------------------
+from test_anchors import asif_reference  # noqa: E402  (ASIF in plain numpy, the paper's definition)
+
 from lightcrl.augment import ConVIRTAugment, random_resized_crop
-from lightcrl.baselines.asif import ASIF, ASIFPipeline, tune
+from lightcrl.baselines.asif import asif_model, build_pipeline, encode_pooled, save_run, tune
 from lightcrl.errors import LightCRLError
 from lightcrl.losses import ConVIRTLoss
 from lightcrl.metrics import retrieval
 
 
-# -- ASIF --------------------------------------------------------------------------------------------------
 def _linked(n: int, seed: int = 0, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Pairs from a shared low-dimensional latent: image = zA, text = image W + noise (a fixed linear map)."""
     rng = np.random.default_rng(seed)
@@ -24,8 +26,8 @@ def _linked(n: int, seed: int = 0, noise: float = 0.05) -> tuple[np.ndarray, np.
     return img, txt + noise * txt.std() * rng.standard_normal(txt.shape).astype(np.float32)
 
 
-def _mean_r1(model: ASIF, img: np.ndarray, txt: np.ndarray) -> float:
-    a, b = model.encode_image_features(img), model.encode_text_features(txt)
+def _mean_r1(model, img: np.ndarray, txt: np.ndarray) -> float:
+    a, b = encode_pooled(model, "image", img), encode_pooled(model, "text", txt)
     r = retrieval.evaluate(a, b, np.arange(len(img)))
     return (r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2
 
@@ -33,28 +35,29 @@ def _mean_r1(model: ASIF, img: np.ndarray, txt: np.ndarray) -> float:
 def test_asif_recovers_held_out_pairs_and_shuffled_anchors_are_chance():
     img, txt = _linked(600)
     anchors, held = slice(0, 500), slice(500, 600)
-    model = ASIF({"image": img[anchors], "text": txt[anchors]}, k=50, p=8)
-    rel = model.encode_image_features(img[held])
+    model = asif_model({"image": img[anchors], "text": txt[anchors]}, k=50, p=8)
+    assert model.parameter_counts()["total_trainable"] == 0  # ASIF: the anchor space alone, nothing trained
+    rel = encode_pooled(model, "image", img[held])
     assert rel.shape == (100, 500)
     assert ((rel > 0).sum(1) <= 50).all()  # sparsified to the top k
     np.testing.assert_allclose(np.linalg.norm(rel, axis=1), 1.0, atol=1e-5)
     assert _mean_r1(model, img[held], txt[held]) > 95
     # the same features with the anchor pairing destroyed carry no cross-modal information
     shuffled = np.random.default_rng(3).permutation(500)
-    control = ASIF({"image": img[anchors], "text": txt[anchors][shuffled]}, k=50, p=8)
+    control = asif_model({"image": img[anchors], "text": txt[anchors][shuffled]}, k=50, p=8)
     assert _mean_r1(control, img[held], txt[held]) < 10  # chance: 1%
 
 
 def test_asif_k_larger_than_anchors_and_bad_inputs():
     img, txt = _linked(30)
-    model = ASIF({"image": img[:20], "text": txt[:20]})  # default k=800 > 20 anchors: all kept
-    assert model.encode_text_features(txt[20:]).shape == (10, 20)
+    model = asif_model({"image": img[:20], "text": txt[:20]})  # default k=800 > 20 anchors: all kept
+    assert encode_pooled(model, "text", txt[20:]).shape == (10, 20)
     with pytest.raises(LightCRLError, match="equal count"):
-        ASIF({"image": img[:20], "text": txt[:19]})
+        asif_model({"image": img[:20], "text": txt[:19]})
     with pytest.raises(LightCRLError, match="dim"):
-        model.encode_image_features(txt[20:])
+        encode_pooled(model, "image", txt[20:])
     with pytest.raises(LightCRLError, match="no audio anchors"):
-        model.encode_features("audio", img)
+        encode_pooled(model, "audio", img)
 
 
 def test_asif_tune_chooses_on_training_pairs():
@@ -92,12 +95,28 @@ def test_asif_mean_caption_anchors(tmp_path, pairs_csv):
 def test_asif_pipeline_from_toy_stores(tmp_path, pairs_csv):
     spec = {"data": pairs_csv, "split": "all", "limit": None, "seed": 0, "media_encoder": "toy-image",
             "text_encoder": "toy-text", "pairs": "random_caption", "k": 10, "p": 4.0, "center": True}
-    pipe = ASIFPipeline.build(spec)
-    assert pipe.info["n_anchors"] == 40
-    pipe.save(tmp_path)
-    again = ASIFPipeline.from_run(tmp_path)
+    pipe = build_pipeline(spec)
+    assert pipe.info["n_anchors"] == 40 and pipe.info["kind"] == "asif"
+    save_run(pipe, tmp_path)
+    import lightcrl
+
+    again = lightcrl.load(tmp_path)  # a run like any other: the anchor keys travel with the weights
     texts = ["a red square", "something blue"]
     np.testing.assert_allclose(pipe.encode_text(texts), again.encode_text(texts), atol=1e-6)
+    # what ASIF computes for a caption: its relative vector against the anchor captions
+    from lightcrl.baselines.asif import anchor_features
+    from lightcrl.embed import EmbedOptions, cached_store
+
+    opts = EmbedOptions(num_workers=0)
+    _, t_feat = anchor_features(cached_store("toy-image", pairs_csv, "all", opts),
+                                cached_store("toy-text", pairs_csv, "all", opts), "random_caption", 0)
+    text_store = cached_store("toy-text", pairs_csv, "all", opts)
+    ref = asif_reference(t_feat, text_store.pooled(np.arange(5)), k=10, p=4.0, center=True)
+    ours = again.encode_store(text_store, indices=np.arange(5))
+    # toy captions repeat, so the 10th and 11th anchor can tie: compare where the two agree on the support
+    same_support = ((ours > 0) == (ref > 0)).all(1)
+    assert same_support.sum() >= 3
+    np.testing.assert_allclose(ours[same_support], ref[same_support], atol=1e-5)
     assert pipe.encode_text(texts).shape == (2, 40)
 
 

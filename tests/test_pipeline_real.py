@@ -142,7 +142,7 @@ def test_anchor_model_on_real_data(shared_data, tmp_path):
     import numpy as np
 
     import lightcrl
-    from lightcrl.baselines.asif import ASIFPipeline
+    from lightcrl.baselines.asif import build_pipeline
     from lightcrl.embed import EmbedOptions, cached_store
 
     flickr = f"flickr8k:{shared_data / 'flickr8k'}"
@@ -157,9 +157,9 @@ def test_anchor_model_on_real_data(shared_data, tmp_path):
     anchors = pipe.model.anchors
     assert anchors.cfg.count == 300 and pipe.model.embed_dim == 256 + 300
 
-    asif = ASIFPipeline.build({"data": flickr, "split": "train", "limit": 300, "seed": 0,
-                               "media_encoder": "efficientnet-lite0", "text_encoder": "minilm-l6",
-                               "pairs": "mean_caption", "k": 50, "p": 4.0, "center": True})
+    asif = build_pipeline({"data": flickr, "split": "train", "limit": 300, "seed": 0,
+                           "media_encoder": "efficientnet-lite0", "text_encoder": "minilm-l6",
+                           "pairs": "mean_caption", "k": 50, "p": 4.0, "center": True})
     dev = cached_store("efficientnet-lite0", flickr, "dev", EmbedOptions(limit=100))
     ours = pipe.encode_store(dev)[:, 256:] / np.sin(anchors.mix.item())
     ref = asif.encode_store(dev)

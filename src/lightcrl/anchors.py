@@ -18,6 +18,9 @@ opposite. ``ModelConfig.anchors`` joins the two:
 Measured on the offline grid (docs/results.md): the fixed coordinates keep ASIF's zero-shot transfer and
 the DFE adds retrieval; a learned table fits Flickr's pairs and loses part of that transfer.
 
+With ``arch: anchors`` the model is this anchor space alone, with no trained part: that IS ASIF
+(``baselines/asif.py`` only chooses k, p and centring on held-out training pairs and saves the run).
+
 Anchors are the training pairs themselves, so during training an item must not see its own anchor (it
 would match its partner through it trivially, and learn nothing that transfers): the trainer passes the
 anchor index of each batch item and it is left out of the top-k (leave-one-out).
@@ -69,7 +72,9 @@ class AnchorConfig(BaseModel):
 class AnchorSpace(nn.Module):
     """Anchor keys per modality (buffers, saved with the weights) and the shared learned table."""
 
-    def __init__(self, cfg: AnchorConfig, input_dims: dict[str, int], width: int) -> None:
+    def __init__(self, cfg: AnchorConfig, input_dims: dict[str, int], width: int | None) -> None:
+        """``width``: the trained part's embedding width this space is joined to (mixing angle theta and,
+        for ``join: sum``, a map to the anchor width); None = the anchor space alone (ASIF)."""
         super().__init__()
         if cfg.count < 1:
             raise LightCRLError(
@@ -84,8 +89,11 @@ class AnchorSpace(nn.Module):
         self.table: nn.Parameter | None = None
         if cfg.dim is not None:
             self.table = nn.Parameter(torch.randn(cfg.count, cfg.dim) / math.sqrt(cfg.dim))
-        self.mix = nn.Parameter(torch.tensor(float(cfg.init_mix)), requires_grad=cfg.learn_mix)
-        self.out: nn.Linear | None = nn.Linear(width, self.dim) if cfg.join == "sum" else None
+        self.mix: nn.Parameter | None = None
+        self.out: nn.Linear | None = None
+        if width is not None:
+            self.mix = nn.Parameter(torch.tensor(float(cfg.init_mix)), requires_grad=cfg.learn_mix)
+            self.out = nn.Linear(width, self.dim) if cfg.join == "sum" else None
 
     @property
     def dim(self) -> int:
@@ -137,6 +145,8 @@ class AnchorSpace(nn.Module):
 
     def join(self, dfe_embedding: Tensor, anchor_embedding: Tensor) -> Tensor:
         """The model's embedding from its two L2-normalised parts (see ``AnchorConfig.join``), unit norm."""
+        if self.mix is None:
+            raise LightCRLError("this anchor space stands alone (no trained part to join)")
         a = anchor_embedding.to(dfe_embedding.dtype) * torch.sin(self.mix)
         if self.out is None:
             return torch.cat([dfe_embedding * torch.cos(self.mix), a], dim=-1)

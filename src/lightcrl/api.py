@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from lightcrl.checkpoint import checkpoint_folder
 from lightcrl.devices import autocast, resolve_device
 from lightcrl.encoders import get_encoder
 from lightcrl.errors import LightCRLError
 from lightcrl.features import FeatureAdapter
-from lightcrl.io import read_json
 from lightcrl.model import create_model
+from lightcrl.rundir import WEIGHTS, RunDir
 from lightcrl.store import FeatureStore
 
 
@@ -49,35 +50,28 @@ class LightCRLPipeline:
         untrained: bool = False,
         seed: int = 0,
     ) -> LightCRLPipeline:
-        run_dir = Path(run_dir)
-        info_path = run_dir / "model.json"
-        if not info_path.exists():
-            info_path = run_dir / "model_info.json"
-        if not info_path.exists():
-            raise LightCRLError(
-                f"{run_dir} is not a lightcrl run (no model.json): train one with `lightcrl train`"
-            )
-        info = read_json(info_path)
+        run = RunDir(run_dir)
+        info = run.info()
+        if "model_config" not in info:
+            raise LightCRLError(f"{run.path} is a {info.get('kind')} run: load it with lightcrl.load")
         torch.manual_seed(seed)
         model = create_model(info["model_config"], info["input_dims"])
         if not untrained:
-            weights = run_dir / "model.safetensors"
+            weights = run.weights
             if checkpoint is not None:
-                from lightcrl.checkpoint import checkpoint_folder
-
-                folder = checkpoint_folder(run_dir, checkpoint)
+                folder = checkpoint_folder(run.path, checkpoint)
                 if folder is None:
-                    raise LightCRLError(f"{run_dir} has no {checkpoint!r} checkpoint")
-                weights = folder / "model.safetensors"
+                    raise LightCRLError(f"{run.path} has no {checkpoint!r} checkpoint")
+                weights = folder / WEIGHTS
             if not weights.exists():
-                raise LightCRLError(f"{run_dir} has no trained weights yet ({weights.name} missing)")
+                raise LightCRLError(f"{run.path} has no trained weights yet ({weights.name} missing)")
             try:
                 model.load_state_dict(load_file(str(weights)))
             except RuntimeError as e:
                 raise LightCRLError(
-                    f"{weights} does not match the model described in {info_path.name}: {e}"
+                    f"{weights} does not match the model described in {run.model_info.name}: {e}"
                 ) from e
-        return cls(model, info, device, run_dir)
+        return cls(model, info, device, run.path)
 
     def encoder(self, modality: str):
         if modality not in self.encoder_names:
@@ -195,6 +189,12 @@ def encode_store(model: torch.nn.Module, adapter: FeatureAdapter, store: Feature
     return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
 
 
-def load(run_dir: str | Path, device: str = "auto", checkpoint: str | None = None) -> LightCRLPipeline:
-    """Load a trained run: <run>/model.safetensors (the best checkpoint), or ``checkpoint='last'``."""
-    return LightCRLPipeline.from_run(run_dir, device=device, checkpoint=checkpoint)
+def load(run_dir: str | Path, device: str = "auto", checkpoint: str | None = None):
+    """Load a run of any kind (see :mod:`lightcrl.rundir`): a trained model's <run>/model.safetensors (the
+    best checkpoint; ``checkpoint='last'`` for the last), an ASIF anchor space or a ConVIRT run."""
+    from lightcrl.rundir import load_pipeline
+
+    pipe = load_pipeline(run_dir, device=device, checkpoint=checkpoint)
+    if pipe is None:
+        raise LightCRLError(f"{run_dir} holds the raw frozen encoders: there is no shared space to load")
+    return pipe

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lightcrl.errors import LightCRLError, StoreMismatch
 from lightcrl.io import read_json, write_json
+from lightcrl.rundir import WEIGHTS, RunDir
 from lightcrl.version import __version__
 
 CHECKPOINT_VERSION = 1
@@ -56,12 +57,12 @@ def save_checkpoint(
     state: dict,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root = RunDir(run_dir).checkpoints
     folder = ckpt_root / f"{tag}-{state['step']:08d}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    _save_tensors(folder / "model.safetensors", model.state_dict())
+    _save_tensors(folder / WEIGHTS, model.state_dict())
     trainer_tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -88,7 +89,7 @@ def save_checkpoint(
 
 
 def checkpoint_folder(run_dir: Path, tag: str) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / f"{tag}.json"
+    pointer = RunDir(run_dir).checkpoints / f"{tag}.json"
     if not pointer.exists():
         return None
     folder = pointer.parent / read_json(pointer)["folder"]
@@ -109,7 +110,7 @@ def load_checkpoint(folder: Path, expected_fingerprint: str | None = None) -> di
             "(fingerprint differs): use a new --out directory, or --overwrite to start over"
         )
     try:
-        model = load_file(str(folder / "model.safetensors"))
+        model = load_file(str(folder / WEIGHTS))
         trainer = load_file(str(folder / "trainer.safetensors"))
     except Exception as e:
         raise LightCRLError(f"checkpoint {folder} is unreadable: {e}") from e

@@ -43,7 +43,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    arch: Literal["dfe", "two_tower"] = "dfe"
+    # "anchors": the anchor space alone, no trained head (ASIF, see ``baselines/asif.py``)
+    arch: Literal["dfe", "two_tower", "anchors"] = "dfe"
     width: int = Field(256, ge=1)
     depth: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
@@ -65,6 +66,8 @@ class ModelConfig(BaseModel):
     def _check_heads(self) -> ModelConfig:
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.arch == "anchors" and self.anchors is None:
+            raise ValueError("arch 'anchors' is the anchor space alone: it needs model.anchors")
         return self
 
 
@@ -132,6 +135,8 @@ class LightCRLModel(nn.Module):
                 m: ProjectionHead(d, width, hidden, cfg.proj_layers, cfg.dropout, cfg.input_norm)
                 for m, d in self.input_dims.items()
             }
+            if cfg.arch != "anchors"
+            else {}
         )
         self.contexts: nn.ParameterDict | None = None
         self.g3: nn.Linear | None = None
@@ -177,7 +182,8 @@ class LightCRLModel(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias)))
         self.anchors: AnchorSpace | None = None
         if cfg.anchors is not None:  # count 0 raises: anchors are built from data (see anchors.py)
-            self.anchors = AnchorSpace(cfg.anchors, self.input_dims, width)
+            # joined to a trained part (mixing angle, optional output map), or standing alone
+            self.anchors = AnchorSpace(cfg.anchors, self.input_dims, width if cfg.arch != "anchors" else None)
 
     @property
     def modalities(self) -> list[str]:
@@ -187,6 +193,8 @@ class LightCRLModel(nn.Module):
     def embed_dim(self) -> int:
         if self.anchors is None:
             return self.cfg.width
+        if self.cfg.arch == "anchors":
+            return self.anchors.dim
         return self.anchors.dim + (self.cfg.width if self.cfg.anchors.join == "concat" else 0)
 
     def get_logit_scale(self) -> Tensor:
@@ -208,6 +216,8 @@ class LightCRLModel(nn.Module):
         tokens, mask = self._check_inputs(modality, tokens, mask)
         # Zero padding on entry so no value there (even NaN/inf from a cache) can reach the output.
         tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if self.cfg.arch == "anchors":
+            return self.anchors.embed(modality, masked_mean(tokens, mask), exclude)
         z = self._encode_tokens(modality, tokens, mask)
         if self.anchors is None:
             return z

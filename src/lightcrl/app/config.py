@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lightcrl.app.tasks import metric_direction
 from lightcrl.data.sources import NliSource, PairSource
 from lightcrl.errors import LightCRLError
 
@@ -56,7 +57,7 @@ class EarlyStopConfig(_Strict):
     def direction(self) -> str:
         if self.mode:
             return self.mode
-        return "min" if ("loss" in self.metric or "rank" in self.metric) else "max"
+        return "min" if metric_direction(self.metric) < 0 else "max"
 
 
 class TrainConfig(_Strict):

@@ -18,16 +18,17 @@ from typing import Any
 import numpy as np
 
 from lightcrl.api import LightCRLPipeline
+from lightcrl.app.tasks import Task
 from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.encoders import get_encoder
 from lightcrl.errors import LightCRLError
 from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json
+from lightcrl.rundir import RunDir, load_pipeline
 from lightcrl.store import FeatureStore
 from lightcrl.version import __version__
 
 log = logging.getLogger(__name__)
-TASKS = ("zeroshot", "retrieval", "linear_probe", "finetune", "geometry", "sts")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class EvalTarget:
     encoders: dict[str, str]
     identity: dict
     run_dir: Path | None = None
+    run_kind: str = "lightcrl"  # lightcrl.rundir.KINDS: which tasks apply (see TASKS)
 
     @classmethod
     def resolve(
@@ -50,48 +52,34 @@ class EvalTarget:
         text_encoder: str = "minilm-l6",
         audio_encoder: str = "aisfx",
     ) -> EvalTarget:
+        """``run``: a run directory of any kind (see :mod:`lightcrl.rundir`), or "raw" with the encoders."""
         if run == "raw":
             enc = {"image": image_encoder, "text": text_encoder, "audio": audio_encoder}
-            return cls("raw", None, enc, {"kind": "raw", "encoders": enc})
-        run_dir = Path(run)
-        baseline = _baseline_kind(run_dir)
-        if baseline is not None:  # training-free / end-to-end baselines have their own pipelines
-            if untrained:
-                raise LightCRLError(f"--untrained applies to DFE runs, not to a {baseline} baseline")
-            if baseline == "asif":
-                from lightcrl.baselines.asif import ASIFPipeline as Pipe
-            else:
-                from lightcrl.baselines.convirt import ConVIRTPipeline as Pipe
-            pipe = Pipe.from_run(run_dir, device=device)
-            ident = {
-                "kind": baseline,
-                "run": str(run_dir),
-                "name": run_dir.name,
-                "encoders": pipe.encoder_names,
-                "arch": baseline,
-            }
-            return cls("run", pipe, pipe.encoder_names, ident, run_dir)
-        pipe = LightCRLPipeline.from_run(run_dir, device=device, untrained=untrained)
-        info = pipe.info
-        ident = {
-            "kind": "untrained" if untrained else "run",
-            "run": str(run_dir),
-            "name": run_dir.name,
-            "encoders": pipe.encoder_names,
-            "arch": info["model_config"].get("arch"),
-            "fusion": info["model_config"].get("fusion"),
-            "trainable_params": info.get("parameter_counts", {}).get("total_trainable"),
-            "checkpoint": info.get("checkpoint"),
-            "epoch": info.get("epoch"),
-        }
-        return cls(ident["kind"], pipe, pipe.encoder_names, ident, run_dir)
+            return cls("raw", None, enc, {"kind": "raw", "encoders": enc}, run_kind="raw")
+        return cls.from_run_dir(Path(run), untrained=untrained, device=device)
 
-    def require_shared_space(self, task: str):
-        if self.pipeline is None:
-            raise LightCRLError(
-                f"task {task} compares modalities in a shared space: raw encoders have none "
-                "(evaluate a run, or --untrained for the untrained model)"
-            )
+    @classmethod
+    def from_run_dir(cls, run_dir: Path, untrained: bool = False, device: str = "auto",
+                     name: str | None = None) -> EvalTarget:
+        """Any run directory: the pipeline comes from its kind (``load_pipeline``), never a ladder here."""
+        run = RunDir(run_dir)
+        kind = run.kind()
+        pipe = load_pipeline(run.path, device=device, untrained=untrained)
+        info = run.info()
+        # raw cells of older grids named their encoders image_encoder, ...: modality names now
+        encoders = {k.removesuffix("_encoder"): v for k, v in (info["encoders"] if pipe is None
+                                                                else pipe.encoder_names).items()}
+        ident: dict[str, Any] = {"kind": "raw" if kind == "raw" else kind, "run": str(run.path),
+                                 "name": name or run.path.name, "encoders": encoders}
+        if kind == "lightcrl":
+            cfg = info["model_config"]
+            ident.update(kind="untrained" if untrained else "run", arch=cfg.get("arch"),
+                         fusion=cfg.get("fusion"), checkpoint=info.get("checkpoint"), epoch=info.get("epoch"))
+        else:
+            ident["arch"] = kind
+        ident["trainable_params"] = info.get("parameter_counts", {}).get("total_trainable")
+        target_kind = "raw" if pipe is None else ("untrained" if untrained else "run")
+        return cls(target_kind, pipe, encoders, ident, run.path, run_kind=kind)
 
     def embed(self, store: FeatureStore) -> np.ndarray:
         """DFE embeddings of a store, or the raw encoder's pooled vectors for the raw target."""
@@ -104,16 +92,6 @@ def raw_pooled(store: FeatureStore) -> np.ndarray:
     """The frozen encoder's own pooled vectors, L2-normalised: the reference for every comparison."""
     x = store.pooled()
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-
-
-def _baseline_kind(run_dir: Path) -> str | None:
-    from lightcrl.io import read_json
-
-    path = run_dir / "model.json"
-    if not path.exists():
-        return None
-    kind = read_json(path).get("kind")
-    return kind if kind in ("asif", "convirt") else None
 
 
 @dataclass
@@ -146,10 +124,8 @@ def _media_modality(spec: str) -> str:
 # -- tasks ------------------------------------------------------------------------------------------
 def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
     from lightcrl.app import plots
-    from lightcrl.metrics import zeroshot
-
-    t.require_shared_space("zeroshot")
     from lightcrl.data.datasets import open_dataset
+    from lightcrl.metrics import zeroshot
 
     media = open_dataset(r.data, r.split).media
     store = _store(t, media, r.data, r.split, r.limit, r.seed, r.device)
@@ -175,7 +151,6 @@ def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
 def task_retrieval(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
     from lightcrl.metrics import retrieval
 
-    t.require_shared_space("retrieval")
     media_emb, text_emb, text_to_media, (ms, ts) = _pair_embeddings(t, r)
     metrics = retrieval.evaluate(media_emb, text_emb, text_to_media)
     labels = ms.items.labels
@@ -262,9 +237,6 @@ def _raw_reference(train: FeatureStore, test: FeatureStore, mode: str, seed: int
 def task_finetune(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
     from lightcrl.metrics import finetune, linear_probe
 
-    t.require_shared_space("finetune")
-    if not hasattr(getattr(t.pipeline, "model", None), "encode"):
-        raise LightCRLError(f"finetune needs a trainable model; {t.identity.get('arch')} has none")
     train, test, media = _labelled_stores(t, r)
     n_cls = int(max(train.items.labels.max(), test.items.labels.max()) + 1)
     epochs = int(r.options.get("epochs") or 100)
@@ -295,7 +267,6 @@ def task_geometry(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     from lightcrl.app import plots
     from lightcrl.metrics import geometry
 
-    t.require_shared_space("geometry")
     media_emb, text_emb, text_to_media, _ = _pair_embeddings(t, r)
     a, b = media_emb[text_to_media], text_emb
     m = geometry.evaluate(a, b, seed=r.seed)
@@ -362,14 +333,41 @@ def _encode_sentences(t: EvalTarget, pipe: LightCRLPipeline | None, sentences: l
     return np.concatenate(out)
 
 
-_TASK_FUNCS = {
-    "zeroshot": task_zeroshot,
-    "retrieval": task_retrieval,
-    "linear_probe": task_linear_probe,
-    "finetune": task_finetune,
-    "geometry": task_geometry,
-    "sts": task_sts,
-}
+_SHARED_SPACE = frozenset({"lightcrl", "asif", "convirt"})
+_RETRIEVAL = tuple(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
+
+#: Every evaluation task, declared once (see :class:`lightcrl.app.tasks.Task`).
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("zeroshot", task_zeroshot, "zero-shot classification: class-name prompts against media embeddings",
+         headline="top1", higher_is_better=True, printed=("top1", "top5", "mean_per_class_recall", "chance"),
+         columns=("top1", "top2", "top3", "top4", "top5"), run_kinds=_SHARED_SPACE),
+    Task("retrieval", task_retrieval, "text->media and media->text retrieval of paired captions",
+         headline="image_retrieval_recall@1", higher_is_better=True,
+         printed=(*_RETRIEVAL, "class_precision@1", "class_precision@5", "class_map"),
+         columns=_RETRIEVAL, run_kinds=_SHARED_SPACE),
+    Task("linear_probe", task_linear_probe, "logistic regression on frozen embeddings (C chosen on train)",
+         headline="top1", higher_is_better=True, printed=("top1", "raw_encoder/top1", "C"), columns=("top1",),
+         run_kinds=_SHARED_SPACE | {"raw"}),
+    Task("finetune", task_finetune, "the trained model fine-tuned with a linear head on labelled features",
+         headline="top1", higher_is_better=True,
+         printed=("top1", "frozen_dfe_head_only/top1", "linear_probe/top1"), columns=("top1",),
+         run_kinds=frozenset({"lightcrl"})),
+    Task("geometry", task_geometry, "alignment, uniformity and modality gap of paired embeddings",
+         headline="alignment", higher_is_better=False,
+         printed=("alignment", "uniformity_a", "uniformity_b", "modality_gap", "matched_cosine_mean",
+                  "unmatched_cosine_mean"),
+         columns=("alignment", "uniformity_a", "uniformity_b", "modality_gap"), run_kinds=_SHARED_SPACE),
+    Task("sts", task_sts, "semantic textual similarity: Spearman of cosine vs gold scores",
+         headline="spearman", higher_is_better=True,
+         printed=("spearman", "raw_encoder/spearman", "dfe/spearman"),
+         columns=("spearman",), run_kinds=_SHARED_SPACE | {"raw"}),
+)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise LightCRLError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 def _slug(r: EvalRequest) -> str:
@@ -390,13 +388,15 @@ def default_output(target: EvalTarget, r: EvalRequest) -> Path:
 
 
 def run_eval(target: EvalTarget, r: EvalRequest) -> dict:
-    if r.task not in _TASK_FUNCS:
-        raise LightCRLError(f"unknown task {r.task!r}; tasks: {', '.join(TASKS)}")
+    task = get_task(r.task)
+    if not task.applies_to(target.run_kind):
+        raise LightCRLError(f"task {task.name} does not apply to a {target.run_kind} run "
+                            f"(it applies to: {', '.join(sorted(task.run_kinds))})")
     out = Path(r.output) if r.output else default_output(target, r)
     plots_dir = out.parent / "plots"
     r.options.setdefault("_stem", out.stem)  # plots named after their results file: no collisions
     t0 = time.time()
-    metrics, pngs = _TASK_FUNCS[r.task](target, r, plots_dir)
+    metrics, pngs = task.run(target, r, plots_dir)
     result = {
         "task": r.task,
         "dataset": r.data,
@@ -421,36 +421,6 @@ def _rel(p: Path, base: Path | None) -> str:
         return str(p)
 
 
-HEADLINE = {
-    "zeroshot": ["top1", "top5", "mean_per_class_recall", "chance"],
-    "retrieval": [
-        "image_retrieval_recall@1",
-        "image_retrieval_recall@5",
-        "image_retrieval_recall@10",
-        "text_retrieval_recall@1",
-        "text_retrieval_recall@5",
-        "text_retrieval_recall@10",
-        "class_precision@1",
-        "class_precision@5",
-        "class_map",
-    ],
-    "linear_probe": ["top1", "raw_encoder/top1", "C"],
-    "finetune": ["top1", "frozen_dfe_head_only/top1", "linear_probe/top1"],
-    "geometry": [
-        "alignment",
-        "uniformity_a",
-        "uniformity_b",
-        "modality_gap",
-        "matched_cosine_mean",
-        "unmatched_cosine_mean",
-    ],
-    "sts": ["spearman", "raw_encoder/spearman", "dfe/spearman"],
-}
-
-
 def headline(result: dict) -> dict:
-    m = result["metrics"]
-    keys = HEADLINE.get(result["task"], [])
-    shown = {k: m[k] for k in keys if k in m}
-    shown.update({k: v for k, v in m.items() if k.startswith("acc@epoch") and isinstance(v, (int, float))})
-    return shown
+    """What ``lightcrl eval`` prints of a result: the task's declared metrics."""
+    return get_task(result["task"]).printed_metrics(result["metrics"])

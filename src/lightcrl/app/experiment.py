@@ -34,31 +34,22 @@ import json
 import logging
 import math
 import os
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lightcrl.app.config import TrainConfig, validate_config
 from lightcrl.app.evaluate import TASKS, EvalRequest, EvalTarget, run_eval
 from lightcrl.errors import LightCRLError
 from lightcrl.io import read_json, write_json, write_text
+from lightcrl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-#: Table columns of each task when an eval does not list its own ``metrics``.
-DEFAULT_METRICS: dict[str, list[str]] = {
-    "zeroshot": ["top1", "top2", "top3", "top4", "top5"],
-    "retrieval": [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)],
-    "linear_probe": ["top1"],
-    "finetune": ["top1"],
-    "geometry": ["alignment", "uniformity_a", "uniformity_b", "modality_gap"],
-    "sts": ["spearman"],
-}
 #: Short column names ("image retrieval" = text -> image, CLIP_benchmark's naming).
 SHORT = {
     **{f"image_retrieval_recall@{k}": f"t2i_R@{k}" for k in (1, 5, 10)},
@@ -66,9 +57,8 @@ SHORT = {
     "uniformity_a": "unif_media",
     "uniformity_b": "unif_text",
 }
-#: Tasks each kind of cell can run: baselines have no cached-feature model to fine-tune.
-SUPPORTED = {"train": set(TASKS), "asif": set(TASKS) - {"finetune"}, "convirt": set(TASKS) - {"finetune"},
-             "raw": {"linear_probe", "sts"}}  # raw encoders: no shared space, nothing to fine-tune
+#: The run kind (lightcrl.rundir.KINDS) of each kind of cell: which tasks apply comes from TASKS.
+RUN_KIND = {"train": "lightcrl", "asif": "asif", "convirt": "convirt", "raw": "raw"}
 
 
 # -- the experiment file ---------------------------------------------------------------------------------
@@ -148,16 +138,23 @@ Baseline = Annotated[
 
 class EvalSpec(_Strict):
     name: str
-    task: Literal["zeroshot", "retrieval", "linear_probe", "finetune", "geometry", "sts"]
+    task: str  # a name in lightcrl.app.evaluate.TASKS
     data: str
     split: str | None = None
     limit: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # train_split, train_limit, epochs, probe_mode...
-    metrics: list[str] | None = None  # table columns (default: DEFAULT_METRICS[task])
+    metrics: list[str] | None = None  # table columns (default: the task's columns in TASKS)
     cells: list[str] | None = None  # glob patterns of the cells that run it (default: all)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; tasks: {', '.join(TASKS)}")
+        return v
+
     def columns(self) -> list[str]:
-        return self.metrics or DEFAULT_METRICS[self.task]
+        return self.metrics or list(TASKS[self.task].columns)
 
 
 class ExperimentConfig(_Strict):
@@ -279,7 +276,7 @@ class Experiment:
         return [
             e
             for e in self.cfg.evals
-            if e.task in SUPPORTED[cell.kind]
+            if TASKS[e.task].applies_to(RUN_KIND[cell.kind])
             and (not e.cells or any(fnmatch.fnmatchcase(cell.name, p) for p in e.cells))
         ]
 
@@ -431,50 +428,24 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
 
         train_convirt(load_config(cell.spec), cell_dir)
     elif cell.kind == "raw":
-        if not (cell_dir / "model.json").exists():
-            write_json(cell_dir / "model.json", {"kind": "raw", "encoders": cell.spec,
-                                                 "parameter_counts": {"total_trainable": 0}})
-            write_json(cell_dir / "train_summary.json", {"train_time_s": 0.0})
-    elif not (cell_dir / "model.json").exists():  # asif: no training, only the anchors
-        from lightcrl.baselines.asif import ASIFPipeline
+        run = RunDir(cell_dir)
+        if not run.model_info.exists():
+            encoders = {k.removesuffix("_encoder"): v for k, v in cell.spec.items()}
+            run.write_info({"kind": "raw", "encoders": encoders, "parameter_counts": {"total_trainable": 0}})
+            write_json(run.train_summary, {"train_time_s": 0.0})
+    elif not RunDir(cell_dir).model_info.exists():  # asif: no training, only the anchors
+        from lightcrl.baselines.asif import build_pipeline, save_run
 
-        t0 = time.time()
-        pipe = ASIFPipeline.build(cell.spec, device)
-        pipe.save(cell_dir)
-        write_json(
-            cell_dir / "train_summary.json",
-            {
-                "train_time_s": time.time() - t0,
-                "n_anchors": pipe.info["n_anchors"],
-                "k": pipe.info["k"],
-                "p": pipe.info["p"],
-            },
-        )
+        pipe = build_pipeline(cell.spec, device)
+        save_run(pipe, cell_dir)
+        info, a = pipe.info, pipe.info["asif"]
+        write_json(RunDir(cell_dir).train_summary, {"train_time_s": info["build_time_s"],
+                                                    "n_anchors": info["n_anchors"], "k": a["k"], "p": a["p"]})
 
 
 def _target(cell: Cell, cell_dir: Path, device: str) -> EvalTarget:
-    if cell.kind == "train":
-        return EvalTarget.resolve(str(cell_dir), device=device)
-    if cell.kind == "raw":
-        return EvalTarget.resolve("raw", device=device, **cell.spec)
-    if cell.kind == "asif":
-        from lightcrl.baselines.asif import ASIFPipeline
-
-        pipe: Any = ASIFPipeline.from_run(cell_dir, device)
-    else:
-        from lightcrl.baselines.convirt import ConVIRTPipeline
-
-        pipe = ConVIRTPipeline.from_run(cell_dir, device)
-    params = pipe.info.get("parameter_counts", {}).get("total_trainable")
-    ident = {
-        "kind": cell.kind,
-        "run": str(cell_dir),
-        "name": cell.name,
-        "encoders": pipe.encoder_names,
-        "arch": cell.kind,
-        "trainable_params": params,
-    }
-    return EvalTarget("run", pipe, pipe.encoder_names, ident, cell_dir)
+    """Every kind of cell is a run directory: its kind picks the pipeline (lightcrl.rundir.load_pipeline)."""
+    return EvalTarget.from_run_dir(cell_dir, device=device, name=cell.name)
 
 
 def run_cell(exp: Experiment, cell: Cell, out: Path) -> str:

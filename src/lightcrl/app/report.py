@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from lightcrl.app.tasks import metric_direction
 from lightcrl.io import write_text
 
 #: Folder (inside the run dir) for figures made by the report itself.
@@ -99,8 +100,6 @@ _CONFIG_HIGHLIGHTS = (
     "text_encoder",
     "audio_encoder",
 )
-_HIGHER_BETTER = ("recall@", "top", "acc", "spearman", "pearson", "mean_per_class")
-_LOWER_BETTER = ("rank", "loss")
 
 
 # --------------------------------------------------------------------------------------------------- blocks
@@ -277,16 +276,6 @@ def model_label(model: Any) -> str:
     return str(model) if model is not None else "?"
 
 
-def _direction(metric: str) -> int:
-    """+1 when higher is better, -1 when lower is better, 0 when unknown."""
-    m = metric.lower()
-    if any(s in m for s in _LOWER_BETTER):
-        return -1
-    if any(s in m for s in _HIGHER_BETTER):
-        return 1
-    return 0
-
-
 def compare_table(results: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
     """Markdown table, one row per results dict (model, task, dataset, split) and one column per metric.
 
@@ -297,7 +286,7 @@ def compare_table(results: Sequence[Mapping[str, Any]], metrics: Sequence[str]) 
     cells: list[list[str]] = []
     best: dict[str, float] = {}
     for m in metrics:
-        d = _direction(m)
+        d = metric_direction(m)
         vals = [r.get("metrics", {}).get(m) for r in results]
         nums = [
             v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -466,7 +455,7 @@ def _best(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, Any, Any]:
     ]
     if not pts:
         return None, None, None
-    d = _direction(key)
+    d = metric_direction(key)
     if not d:
         return pts[-1][1], None, None
     at, val = max(pts, key=lambda p: d * p[1])

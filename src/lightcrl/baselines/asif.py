@@ -3,31 +3,35 @@
 An item is represented *relative to the anchors* of its own modality: its cosine similarities to the
 anchor images (for an image) or anchor captions (for a caption). Anchor pair i is the same "coordinate"
 in both modalities, so an image and a caption become comparable. As in the paper, each relative vector
-keeps only its top-k entries (the rest are set to 0), the kept entries are raised to the power p (which
-sharpens the vector towards its nearest anchors) and the row is L2-normalised; cross-modal similarity is
-then the dot product. Negative cosines carry no evidence of likeness and are clipped to 0 before the power.
+keeps only its top-k entries, the kept entries are raised to the power p and the row is L2-normalised;
+cross-modal similarity is then the dot product. Negative cosines carry no evidence of likeness and are
+clipped to 0 before the power.
 
-Defaults k=800, p=8 are the paper's. :func:`tune` chooses them on held-out *training* pairs, never on test.
-
-:class:`ASIFPipeline` wraps an :class:`ASIF` with the frozen encoders so that ``lightcrl.app.evaluate`` tasks
-can use it like a trained model (``encode_store``, ``encode_text``, ``encode_image``).
+That computation is the model's anchor space (:class:`lightcrl.anchors.AnchorSpace`); ASIF is the model
+with ``arch: anchors`` — the anchor space alone, nothing trained. This module only chooses its settings
+(:func:`tune`: k, p, centring on held-out *training* pairs, never on test) and builds and saves such a run
+(:func:`build_pipeline`, :func:`save_run`), which then loads and evaluates like any other
+(``lightcrl.load``, ``lightcrl.rundir.load_pipeline``). Defaults k=800, p=8 are the paper's.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from lightcrl.errors import LightCRLError
-from lightcrl.io import read_json, write_json
+from lightcrl.model import LightCRLModel, create_model
 from lightcrl.store import FeatureStore
 
-__all__ = ["ASIF", "ASIFPipeline", "anchor_features", "anchor_pairs", "tune"]
+__all__ = ["anchor_features", "anchor_pairs", "asif_model", "build_pipeline", "encode_pooled", "save_run",
+           "tune"]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -35,58 +39,33 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
-class ASIF:
-    """Relative representations against anchor pairs (row i of every modality's anchors is pair i)."""
+def asif_model(anchors: dict[str, np.ndarray], k: int = 800, p: float = 8.0,
+               center: bool = False) -> LightCRLModel:
+    """The anchor space alone over anchor pairs (row i of every modality's pooled features is pair i)."""
+    sizes = {m: len(a) for m, a in anchors.items()}
+    if len(set(sizes.values())) != 1 or not all(sizes.values()):
+        raise LightCRLError(f"ASIF anchors must be non-empty pairs of equal count, got {sizes}")
+    if k < 1 or p <= 0:
+        raise LightCRLError(f"ASIF needs k >= 1 and p > 0, got k={k}, p={p}")
+    count = next(iter(sizes.values()))
+    cfg = {"arch": "anchors", "learn_logit_scale": False, "dropout": 0.0,
+           "anchors": {"k": int(k), "p": float(p), "center": bool(center), "count": count}}
+    model = create_model(cfg, {m: int(np.asarray(a).shape[1]) for m, a in anchors.items()})
+    model.anchors.set_keys({m: np.asarray(a, np.float32) for m, a in anchors.items()})
+    return model.eval()
 
-    def __init__(self, anchors: dict[str, np.ndarray], k: int = 800, p: float = 8.0, center: bool = False,
-                 chunk: int = 1024) -> None:
-        sizes = {m: len(a) for m, a in anchors.items()}
-        if len(set(sizes.values())) != 1 or not all(sizes.values()):
-            raise LightCRLError(f"ASIF anchors must be non-empty pairs of equal count, got {sizes}")
-        if k < 1 or p <= 0:
-            raise LightCRLError(f"ASIF needs k >= 1 and p > 0, got k={k}, p={p}")
-        self.k, self.p, self.center, self.chunk = int(k), float(p), bool(center), int(chunk)
-        # Optional centering by the anchor mean: image features of a CNN all point the same way (post-ReLU),
-        # which flattens every cosine; subtracting the mean restores contrast.
-        self.means = {m: (np.asarray(a, np.float32).mean(0) if center else None) for m, a in anchors.items()}
-        self.anchors = {m: torch.from_numpy(self._prepare(m, a)) for m, a in anchors.items()}
 
-    @property
-    def n_anchors(self) -> int:
-        return len(next(iter(self.anchors.values())))
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.anchors)
-
-    def _prepare(self, modality: str, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float32)
-        mean = self.means[modality]
-        return _normalize(x - mean if mean is not None else x)
-
-    def encode_features(self, modality: str, pooled: np.ndarray) -> np.ndarray:
-        """Frozen pooled features [N, D] of ``modality`` -> relative representations [N, n_anchors]."""
-        if modality not in self.anchors:
-            raise LightCRLError(f"ASIF has no {modality} anchors (it has {', '.join(self.anchors)})")
-        x = torch.from_numpy(self._prepare(modality, pooled))
-        basis = self.anchors[modality]
-        if x.shape[1] != basis.shape[1]:
-            raise LightCRLError(f"{modality} features have dim {x.shape[1]}, the anchors {basis.shape[1]}")
-        k = min(self.k, len(basis))
-        out = torch.zeros(len(x), len(basis))
-        for s in range(0, len(x), self.chunk):
-            vals, idx = (x[s : s + self.chunk] @ basis.T).topk(k, dim=1)
-            vals = vals.clamp(min=0)
-            # Divide by the row max before the power: the same direction, without underflow at large p.
-            vals = (vals / vals[:, :1].clamp(min=1e-12)) ** self.p
-            out[s : s + self.chunk].scatter_(1, idx, vals)
-        return torch.nn.functional.normalize(out, dim=1).numpy()
-
-    def encode_image_features(self, pooled: np.ndarray) -> np.ndarray:
-        return self.encode_features("image", pooled)
-
-    def encode_text_features(self, pooled: np.ndarray) -> np.ndarray:
-        return self.encode_features("text", pooled)
+@torch.no_grad()
+def encode_pooled(model: LightCRLModel, modality: str, pooled: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Pooled frozen features [N, D] -> the model's embeddings [N, d] (for ASIF: its relative vectors)."""
+    if modality not in model.input_dims:
+        raise LightCRLError(f"ASIF has no {modality} anchors (it has {', '.join(model.input_dims)})")
+    x = torch.as_tensor(np.asarray(pooled, np.float32))
+    if x.ndim != 2 or x.shape[1] != model.input_dims[modality]:
+        raise LightCRLError(f"{modality} features have shape {tuple(x.shape)}; the anchors have dim "
+                            f"{model.input_dims[modality]}")
+    out = [model.encode(modality, x[s : s + chunk]) for s in range(0, len(x), chunk)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
 
 
 def anchor_pairs(media: FeatureStore, text: FeatureStore, pairs: str = "random_caption",
@@ -142,9 +121,9 @@ def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[fl
     val, anchor = perm[:n_val], perm[n_val:]
     scores = {}
     for k, p, c in itertools.product(ks, ps, centers):
-        model = ASIF({modality: media[anchor], "text": text[anchor]}, k=k, p=p, center=c)
-        r = retrieval.evaluate(model.encode_features(modality, media[val]),
-                               model.encode_features("text", text[val]), np.arange(n_val))
+        model = asif_model({modality: media[anchor], "text": text[anchor]}, k=k, p=p, center=c)
+        r = retrieval.evaluate(encode_pooled(model, modality, media[val]),
+                               encode_pooled(model, "text", text[val]), np.arange(n_val))
         scores[(k, p, c)] = (r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2
     best = max(scores, key=lambda kpc: scores[kpc])
     return {"k": int(best[0]), "p": float(best[1]), "center": bool(best[2]),
@@ -153,84 +132,60 @@ def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[fl
                      for (k, p, c), v in scores.items()]}
 
 
-class ASIFPipeline:
-    """An ASIF model with its frozen encoders, usable wherever evaluation expects a trained pipeline.
+def build_pipeline(spec: dict, device: str = "auto", progress: bool = False):
+    """An ASIF model with its frozen encoders, as a :class:`lightcrl.api.LightCRLPipeline`.
 
-    ``spec`` describes the anchors (dataset spec, split, sample, encoders, k, p); the anchor features come
-    from the feature-store cache, so building one costs nothing once the training stores exist.
+    ``spec``: data, split, limit, seed, media_encoder, text_encoder, pairs, k, p, center[, tune]. The anchor
+    features come from the feature-store cache, so building one costs nothing once the training stores
+    exist. The pipeline's ``info`` is the run's model.json (kind "asif").
     """
+    from lightcrl.api import LightCRLPipeline
+    from lightcrl.embed import EmbedOptions, cached_store
+    from lightcrl.features import FeatureAdapter
 
-    input = "pooled"
-    model = None  # no trainable model: tasks that fine-tune one do not apply
+    t0 = time.time()
+    opts = EmbedOptions(limit=spec.get("limit"), seed=spec.get("seed", 0), device=device, progress=progress)
+    media = cached_store(spec["media_encoder"], spec["data"], spec["split"], opts)
+    text = cached_store(spec["text_encoder"], spec["data"], spec["split"], opts)
+    m_feat, t_feat = anchor_features(media, text, spec.get("pairs", "random_caption"), spec.get("seed", 0))
+    k, p, center = spec.get("k", 800), spec.get("p", 8.0), spec.get("center", False)
+    asif_spec = {key: v for key, v in spec.items() if key != "tuning"}
+    if spec.get("tune"):
+        t = spec["tune"]
+        res = tune(m_feat, t_feat, t.get("k", [k]), t.get("p", [p]), t.get("center") or center,
+                   t.get("val_fraction", 0.2), spec.get("seed", 0), media.modality)
+        k, p, center = res["k"], res["p"], res["center"]
+        asif_spec["tuning"] = res
+    asif_spec.update(k=k, p=p, center=center)
+    model = asif_model({media.modality: m_feat, "text": t_feat}, k=k, p=p, center=center)
+    info = {
+        "kind": "asif",
+        "model_config": model.cfg.model_dump(),
+        "input_dims": model.input_dims,
+        "encoders": {media.modality: spec["media_encoder"], "text": spec["text_encoder"]},
+        **FeatureAdapter("pooled").describe(),
+        "parameter_counts": model.parameter_counts(),
+        "asif": asif_spec,  # how the anchors were chosen: enough to rebuild from the store cache
+        "n_anchors": len(m_feat),
+        "anchor_stores": {"media": media.summary(), "text": text.summary()},
+        "build_time_s": time.time() - t0,
+    }
+    return LightCRLPipeline(model, info, device)
 
-    def __init__(self, asif: ASIF, encoders: dict[str, str], info: dict, device: str = "auto") -> None:
-        from lightcrl.devices import resolve_device
 
-        self.asif = asif
-        self.encoder_names = dict(encoders)
-        self.info = info
-        self.device = resolve_device(device)
+def save_run(pipe, run_dir: str | Path) -> None:
+    """Write an ASIF pipeline as a run: model.json (kind "asif") + model.safetensors (the anchor keys)."""
+    from lightcrl.rundir import RunDir
 
-    @classmethod
-    def build(cls, spec: dict, device: str = "auto", progress: bool = False) -> ASIFPipeline:
-        """``spec``: data, split, limit, seed, media_encoder, text_encoder, pairs, k, p, center[, tune]."""
-        from lightcrl.embed import EmbedOptions, cached_store
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in pipe.model.state_dict().items()}
+    save_file(state, str(run.weights))
+    run.write_info(pipe.info)
 
-        opts = EmbedOptions(limit=spec.get("limit"), seed=spec.get("seed", 0), device=device,
-                            progress=progress)
-        media = cached_store(spec["media_encoder"], spec["data"], spec["split"], opts)
-        text = cached_store(spec["text_encoder"], spec["data"], spec["split"], opts)
-        pairs = spec.get("pairs", "random_caption")
-        m_feat, t_feat = anchor_features(media, text, pairs, spec.get("seed", 0))
-        info = dict(spec, kind="asif", n_anchors=len(m_feat),
-                    anchor_stores={"media": media.summary(), "text": text.summary()})
-        k, p, center = spec.get("k", 800), spec.get("p", 8.0), spec.get("center", False)
-        if spec.get("tune"):
-            t = spec["tune"]
-            res = tune(m_feat, t_feat, t.get("k", [k]), t.get("p", [p]), t.get("center") or center,
-                       t.get("val_fraction", 0.2), spec.get("seed", 0), media.modality)
-            k, p, center = res["k"], res["p"], res["center"]
-            info["tuning"] = res
-        info.update(k=k, p=p, center=center)
-        asif = ASIF({media.modality: m_feat, "text": t_feat}, k=k, p=p, center=center)
-        encoders = {media.modality: spec["media_encoder"], "text": spec["text_encoder"]}
-        return cls(asif, encoders, info, device)
 
-    def save(self, run_dir: str | Path) -> None:
-        """``model.json`` (kind "asif") describing how to rebuild this model from the store cache."""
-        write_json(Path(run_dir) / "model.json", dict(self.info, encoders=self.encoder_names,
-                                                      parameter_counts={"total_trainable": 0}))
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> ASIFPipeline:
-        info = read_json(Path(run_dir) / "model.json")
-        if info.get("kind") != "asif":
-            raise LightCRLError(f"{run_dir} is not an ASIF run (model.json kind {info.get('kind')!r})")
-        # the tuned (k, p) are fixed now: rebuilding must not tune again
-        spec = {k: v for k, v in info.items() if k not in ("tune", "tuning", "anchor_stores", "n_anchors")}
-        return cls.build(spec, device)
-
-    # -- the pipeline interface used by lightcrl.app.evaluate ---------------------------------------
-    def _check_store(self, store: FeatureStore) -> None:
-        expected = self.encoder_names.get(store.modality)
-        if store.manifest["encoder"]["name"] != expected:
-            raise LightCRLError(f"store {store.dir} was made with {store.manifest['encoder']['name']}, "
-                                f"this ASIF model uses {expected}")
-
-    def encode_store(self, store: FeatureStore, batch_size: int = 0, indices: Any = None) -> np.ndarray:
-        self._check_store(store)
-        return self.asif.encode_features(store.modality, store.pooled(indices))
-
-    def _pooled(self, modality: str, items: Sequence[Any], batch_size: int) -> np.ndarray:
-        from lightcrl.encoders import get_encoder
-
-        enc = get_encoder(self.encoder_names[modality], device=self.device)
-        out = [enc.encode(list(items[s : s + batch_size])).pooled.cpu().numpy()
-               for s in range(0, len(items), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, enc.dim), np.float32)
-
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        return self.asif.encode_features("text", self._pooled("text", list(texts), batch_size))
-
-    def encode_image(self, images: Sequence[Any], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        return self.asif.encode_features("image", self._pooled("image", list(images), batch_size))
+def legacy_spec(info: dict) -> dict:
+    """The build spec of an ASIF run written by an older lightcrl (model.json held only the spec)."""
+    spec = {k: v for k, v in info.items() if k not in ("kind", "tune", "tuning", "anchor_stores", "n_anchors",
+                                                       "encoders", "parameter_counts")}
+    return spec
