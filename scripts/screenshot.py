@@ -6,7 +6,8 @@
 Writes PNGs to ``--dest`` (default OUT/screenshots) and exits non-zero when Chromium is missing, a page
 is missing, or a screenshot is absent, unreadable or blank. Without ``--gallery`` it first runs
 ``lightcrl search`` on the quickstart's synthetic images (``--images``/``--query`` to choose others).
-Needs Chromium (``apt-get install -y chromium``).
+Needs Chromium (``apt-get install -y chromium``, or ``scripts/install_chromium.sh``); ``--find-browser``
+prints the one it would use (exit 2 when none). It runs headless as root in a container too.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def screenshot(browser: str, page: Path, png: Path, size: str = "1280,2000", tim
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="lightcrl-chromium-") as profile:
-        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--no-first-run", "--hide-scrollbars",
+        # as root in a container: no sandbox (it needs user namespaces), no GPU, and /tmp instead of a
+        # small /dev/shm
+        cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--no-first-run",
+               "--hide-scrollbars",
                f"--user-data-dir={profile}", f"--screenshot={png.resolve()}", f"--window-size={size}",
                page.resolve().as_uri()]
         try:
@@ -97,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query", default="a red circle")
     ap.add_argument("--dest", type=Path, help="where the PNGs go (default: OUT/screenshots)")
     ap.add_argument("--no-report", action="store_true", help="only the gallery and the given pages")
+    ap.add_argument("--find-browser", action="store_true", help="print the browser found, exit 2 if none")
     args = ap.parse_args(argv)
 
     browser = find_browser()
+    if args.find_browser and browser:
+        print(browser)
+        return 0
     if browser is None:
         print("error: no Chromium found (apt-get install -y chromium, or set $CHROMIUM)", file=sys.stderr)
         return 2

@@ -16,4 +16,5 @@ fi
 "$VPY" -m pip install -q -e ".[dev,export]"
 # aisfx pins old versions of its dependencies: install it alone, its needs come from the line above.
 "$VPY" -m pip install -q --no-deps "aisfx==0.1.2" || echo "warning: aisfx (audio encoder) not installed"
+PYTHON="$VPY" bash scripts/install_chromium.sh
 echo "lightcrl installed in .venv ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -285,3 +285,53 @@ def test_resume_drops_a_torn_metrics_line(tmp_path, pairs_csv):
     train(cfg, run)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(x) for x in lines) and max(json.loads(x)["step"] for x in lines) < 99
+
+
+def test_mid_epoch_checkpoint_resumes_bit_exact(tmp_path, pairs_csv, monkeypatch):
+    """Killed after step 7 (5 steps an epoch, dropout on) with a checkpoint every 3 steps: the rerun goes on
+    from step 6, in the middle of epoch 2, and ends bitwise where an uninterrupted run ends."""
+    over = {"model.dropout": 0.1, "log_every": 1}
+    full = tmp_path / "full"
+    assert train(validate_config(toy_config(pairs_csv, **over)), full)["steps"] == 15
+    cfg = validate_config(toy_config(pairs_csv, **over, **{"optim.checkpoint_every_steps": 3}))
+
+    class Killed(Exception):
+        pass
+
+    real_step, steps_run, kill_after = Trainer.train_step, [], [7]
+
+    def step(self, *a, **k):
+        if self.state["step"] in kill_after:
+            raise Killed
+        steps_run.append(self.state["step"] + 1)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(cfg, run)
+    last = json.loads((run / "checkpoints" / "last.json").read_text())
+    state = json.loads((run / "checkpoints" / last["folder"] / "state.json").read_text())
+    assert (last["step"], state["epoch"], state["batch"]) == (6, 1, 1)  # step 1 of epoch 2 done
+    # the interval is no part of the run's identity: the rerun may use another one
+    steps_run.clear()
+    kill_after.clear()
+    train(validate_config(toy_config(pairs_csv, **over, **{"optim.checkpoint_every_steps": 4})), run)
+    assert steps_run == list(range(7, 16))
+
+    def log(r: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+    assert log(run) == log(full)
+    for rel in (
+        "model.safetensors",
+        "checkpoints/last-00000015/model.safetensors",
+        "checkpoints/last-00000015/trainer.safetensors",  # optimizer moments and the RNG state
+    ):
+        assert (run / rel).read_bytes() == (full / rel).read_bytes(), rel
+    # epoch 2's timing row counts the steps before the kill too: all its 40 pairs, and the saved time
+    rows_run = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch2 = next(r for r in rows_run if r["epoch"] == 2 and "time/epoch_s" in r)
+    assert round(epoch2["time/pairs_per_s"] * epoch2["time/epoch_s"]) == 40
+    assert epoch2["time/epoch_s"] >= state["epoch_time_s"] > 0

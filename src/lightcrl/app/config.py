@@ -46,6 +46,10 @@ class OptimConfig(_Strict):
     plateau_factor: float = 0.5
     plateau_patience: int = 1
     grad_clip: float | None = 1.0
+    # Also save the "last" checkpoint every N steps inside an epoch (None: at epoch ends only), so a kill
+    # in a long epoch loses at most N steps; the resumed run is still bit-exact. Not part of the run's
+    # fingerprint: it may be changed when resuming.
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
 
 
 class EarlyStopConfig(_Strict):

@@ -156,6 +156,10 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
 
 
 # -- the trainer ------------------------------------------------------------------------------------
+# Where the current epoch stands, beside state["batch"]: a mid-epoch checkpoint saves them, so the epoch's
+# time/epoch_s and time/pairs_per_s count the steps done before the kill.
+_EPOCH_PROGRESS = ("epoch_pairs", "epoch_time_s")
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False):
@@ -279,7 +283,12 @@ class Trainer:
         h = hashlib.sha256()
         h.update(
             json.dumps(
-                self.cfg.model_dump(mode="json", exclude={"progress", "name"}), sort_keys=True
+                # the checkpoint interval changes no number: a run may resume with another one
+                self.cfg.model_dump(
+                    mode="json",
+                    exclude={"progress": True, "name": True, "optim": {"checkpoint_every_steps": True}},
+                ),
+                sort_keys=True,
             ).encode()
         )
         for s in self.train_sets:
@@ -347,7 +356,12 @@ class Trainer:
         self.plateau_scale = st.get("plateau_scale", 1.0)
         self.plateau_bad = st.get("plateau_bad", 0)
         torch.set_rng_state(ck["trainer"]["rng.torch"])
-        self.state.update({k: st[k] for k in self.state if k in st})
+        # the GPU's dropout RNG: a checkpoint taken mid-epoch continues from it (at an epoch start it is
+        # reseeded anyway)
+        cuda_keys = [f"rng.cuda.{i}" for i in range(torch.cuda.device_count())]
+        if cuda_keys and all(k in ck["trainer"] for k in cuda_keys):
+            torch.cuda.set_rng_state_all([ck["trainer"][k] for k in cuda_keys])
+        self.state.update({k: st[k] for k in (*self.state, *_EPOCH_PROGRESS) if k in st})
         if self.is_main:
             self._truncate_metrics(st["step"])
             log.info("resumed from %s (epoch %d, step %d)", folder, st["epoch"], st["step"])
@@ -509,9 +523,12 @@ class Trainer:
         stopped_early = False
         while self.state["epoch"] < cfg.optim.epochs:
             epoch = self.state["epoch"]
-            # Dropout RNG is a function of (seed, epoch): a resumed epoch replays exactly.
-            torch.manual_seed(cfg.seed * 100003 + epoch)
-            schedule = self._schedule()
+            if self.state["batch"] == 0:
+                # Dropout RNG is a function of (seed, epoch): a resumed epoch replays exactly. A resume in
+                # the middle of an epoch goes on from the RNG state saved at that step (see resume()).
+                torch.manual_seed(cfg.seed * 100003 + epoch)
+                self.state.update(epoch_pairs=0, epoch_time_s=0.0)
+            schedule = self._schedule()  # a function of (seed, epoch): resumed at state["batch"]
             bar = tqdm(
                 total=len(schedule),
                 initial=self.state["batch"],
@@ -520,20 +537,24 @@ class Trainer:
                 dynamic_ncols=True,
                 leave=False,
             )
-            t0 = time.time()
-            n_pairs = 0
+            t0, time_before = time.time(), self.state["epoch_time_s"]
+            every = cfg.optim.checkpoint_every_steps
             for j in range(self.state["batch"], len(schedule)):
                 si, batch = schedule[j]
                 row = self.train_step(si, batch)
-                n_pairs += len(batch)
+                self.state["epoch_pairs"] += len(batch)
                 self.state["step"] += 1
                 self.state["batch"] = j + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", scale=f"{row['train/logit_scale']:.1f}")
                 if self.state["step"] % cfg.log_every == 0 or j == len(schedule) - 1:
                     self._log({"step": self.state["step"], "epoch": epoch + (j + 1) / len(schedule), **row})
+                # (the epoch's last step is saved below anyway, after validation)
+                if every and self.state["step"] % every == 0 and j < len(schedule) - 1:
+                    self.state["epoch_time_s"] = time_before + time.time() - t0
+                    self._save("last")
             bar.close()
-            epoch_time = time.time() - t0
+            epoch_time = time_before + time.time() - t0
             self.state["train_time_s"] += epoch_time
             self.state["epoch"] = epoch + 1
             self.state["batch"] = 0
@@ -541,7 +562,7 @@ class Trainer:
                 "step": self.state["step"],
                 "epoch": epoch + 1,
                 "time/epoch_s": epoch_time,
-                "time/pairs_per_s": n_pairs / max(epoch_time, 1e-9),
+                "time/pairs_per_s": self.state["epoch_pairs"] / max(epoch_time, 1e-9),
             }
             metric = None
             if self.is_main and self.val_sets and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
