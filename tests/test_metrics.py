@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ from threadpoolctl import threadpool_limits
 
 from lightcrl.app import plots
 from lightcrl.metrics import finetune, geometry, linear_probe, retrieval, sts, zeroshot
-from lightcrl.paths import data_root
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -374,65 +372,22 @@ def test_sts_evaluate_and_all_setting():
     assert m["wmean/spearman"] == pytest.approx((20 * m["x/spearman"] + 30 * m["y/spearman"]) / 50)
 
 
-def test_senteval_sts_loader_skips_empty_gold(tmp_path: Path):
-    (tmp_path / "STS.input.news.txt").write_text('a "quoted" one\tb\nc\td\te-extra\nx\ty\n', encoding="utf-8")
-    (tmp_path / "STS.gs.news.txt").write_text("4.2\n\n1\n", encoding="utf-8")
-    (tmp_path / "STS.input.orphan.txt").write_text("p\tq\n", encoding="utf-8")  # no gold file: ignored
-    data = sts.load_senteval_sts(tmp_path)
-    assert list(data) == ["news"]
-    s1, s2, sc = data["news"]
-    assert s1 == ['a "quoted" one', "x"] and s2 == ["b", "y"]
-    np.testing.assert_allclose(sc, [4.2, 1.0])
-
-
-def test_sick_loader_with_semeval_set_column(tmp_path: Path):
-    p = tmp_path / "SICK.txt"
-    p.write_text(
-        "pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tentailment_AB\tentailment_BA\t"
-        "sentence_A_original\tsentence_B_original\tsentence_A_dataset\tsentence_B_dataset\tSemEval_set\n"
-        "1\tA b\tC d\tNEUTRAL\t4.5\tA_neutral_B\tB_neutral_A\to\to\tFLICKR\tFLICKR\tTRAIN\n"
-        "2\tE f\tG h\tNEUTRAL\t3.2\tA_neutral_B\tB_neutral_A\to\to\tFLICKR\tFLICKR\tTEST\n",
-        encoding="utf-8",
-    )
-    assert sts.load_sick(p)[0] == ["A b", "E f"]
-    s1, s2, sc = sts.load_sick(p, split="test")
-    assert s1 == ["E f"] and s2 == ["G h"] and sc.tolist() == [3.2]
-
-
-STSB = data_root() / "sts" / "STSBenchmark"
-SICK = data_root() / "nli" / "sick2014" / "SICK_train.txt"
-
-
-def _bow(sentences: list[str], dim: int = 4096) -> np.ndarray:
-    out = np.zeros((len(sentences), dim), dtype=np.float32)
-    for i, s in enumerate(sentences):
-        for tok in s.lower().split():
-            out[i, zlib.crc32(tok.encode()) % dim] += 1.0
-    return out
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(not (STSB / "sts-dev.csv").is_file(), reason="STS Benchmark data not found")
-def test_sts_benchmark_real_files():
-    s1, s2, sc = sts.load_sts_benchmark(STSB, "dev")
-    assert len(s1) == len(s2) == len(sc) == 1500
-    assert sc.min() >= 0 and sc.max() <= 5
-    assert s1[0] == "a man with a hard hat is dancing ."
-    assert len(sts.load_sts_benchmark(STSB, "test")[0]) == 1379
-    if (STSB / "stsbenchmark" / "sts-test.csv").is_file():  # original files: extra source columns
-        orig = sts.load_sts_benchmark(STSB / "stsbenchmark", "test")
-        np.testing.assert_array_equal(orig[2], sts.load_sts_benchmark(STSB, "test")[2])
-    r = sts.evaluate(_bow(s1), _bow(s2), sc)
-    assert 20 < r["spearman"] < 90 and r["n"] == 1500
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(not SICK.is_file(), reason="SICK data not found")
-def test_sick_real_file():
-    s1, s2, sc = sts.load_sick(SICK)
-    assert len(s1) == len(s2) == len(sc) == 4500
-    assert sc.min() >= 1 and sc.max() <= 5
-    assert s1[0].startswith("A group of kids is playing in a yard")
+def test_sts_evaluate_sets_headline_per_set_and_mean():
+    rng = np.random.default_rng(3)
+    gold = rng.uniform(0, 5, 60)
+    e1, e2 = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
+    e2[:, 0] += gold  # some signal, different per subset
+    e1[:, 0] += 1.0
+    year = {"a": (e1[:25], e2[:25], gold[:25]), "b": (e1[25:45], e2[25:45], gold[25:45])}
+    bench = {"test": (e1[45:], e2[45:], gold[45:])}
+    m = sts.evaluate_sets({"STS12": year, "STSBenchmark": bench})
+    many, one = sts.evaluate_many(year), sts.evaluate(*bench["test"])
+    assert m["STS12/spearman"] == pytest.approx(many["all/spearman"])  # the concatenation, not the mean
+    assert m["STS12/mean/spearman"] == pytest.approx(many["mean/spearman"]) and "STS12/all/spearman" not in m
+    assert m["STSBenchmark/spearman"] == pytest.approx(one["spearman"])
+    assert m["spearman"] == pytest.approx((many["all/spearman"] + one["spearman"]) / 2) and m["n"] == 60
+    alone = sts.evaluate_sets({"STS12": year})  # one set: no prefix, its headline is "spearman"
+    assert alone["spearman"] == pytest.approx(many["all/spearman"]) and alone["n"] == 45
 
 
 def test_retrieval_by_class_by_hand():

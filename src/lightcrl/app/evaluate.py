@@ -19,8 +19,8 @@ import numpy as np
 
 from lightcrl.api import LightCRLPipeline
 from lightcrl.app.tasks import Task
+from lightcrl.data.sts import SENTEVAL_SETS
 from lightcrl.embed import EmbedOptions, cached_store
-from lightcrl.encoders import get_encoder
 from lightcrl.errors import LightCRLError
 from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json
@@ -275,62 +275,52 @@ def task_geometry(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     return m, [png]
 
 
-def _load_sts(spec: str, split: str | None):
-    from lightcrl.metrics import sts
-
-    kind, _, path = spec.partition(":")
-    if kind in ("stsb", "stsbenchmark"):
-        s1, s2, g = sts.load_sts_benchmark(path, split or "test")
-        return {"stsb": (s1, s2, g)}
-    if kind == "sick":
-        return {"sick": sts.load_sick(path, split)}
-    if kind in ("senteval", "senteval-sts"):
-        return sts.load_senteval_sts(path)
-    raise LightCRLError(f"sts data must be stsb:DIR, sick:FILE or senteval:DIR (got {spec!r})")
-
-
 def task_sts(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict, list[str]]:
+    """Cosine of sentence embeddings vs gold scores; the sentences' features come from the store cache."""
     from lightcrl.metrics import sts
 
-    subsets = _load_sts(r.data, r.split)
-    if r.limit:
-        rng = np.random.default_rng(r.seed)
-        subsets = {k: _take(v, rng, r.limit) for k, v in subsets.items()}
+    sets = _sts_sets(r)
+    store = _store(t, "text", r.data, r.split, r.limit, r.seed, r.device)
+    embeddings = {"raw_encoder": raw_pooled(store)}
+    if t.pipeline is not None:
+        embeddings["dfe"] = t.embed(store)
     m: dict[str, Any] = {}
-    encoders = {"raw_encoder": None} if t.pipeline is None else {"raw_encoder": None, "dfe": t.pipeline}
-    for name, pipe in encoders.items():
-        per = {}
-        for sub, (s1, s2, g) in subsets.items():
-            e1, e2 = _encode_sentences(t, pipe, s1), _encode_sentences(t, pipe, s2)
-            per[sub] = (e1, e2, g)
-        if len(per) == 1:
-            ((e1, e2, g),) = per.values()
-            res = sts.evaluate(e1, e2, g)
-        else:
-            res = sts.evaluate_many(per)
+    for name, emb in embeddings.items():
+        res = sts.evaluate_sets(_sts_pair_embeddings(store, sets, emb))
         m.update({f"{name}/{k}": v for k, v in res.items()})
-    # headline: the trained path when there is one
-    m["spearman"] = m.get("dfe/spearman", m.get("raw_encoder/spearman", m.get("dfe/all/spearman")))
+    head = "dfe" if t.pipeline is not None else "raw_encoder"  # the trained path when there is one
+    m["spearman"] = m[f"{head}/spearman"]
+    if len(sets) > 1:  # one headline row per set (STS year, STS-B), their mean above
+        m.update({f"{s}/spearman": m[f"{head}/{s}/spearman"] for s in sets})
     return m, []
 
 
-def _take(pairs, rng, n):
-    s1, s2, g = pairs
-    if n >= len(g):
-        return pairs
-    idx = np.sort(rng.choice(len(g), n, replace=False))
-    return [s1[i] for i in idx], [s2[i] for i in idx], g[idx]
+def _sts_sets(r: EvalRequest):
+    """The pairs of the request, sampled exactly as the store's sentences were (StsDataset.subsample)."""
+    from lightcrl.data.datasets import open_dataset
+    from lightcrl.data.sts import StsDataset
+
+    ds = open_dataset(r.data, r.split)
+    if not isinstance(ds, StsDataset):
+        raise LightCRLError(f"sts data must be stsb:DIR, sick:FILE or senteval:DIR (got {r.data!r})")
+    return (ds.subsample(r.limit, seed=r.seed) if r.limit else ds).sets
 
 
-def _encode_sentences(t: EvalTarget, pipe: LightCRLPipeline | None, sentences: list[str]) -> np.ndarray:
-    if pipe is not None:
-        return pipe.encode_text(sentences, progress=False)
-    enc = get_encoder(t.encoders["text"])
-    out = []
-    for s in range(0, len(sentences), 256):
-        o = enc.encode(sentences[s : s + 256])
-        out.append(o.pooled.cpu().numpy())
-    return np.concatenate(out)
+def _sts_pair_embeddings(store: FeatureStore, sets, emb: np.ndarray) -> dict:
+    """{set: {subset: (emb1, emb2, gold)}}; a pair whose sentence the encoder skipped is left out."""
+    from lightcrl.data.sts import pair_rows
+
+    row_of = {rid: k for k, rid in enumerate(store.items.ids)}
+    out: dict = {}
+    for set_name, subsets in sets.items():
+        out[set_name] = {}
+        for subset, pairs in subsets.items():
+            rows1, rows2, kept = pair_rows(row_of, pairs)
+            if len(kept) < len(pairs.gold):
+                log.warning("%s/%s: %d pair(s) left out (sentence skipped by the encoder)",
+                            set_name, subset, len(pairs.gold) - len(kept))
+            out[set_name][subset] = (emb[rows1], emb[rows2], pairs.gold[kept])
+    return out
 
 
 _SHARED_SPACE = frozenset({"lightcrl", "asif", "convirt"})
@@ -359,7 +349,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          columns=("alignment", "uniformity_a", "uniformity_b", "modality_gap"), run_kinds=_SHARED_SPACE),
     Task("sts", task_sts, "semantic textual similarity: Spearman of cosine vs gold scores",
          headline="spearman", higher_is_better=True,
-         printed=("spearman", "raw_encoder/spearman", "dfe/spearman"),
+         printed=("spearman", *(f"{s}/spearman" for s in SENTEVAL_SETS), "raw_encoder/spearman",
+                  "dfe/spearman"),
          columns=("spearman",), run_kinds=_SHARED_SPACE | {"raw"}),
 )}
 

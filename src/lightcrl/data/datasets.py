@@ -27,6 +27,8 @@ Kinds, the official layout each one reads, and their splits (default first):
   ``{train,test}/<wnid>/``. Splits val (or test), train.
 - ``esc50:DIR``: ``audio/*.wav`` + ``meta/esc50.csv``; query ``esc10=1`` keeps ESC-10 (labels 0..9).
 - ``esc10:DIR``: the original release, ``"0NN - Class name"/<fold>-<freesound id>-<take>.ogg``.
+- ``stsb:DIR``, ``sick:FILE``, ``senteval:DIR``: sentence pairs with similarity scores, a text-only
+  dataset of their unique sentences (see :mod:`lightcrl.data.sts`).
 - ``labelcaptions:<inner spec>``: a classification dataset as a pairs dataset, e.g.
   ``labelcaptions:esc10:DIR``. Each item gets one caption per template of the inner dataset, the class
   name filled in (id ``"<item id>#<k>"``, group = the item id). Splits: those of the inner dataset.
@@ -192,7 +194,9 @@ def _loader(kind: str, options: Iterable[str] = (), is_file: bool = False):
 
 
 def known_kinds() -> list[str]:
-    return sorted([*_LOADERS, LABELCAPTIONS])
+    from lightcrl.data.sts import STS_KINDS  # data.sts builds on this module: imported on use
+
+    return sorted([*_LOADERS, LABELCAPTIONS, *STS_KINDS])
 
 
 def _split_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
@@ -220,6 +224,11 @@ def parse_spec(spec: str) -> tuple[str, Path]:
     inner = _labelcaptions_inner(spec)
     if inner is not None:
         return LABELCAPTIONS, parse_spec(inner)[1]
+    from lightcrl.data.sts import is_sts_spec
+
+    if is_sts_spec(spec):
+        kind, _, path = spec.partition(":")
+        return kind.strip().lower(), Path(path).expanduser()
     kind, path, _ = _split_spec(spec)
     return kind, path
 
@@ -229,6 +238,10 @@ def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> D
     inner = _labelcaptions_inner(spec)
     if inner is not None:
         return _open_labelcaptions(spec, inner, split, strict)
+    from lightcrl.data.sts import is_sts_spec, open_sts
+
+    if is_sts_spec(spec):  # sentence pairs: a text-only dataset of their unique sentences
+        return open_sts(spec, split)
     kind, path, options = _split_spec(spec)
     loader = _LOADERS[kind]
     _require(path, f"{kind} file" if loader.is_file else f"{kind} dataset folder")
