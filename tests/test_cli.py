@@ -83,3 +83,14 @@ def test_usage_errors_of_click_itself_are_reported_too(monkeypatch, capsys):
     monkeypatch.setattr("lightcrl.app.train.train", bad_usage)
     assert main(["train", "--config", str(CONFIG), "--out", "run"]) == 2
     assert "Error: no such thing" in capsys.readouterr().err
+
+
+def test_report_refuses_a_missing_folder_and_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "run directory not found" in err and "Traceback" not in err, err
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"")
+    assert main(["report", str(tmp_path / "photos")]) == 2
+    assert "not a lightcrl run" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]  # nothing written
