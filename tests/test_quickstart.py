@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_pairs_csv
 
 import lightcrl
+from lightcrl.app import quickstart as quickstart_module
 from lightcrl.app.evaluate import EvalTarget
 from lightcrl.app.quickstart import QuickstartOptions, quickstart
+from lightcrl.data.datasets import open_dataset
 from lightcrl.data.synthetic import HELD_OUT, SyntheticSpec, generate
 from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.errors import LightCRLError
@@ -161,6 +164,31 @@ def test_report_is_valid_html_naming_every_results_file(tiny_run):
         assert p.name in text
     images = [a for t, a in page.tags if t == "img"]
     assert images and all(a["src"].startswith("data:image/") for a in images)  # self-contained
+
+
+def test_quickstart_on_a_missing_folder_says_it_is_missing(tmp_path):
+    with pytest.raises(LightCRLError, match="flickr8k dataset folder not found"):
+        quickstart(QuickstartOptions(out=tmp_path / "run", data=f"flickr8k:{tmp_path}/nope", progress=False))
+
+
+def test_quickstart_on_a_csv_file_evaluates_on_held_out_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTCRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quickstart_module, "IMAGE_ENCODER", "toy-image")  # tiny, registered by conftest
+    monkeypatch.setattr(quickstart_module, "TEXT_ENCODER", "toy-text")
+    spec = make_pairs_csv(tmp_path / "pairs", n=20)  # 20 images, 2 captions each
+    s = quickstart(QuickstartOptions(out=tmp_path / "run", data=spec, epochs=2, batch_size=8,
+                                     model=TINY_MODEL, progress=False, threads=1))
+    assert s["data"] == spec
+    assert list(s["retrieval"]) == ["pairs-csv-held-out"]
+    assert s["retrieval"]["pairs-csv-held-out"]["image_retrieval_recall@1"] is not None
+    # 20% of the images held out of training, and evaluated on
+    folder = next((tmp_path / "cache" / "quickstart").iterdir())
+    train, test = (open_dataset(f"csv:{folder / name}") for name in ("train.csv", "test.csv"))
+    train_ids, test_ids = {r.id for r in train.media_records()}, {r.id for r in test.media_records()}
+    assert (len(train_ids), len(test_ids)) == (16, 4) and not train_ids & test_ids
+    assert s["stores"] == {"toy-image:train-csv:all": 16, "toy-text:train-csv:all": 32,
+                           "toy-image:test-csv:all": 4, "toy-text:test-csv:all": 8}
+    assert any("held out" in n for n in s["notes"])
 
 
 def test_quickstart_refuses_a_foreign_folder(tmp_path):
