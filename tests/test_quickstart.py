@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,7 +26,7 @@ from lightcrl.app.quickstart import QuickstartOptions, quickstart
 from lightcrl.data.datasets import open_dataset
 from lightcrl.data.synthetic import HELD_OUT, SyntheticSpec, generate
 from lightcrl.embed import EmbedOptions, cached_store
-from lightcrl.errors import LightCRLError
+from lightcrl.errors import LightCRLError, SkipItem
 
 TINY_SPEC = dict(n_train=160, n_dev=0, n_test=24, zeroshot_per_class=4, seen_per_class=0,
                  captions_per_image=2)
@@ -117,6 +119,19 @@ def test_api_round_trip_matches_evaluator(tiny_run):
     np.testing.assert_allclose(api_img, ev_img, atol=1e-2)
     np.testing.assert_allclose(api_txt, ev_txt, atol=1e-2)
     assert (np.sum(api_img * ev_img, 1) > 0.999).all() and (np.sum(api_txt * ev_txt, 1) > 0.999).all()
+
+
+def test_classify_warns_nothing_and_names_a_missing_image(tiny_run, tmp_path):
+    model = lightcrl.load(tiny_run.out)
+    folder = Path(tiny_run.summary["synthetic_data"]) / "shapes-zeroshot" / "test"
+    images = sorted(p for p in folder.rglob("*") if p.is_file())[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = model.classify(images, ["red circle", "blue square"])
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0)
+    missing = tmp_path / "gone.jpg"
+    with pytest.raises(SkipItem, match=re.escape(str(missing))):
+        model.classify([missing], ["red circle", "blue square"])
 
 
 class _Checker(HTMLParser):
