@@ -31,7 +31,7 @@ def _no_type(ctx: Any) -> None:
 
 
 class _PlainFlags:
-    """Help shows a boolean flag as ``--overwrite``, not ``--overwrite <bool>`` (typer >= 0.2x does).
+    """Help shows a boolean flag as ``--overwrite``, not ``--overwrite <bool>`` (as typer 0.29 does).
 
     A flag takes no value, so a type after it misleads; older typers never show one (harmless there).
     """
