@@ -111,12 +111,13 @@ def test_load_image_corrupt(tmp_path, content):
     with pytest.raises(SkipItem) as exc:
         load_image(str(path))
     assert exc.value.reason == "corrupt_image" and exc.value.path == str(path)
+    assert str(path) in str(exc.value)  # the message names the file (PIL reads from memory)
 
 
 def test_load_image_missing(tmp_path):
     with pytest.raises(SkipItem) as exc:
         load_image(str(tmp_path / "nope.jpg"))
-    assert exc.value.reason == "missing_file"
+    assert exc.value.reason == "missing_file" and str(tmp_path / "nope.jpg") in str(exc.value)
 
 
 def test_load_image_cmyk_jpeg(tmp_path):

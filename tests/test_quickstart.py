@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_pairs_csv
 
 import lightcrl
+from lightcrl.app import quickstart as quickstart_module
 from lightcrl.app.evaluate import EvalTarget
 from lightcrl.app.quickstart import QuickstartOptions, quickstart
+from lightcrl.data.datasets import open_dataset
 from lightcrl.data.synthetic import HELD_OUT, SyntheticSpec, generate
 from lightcrl.embed import EmbedOptions, cached_store
-from lightcrl.errors import LightCRLError
+from lightcrl.errors import LightCRLError, SkipItem
 
 TINY_SPEC = dict(n_train=160, n_dev=0, n_test=24, zeroshot_per_class=4, seen_per_class=0,
                  captions_per_image=2)
@@ -115,6 +120,19 @@ def test_api_round_trip_matches_evaluator(tiny_run):
     assert (np.sum(api_img * ev_img, 1) > 0.999).all() and (np.sum(api_txt * ev_txt, 1) > 0.999).all()
 
 
+def test_classify_warns_nothing_and_names_a_missing_image(tiny_run, tmp_path):
+    model = lightcrl.load(tiny_run.out)
+    folder = Path(tiny_run.summary["synthetic_data"]) / "shapes-zeroshot" / "test"
+    images = sorted(p for p in folder.rglob("*") if p.is_file())[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = model.classify(images, ["red circle", "blue square"])
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0)
+    missing = tmp_path / "gone.jpg"
+    with pytest.raises(SkipItem, match=re.escape(str(missing))):
+        model.classify([missing], ["red circle", "blue square"])
+
+
 class _Checker(HTMLParser):
     """Checks that every non-void element is closed in order; collects the text."""
 
@@ -160,6 +178,31 @@ def test_report_is_valid_html_naming_every_results_file(tiny_run):
         assert p.name in text
     images = [a for t, a in page.tags if t == "img"]
     assert images and all(a["src"].startswith("data:image/") for a in images)  # self-contained
+
+
+def test_quickstart_on_a_missing_folder_says_it_is_missing(tmp_path):
+    with pytest.raises(LightCRLError, match="flickr8k dataset folder not found"):
+        quickstart(QuickstartOptions(out=tmp_path / "run", data=f"flickr8k:{tmp_path}/nope", progress=False))
+
+
+def test_quickstart_on_a_csv_file_evaluates_on_held_out_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTCRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quickstart_module, "IMAGE_ENCODER", "toy-image")  # tiny, registered by conftest
+    monkeypatch.setattr(quickstart_module, "TEXT_ENCODER", "toy-text")
+    spec = make_pairs_csv(tmp_path / "pairs", n=20)  # 20 images, 2 captions each
+    s = quickstart(QuickstartOptions(out=tmp_path / "run", data=spec, epochs=2, batch_size=8,
+                                     model=TINY_MODEL, progress=False, threads=1))
+    assert s["data"] == spec
+    assert list(s["retrieval"]) == ["pairs-csv-held-out"]
+    assert s["retrieval"]["pairs-csv-held-out"]["image_retrieval_recall@1"] is not None
+    # 20% of the images held out of training, and evaluated on
+    folder = next((tmp_path / "cache" / "quickstart").iterdir())
+    train, test = (open_dataset(f"csv:{folder / name}") for name in ("train.csv", "test.csv"))
+    train_ids, test_ids = {r.id for r in train.media_records()}, {r.id for r in test.media_records()}
+    assert (len(train_ids), len(test_ids)) == (16, 4) and not train_ids & test_ids
+    assert s["stores"] == {"toy-image:train-csv:all": 16, "toy-text:train-csv:all": 32,
+                           "toy-image:test-csv:all": 4, "toy-text:test-csv:all": 8}
+    assert any("held out" in n for n in s["notes"])
 
 
 def test_quickstart_refuses_a_foreign_folder(tmp_path):

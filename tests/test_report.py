@@ -152,6 +152,8 @@ def test_report_from_fake_run(tmp_path: Path):
 
 
 def test_report_of_empty_run_dir(tmp_path: Path):
+    """A run that has only just started: its config, nothing trained or evaluated yet."""
+    (tmp_path / "config.yaml").write_text("model:\n  arch: dfe\n", encoding="utf-8")
     md_path, html_path = build_report(tmp_path)
     c = _parse(html_path.read_text(encoding="utf-8"))
     assert not c.errors and not c.stack
@@ -182,3 +184,66 @@ def test_compare_table():
     assert "a\\|b" in lines[2] and "**20.00**" in lines[2]  # lower median rank is better
     assert "arch=dfe, size=2" in lines[3] and "**12.50**" in lines[3]
     assert lines[4].count("–") == 2
+
+
+def _section(md: str, heading: str) -> str:
+    """The markdown from ``heading`` up to the next level-2 heading."""
+    start = md.index(f"\n## {heading}\n")
+    end = md.find("\n## ", start + 1)
+    return md[start : end if end >= 0 else len(md)]
+
+
+def test_report_opens_with_the_results_and_ends_with_the_configuration(tmp_path: Path):
+    run = tmp_path / "run1"
+    _fake_run(run)
+    md_path, html_path = build_report(run)
+    md = md_path.read_text(encoding="utf-8")
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Summary" and headings[-1] == "## Configuration", headings
+    summary = _section(md, "Summary")
+    for headline in ("41.50", "88.25", "12.00", "61.00", "](report_files/training_curves.png)"):
+        assert headline in summary, headline
+    assert "loss: infonce" not in summary and "loss: infonce" in _section(md, "Configuration")
+
+    page = html_path.read_text(encoding="utf-8")
+    c = _parse(page)
+    assert not c.errors and not c.stack, (c.errors, c.stack)
+    # the configuration is collapsed, after everything else
+    details = page.index("<details><summary>Configuration</summary>")
+    assert page.index("<h2>Summary</h2>") < page.index("<h2>Results</h2>") < details
+    assert details < page.index("loss: infonce") < page.index("</details>") < page.index("</body>")
+
+
+def test_report_summary_puts_the_untrained_model_beside_the_run(tmp_path: Path):
+    run = tmp_path / "run1"
+    (run / "results").mkdir(parents=True)
+    for prefix, kind, top1 in (("untrained-", "untrained", 12.5), ("", "run", 75.0)):
+        (run / "results" / f"{prefix}zeroshot-shapes.json").write_text(json.dumps({
+            "task": "zeroshot", "dataset": "imagefolder:shapes", "split": "test",
+            "model": {"kind": kind, "name": "run1"}, "metrics": {"top1": top1, "chance": 16.67},
+        }))
+    md = build_report(run)[0].read_text(encoding="utf-8")
+    rows = [line for line in _section(md, "Summary").splitlines() if line.startswith("| imagefolder")]
+    assert rows == ["| imagefolder:shapes | test | run1 | 75.00 | 16.67 |",
+                    "| imagefolder:shapes | test | run1 (untrained) | 12.50 | 16.67 |"], rows
+
+
+def test_report_shows_the_default_split_and_no_repeated_model_config(tmp_path: Path):
+    run = tmp_path / "run1"
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  arch: dfe\n  width: 64\n  proj_hidden: null\n")
+    (run / "model_info.json").write_text(json.dumps({
+        "model_config": {"arch": "dfe", "width": 64, "proj_hidden": None},
+        "parameter_counts": {"total_trainable": 156_417},
+    }))
+    (run / "results" / "zeroshot-cifar10-default.json").write_text(json.dumps({
+        "task": "zeroshot", "dataset": "imagefolder:cifar10", "split": None, "model": {"name": "run1"},
+        "metrics": {"top1": 40.0},
+    }))
+    md_path, html_path = build_report(run)
+    md, text = md_path.read_text(encoding="utf-8"), "".join(_parse(html_path.read_text()).text)
+    assert "None" not in md and "None" not in text
+    assert "| imagefolder:cifar10 | default | run1 | 40.00 |" in _section(md, "Summary")
+    assert "model_config." not in md  # model.arch, model.width say it already
+    assert "**model.width**: 64" in md and "**parameter_counts.total_trainable**: 156.42 k" in md
+    assert "trainable parameters `156.42 k (156,417)`" in md  # in the first lines too

@@ -97,6 +97,17 @@ def test_search_cli_prints_hits_and_writes_gallery(tiny_run, shapes_folder, tmp_
     assert printed.index("yellow_star.jpg") < printed.index("gallery:")
 
 
+def test_search_counts_an_empty_image_as_unreadable(tiny_run, shapes_folder, capsys):
+    (shapes_folder / "empty.jpg").write_bytes(b"")  # a copy that never finished, say
+    (shapes_folder / "truncated.jpg").write_bytes((shapes_folder / "red_circle.jpg").read_bytes()[:100])
+    res = search(tiny_run.out, shapes_folder, "a red circle", top=8)
+    assert res.stats.skipped == 2 and res.n_images == len(FOLDER)
+    assert {h.rel for h in res.hits} == {f"{c}_{s}.jpg" for c, s in FOLDER}
+    args = ["--run", str(tiny_run.out), "--images", str(shapes_folder), "--query", "a red circle"]
+    assert main(["search", *args]) == 0  # the printed line counts both (the index is reused)
+    assert "2 unreadable" in capsys.readouterr().out
+
+
 def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     import onnxruntime as ort
 

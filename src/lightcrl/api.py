@@ -86,7 +86,8 @@ class LightCRLPipeline:
     @property
     def logit_scale(self) -> float:
         """The trained temperature's scale (exp of the clamped log-scale), as the losses used it."""
-        return float(self.model.get_logit_scale())
+        with torch.no_grad():  # a trained parameter: its value only (float() of a graph warns)
+            return float(self.model.get_logit_scale())
 
     @torch.no_grad()
     def encode_features(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -5,17 +5,61 @@ Each command is a thin shell over a library function; errors meant for the user 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from lightcrl.errors import LightCRLError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+#: What to do after Ctrl-C, per command: one line printed with "interrupted" (exit code 130).
+RESUME_HINTS = {
+    "embed": "run the same command again to resume (finished shards are kept)",
+    "train": "run the same command again to resume from the last checkpoint",
+    "experiment": "run the same command again to continue (finished cells are kept)",
+    "quickstart": "run the same command again (the feature stores already built are reused)",
+}
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+class _PlainFlags:
+    """Help shows a boolean flag as ``--overwrite``, not ``--overwrite <bool>`` (as typer 0.29 does).
+
+    A flag takes no value, so a type after it misleads; older typers never show one (harmless there).
+    """
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_bool_flag", False):
+                p.display_type_rich = _no_type
+        return params
+
+
+class _Command(_PlainFlags, TyperCommand):
+    pass
+
+
+class _Group(_PlainFlags, TyperGroup):
+    def invoke(self, ctx):
+        # Without this, typer turns Ctrl-C into a silent exit 130: say so, and how to pick up again.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            hint = RESUME_HINTS.get(ctx.invoked_subcommand or "")
+            typer.secho(f"interrupted: {hint}" if hint else "interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lightweight cross-modal representation learning on frozen encoders.")
 
 
@@ -38,7 +82,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     _setup_logging(verbose)
 
 
-@app.command()
+@app.command(cls=_Command)
 def embed(
     encoder: str = typer.Option(..., help="Encoder: efficientnet-lite0, minilm-l6, aisfx, hf-text:<id>, ..."),
     data: str = typer.Option(..., help="Dataset spec KIND:PATH, e.g. flickr8k:../shared/data/flickr8k"),
@@ -72,7 +116,7 @@ def embed(
                    f"with {s['encoder']} in {s['dir']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Path = typer.Option(..., help="YAML config (see configs/)"),
     out: Path = typer.Option(..., help="Run directory"),
@@ -88,7 +132,7 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_(
     run: str = typer.Option(..., help="Run directory, or 'raw' for the frozen encoders alone"),
     task: str = typer.Option(..., help="zeroshot | retrieval | linear_probe | finetune | geometry | sts"),
@@ -126,7 +170,7 @@ def eval_(
     typer.echo(f"results: {result['output']}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Gather a run's curves and results files into report.md and a self-contained report.html."""
     from lightcrl.app.report import build_report
@@ -148,7 +192,7 @@ def _print_table(title: str, values: dict):
     Console().print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Output folder (a run directory + summary.json)"),
     data: Optional[str] = typer.Option(None, help="Real pairs data, e.g. flickr8k:../shared/data/flickr8k "
@@ -174,7 +218,7 @@ def quickstart(
     typer.echo(f"report: {summary['report']}\nsummary: {out / 'summary.json'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def search(
     run: Path = typer.Option(..., help="Run directory"),
     images: Path = typer.Option(..., help="Folder of images (indexed once, then updated incrementally)"),
@@ -199,7 +243,7 @@ def search(
     typer.echo(f"gallery: {res.html}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     run: Path = typer.Option(..., help="Run directory"),
     format: str = typer.Option("onnx", help="Export format (onnx)"),
@@ -218,7 +262,7 @@ def export(
                    f"max abs diff vs PyTorch {d.max_abs_diff:.2e}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def experiment(
     config: Path = typer.Argument(..., help="Experiment YAML (see configs/experiments/)"),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only cells matching this glob "
@@ -251,25 +295,40 @@ def experiment(
         raise typer.Exit(1)
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """Exception class ``name`` of click and of typer's vendored copy of click (typer._click).
+
+    Older typers raise click's classes, newer ones their own copy (click need not even be installed):
+    catching both keeps usage errors a clean message on every typer that pyproject allows.
+    """
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
+    usage_errors, aborts = _click_classes("ClickException"), _click_classes("Abort")
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: typer returns the exit code (of typer.Exit, 130 after Ctrl-C)
+        code = app(args=argv, prog_name="lightcrl", standalone_mode=False)
     except LightCRLError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         return 2
-    except (typer.Exit, SystemExit) as e:
-        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
-    except KeyboardInterrupt:
+    except usage_errors as e:  # mistyped command or option, missing option: usage + error, as click does
+        e.show()
+        return e.exit_code
+    except (KeyboardInterrupt, *aborts):  # Ctrl-C outside a command (older click: Abort)
         typer.secho("interrupted", err=True)
         return 130
-    except Exception as e:  # noqa: BLE001 -- click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        raise
-    return 0
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ that also holds ``summary.json`` (headline numbers and wall times) and ``report.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -23,9 +25,10 @@ from typing import Any
 import torch
 
 from lightcrl.app.config import TrainConfig, validate_config
+from lightcrl.data.datasets import Dataset, open_dataset
 from lightcrl.data.synthetic import SyntheticData, SyntheticSpec, generate
 from lightcrl.errors import LightCRLError
-from lightcrl.io import read_json, write_json
+from lightcrl.io import read_json, write_json, write_text
 from lightcrl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ TEXT_ENCODER = "minilm-l6"
 REAL_TRAIN_LIMIT = 1000
 REAL_VAL_LIMIT = 200
 REAL_EVAL_LIMIT = 500
+#: A dataset that is one split (a csv file): the share of its images held out for evaluation.
+HELD_OUT_FRACTION = 0.2
 QUICKSTART_MODEL = {"arch": "dfe", "width": 128, "heads": 4, "ffn_dim": 512}
 
 
@@ -87,16 +92,52 @@ class _Plan:
 
 # -- planning --------------------------------------------------------------------------------------------
 def _available_splits(spec: str, candidates: tuple[str, ...]) -> list[str]:
-    from lightcrl.data.datasets import open_dataset
+    """The splits of ``spec`` that open: its default one first, then those of ``candidates``.
 
-    found = []
-    for s in candidates:
+    A dataset with none raises why (a missing folder...), as ``lightcrl eval`` on it would.
+    """
+    found: list[str] = []
+    first_error: LightCRLError | None = None
+    for s in (None, *candidates):
         try:
-            open_dataset(spec, s)
-        except LightCRLError:
+            split = open_dataset(spec, s).split
+        except LightCRLError as e:
+            first_error = first_error or e
             continue
-        found.append(s)
+        if split not in found:
+            found.append(split)
+    if not found and first_error is not None:
+        raise first_error
     return found
+
+
+def _hold_out(ds: Dataset, n_test: int, seed: int) -> tuple[str, str]:
+    """A one-split image-caption dataset (a csv file) as two csv files of disjoint images: (train, test).
+
+    Quickstart evaluates retrieval on images it did not train on; the files are written once per
+    dataset content, held-out size and seed (in the cache, like the synthetic data).
+    """
+    media = ds.media_records()
+    if ds.task != "pairs" or ds.media != "image" or any("::" in (r.path or "") for r in media):
+        raise LightCRLError(f"{ds.spec} has only the split {ds.split!r} and quickstart cannot hold images "
+                            "of it out for evaluation: give an image-caption dataset with a train split")
+    captions: dict[str, list[str]] = {}
+    for t in ds.text_records():
+        captions.setdefault(t.group, []).append(t.text or "")
+    order = torch.randperm(len(media), generator=torch.Generator().manual_seed(seed)).tolist()
+    test = {media[i].id for i in order[:n_test]}
+    folder = cache_dir() / "quickstart" / f"{_short(ds.spec)}-{ds.fingerprint()[:12]}-{n_test}-{seed}"
+    specs = []
+    for name, keep in (("train", lambda r: r.id not in test), ("test", lambda r: r.id in test)):
+        buf = io.StringIO()
+        rows = csv.writer(buf, lineterminator="\n")
+        rows.writerow(["filepath", "title"])
+        for r in filter(keep, media):
+            rows.writerows([os.path.abspath(str(r.path)), c] for c in captions.get(r.id, []))
+        if not (folder / f"{name}.csv").is_file():
+            write_text(folder / f"{name}.csv", buf.getvalue())
+        specs.append(f"csv:{folder / f'{name}.csv'}")
+    return specs[0], specs[1]
 
 
 def _plan(opts: QuickstartOptions) -> _Plan:
@@ -114,21 +155,46 @@ def _plan(opts: QuickstartOptions) -> _Plan:
         plan = _Plan(syn.pairs_spec, "train", "dev" if spec.n_dev else None, None, None, evals, syn)
     else:
         splits = _available_splits(opts.data, ("train", "dev", "val", "test"))
-        if "train" not in splits:
-            raise LightCRLError(f"{opts.data} has no 'train' split (found: {', '.join(splits) or 'none'})")
-        val = next((s for s in ("dev", "val") if s in splits), None)
-        test = "test" if "test" in splits else val
-        eval_limit = opts.eval_limit or REAL_EVAL_LIMIT
-        plan = _Plan(opts.data, "train", val, opts.limit or REAL_TRAIN_LIMIT, REAL_VAL_LIMIT, evals)
-        if test is not None:
-            evals.append(_Eval(f"{_short(opts.data)}-{test}", "retrieval", opts.data, test, eval_limit))
-            if test == val:
-                plan.notes.append(f"no test split: retrieval is measured on a {eval_limit}-image sample "
-                                  f"of {val}, whose {REAL_VAL_LIMIT}-image sample also picks the checkpoint")
+        if "train" not in splits and len(splits) > 1:
+            raise LightCRLError(f"{opts.data} has no 'train' split (found: {', '.join(splits)})")
+        if "train" not in splits:  # one split only (a csv file): hold some of its images out
+            plan = _held_out_plan(opts, splits[0], evals)
+        else:
+            plan = _train_split_plan(opts, splits, evals)
     if opts.zeroshot:
+        split = open_dataset(opts.zeroshot).split  # named in its results, as the default one
         evals.insert(0 if opts.data else len(evals),
-                     _Eval(_short(opts.zeroshot), "zeroshot", opts.zeroshot, None,
+                     _Eval(_short(opts.zeroshot), "zeroshot", opts.zeroshot, split,
                            opts.eval_limit or REAL_EVAL_LIMIT))
+    return plan
+
+
+def _train_split_plan(opts: QuickstartOptions, splits: list[str], evals: list[_Eval]) -> _Plan:
+    """Train on a sample of the train split, pick the checkpoint on dev/val, evaluate on test."""
+    val = next((s for s in ("dev", "val") if s in splits), None)
+    test = "test" if "test" in splits else val
+    eval_limit = opts.eval_limit or REAL_EVAL_LIMIT
+    plan = _Plan(opts.data, "train", val, opts.limit or REAL_TRAIN_LIMIT, REAL_VAL_LIMIT, evals)
+    if test is not None:
+        evals.append(_Eval(f"{_short(opts.data)}-{test}", "retrieval", opts.data, test, eval_limit))
+        if test == val:
+            plan.notes.append(f"no test split: retrieval is measured on a {eval_limit}-image sample "
+                              f"of {val}, whose {REAL_VAL_LIMIT}-image sample also picks the checkpoint")
+    return plan
+
+
+def _held_out_plan(opts: QuickstartOptions, split: str, evals: list[_Eval]) -> _Plan:
+    """Train on most images of a one-split dataset, evaluate retrieval on the rest."""
+    ds = open_dataset(opts.data, split)
+    n_images = len(ds)
+    if n_images < 2:
+        raise LightCRLError(f"{opts.data} has {n_images} usable image(s): quickstart needs at least 2")
+    n_test = max(1, min(opts.eval_limit or REAL_EVAL_LIMIT, round(n_images * HELD_OUT_FRACTION)))
+    train_spec, test_spec = _hold_out(ds, n_test, opts.seed)
+    evals.append(_Eval(f"{_short(opts.data)}-held-out", "retrieval", test_spec, "all", None))
+    plan = _Plan(train_spec, "all", None, opts.limit or REAL_TRAIN_LIMIT, None, evals)
+    plan.notes.append(f"{opts.data} has one split ({split}): retrieval is measured on {n_test} of its "
+                      f"{n_images} images, held out of training; no validation split, the last epoch is kept")
     return plan
 
 
@@ -324,7 +390,7 @@ def _summary(opts, plan: _Plan, cfg: TrainConfig, train_summary: dict, results: 
                       "text_retrieval_recall@5")
     summary: dict[str, Any] = {
         "kind": "lightcrl-quickstart",
-        "data": plan.train_spec if plan.synthetic is None else "synthetic shapes",
+        "data": opts.data or "synthetic shapes",
         "zeroshot_dataset": next(iter(zs), None),
         "zeroshot_top1": head["metrics"]["top1"] if head else None,
         "chance": head["metrics"]["chance"] if head else None,

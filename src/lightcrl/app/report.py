@@ -28,12 +28,18 @@ from typing import Any
 import yaml
 
 from lightcrl.app.tasks import metric_direction
+from lightcrl.errors import LightCRLError
 from lightcrl.io import write_text
 
 #: Folder (inside the run dir) for figures made by the report itself.
 FILES_DIR = "report_files"
 #: A task table with more scalar metrics than this is transposed (metrics as rows).
 MAX_WIDE_COLUMNS = 10
+#: What makes a folder a run (any one of them): a report of anything else would be empty and misplaced.
+RUN_MARKERS = ("config.yaml", "config.yml", "config.json", "metrics.jsonl", "model.json", "model_info.json",
+               "results")
+#: Metrics of a task shown in the summary when its results have none of the headline metrics.
+SUMMARY_FALLBACK_METRICS = 4
 
 TASK_DESCRIPTIONS = {
     "zeroshot": (
@@ -83,6 +89,7 @@ _CONFIG_HIGHLIGHTS = (
     "datasets",
     "train_data",
     "dim",
+    "width",
     "embed_dim",
     "depth",
     "layers",
@@ -105,7 +112,7 @@ _CONFIG_HIGHLIGHTS = (
 # --------------------------------------------------------------------------------------------------- blocks
 @dataclass
 class _Block:
-    kind: str  # "h2" | "h3" | "p" | "ul" | "table" | "code" | "img"
+    kind: str  # "h2" | "h3" | "p" | "ul" | "table" | "code" | "img" | "details" | "end_details"
     text: str = ""
     items: list[str] = field(default_factory=list)
     header: list[str] = field(default_factory=list)
@@ -128,8 +135,8 @@ def _md_cell(s: str) -> str:
 def _render_md(title: str, blocks: Sequence[_Block], run_dir: Path) -> str:
     out = [f"# {_md_text(title)}", ""]
     for b in blocks:
-        if b.kind in ("h2", "h3"):
-            out += [("## " if b.kind == "h2" else "### ") + _md_text(b.text), ""]
+        if b.kind in ("h2", "h3", "details"):  # markdown cannot collapse: a section like any other
+            out += [("### " if b.kind == "h3" else "## ") + _md_text(b.text), ""]
         elif b.kind == "p":
             out += [_md_text(b.text), ""]
         elif b.kind == "ul":
@@ -162,6 +169,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#666;font-size:.85em}
 .muted{color:#666}
+details>summary{cursor:pointer;font-size:1.5em;font-weight:bold;margin-top:1.6em;
+border-bottom:1px solid #eee}
 """.strip()
 
 
@@ -200,6 +209,10 @@ def _render_html(title: str, blocks: Sequence[_Block]) -> str:
     for b in blocks:
         if b.kind in ("h2", "h3"):
             out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "details":  # collapsed until clicked, up to the next end_details
+            out.append(f"<details><summary>{html.escape(b.text)}</summary>")
+        elif b.kind == "end_details":
+            out.append("</details>")
         elif b.kind == "p":
             out.append(f"<p>{_inline_md_to_html(b.text)}</p>")
         elif b.kind == "ul":
@@ -269,11 +282,20 @@ def model_label(model: Any) -> str:
     if isinstance(model, Mapping):
         for key in ("name", "id", "label"):
             if isinstance(model.get(key), str) and model[key]:
-                return model[key]
+                # an untrained twin carries its run's name: tell the two apart
+                return f"{model[key]} (untrained)" if model.get("kind") == "untrained" else model[key]
+        if model.get("kind") == "raw":
+            return "raw encoders"
         parts = [f"{k}={v}" for k, v in model.items() if _is_scalar(v) and v is not None]
         text = ", ".join(parts) or "?"
         return text if len(text) <= 80 else text[:77] + "..."
     return str(model) if model is not None else "?"
+
+
+def split_label(result: Mapping[str, Any]) -> str:
+    """The split a results file names; "default" when the evaluation used the dataset's default split."""
+    split = result.get("split")
+    return "default" if split in (None, "") else str(split)
 
 
 def compare_table(results: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
@@ -298,7 +320,7 @@ def compare_table(results: Sequence[Mapping[str, Any]], metrics: Sequence[str]) 
             model_label(r.get("model")),
             str(r.get("task", "")),
             str(r.get("dataset", "")),
-            str(r.get("split", "")),
+            split_label(r),
         ]
         for m in metrics:
             v = r.get("metrics", {}).get(m)
@@ -400,9 +422,26 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 
 # --------------------------------------------------------------------------------------------------- sections
-def _header_blocks(run: _Run) -> list[_Block]:
-    blocks: list[_Block] = []
-    tasks = sorted({r.task for r in run.results})
+#: Order of a run's results in a summary table: the run, then what it is compared with.
+_REFERENCE_ORDER = {"run": 0, "untrained": 1, "raw": 2}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _by_task(run: _Run) -> dict[str, list[_Result]]:
+    """Results grouped by task, tasks in the order of TASK_DESCRIPTIONS (unknown ones last)."""
+    by_task: dict[str, list[_Result]] = {}
+    for r in run.results:
+        by_task.setdefault(r.task, []).append(r)
+    order = list(TASK_DESCRIPTIONS)
+    ranked = sorted(by_task, key=lambda t: (order.index(t) if t in order else len(order), t))
+    return {t: by_task[t] for t in ranked}
+
+
+def _intro_blocks(run: _Run) -> list[_Block]:
+    tasks = list(_by_task(run))
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     intro = (
         f"This page summarises the run in `{run.run_dir}`: "
@@ -410,40 +449,83 @@ def _header_blocks(run: _Run) -> list[_Block]:
         + (f" ({', '.join(tasks)})" if tasks else "")
         + f". Generated {when} by lightcrl's report builder."
     )
-    blocks.append(_Block("p", intro))
+    blocks = [_Block("p", intro)]
     flat = dict(_flatten(run.config)) if run.config else {}
     found = {}
     for want in ("arch", "architecture", "fusion", "loss", "modalities", "dataset", "datasets"):
         for key, value in flat.items():
             if key.rsplit(".", 1)[-1] == want and value not in (None, "", []):
                 found.setdefault(want.replace("architecture", "arch"), value)
+    # parameter_counts.total_trainable (a training run), trainable_params (other writers)
+    info = _flatten(run.model_info or {})
+    trainable = next((v for k, v in info if "trainable" in k and _is_number(v)), None)
+    if trainable is not None:
+        found["trainable parameters"] = _human_count(trainable)
     if found:
         parts = [f"{k} `{', '.join(map(str, v)) if isinstance(v, list) else v}`" for k, v in found.items()]
         blocks.append(_Block("p", "In short: " + "; ".join(parts) + "."))
-    items: list[str] = []
-    if flat:
-        for key, value in flat.items():
-            if key.rsplit(".", 1)[-1] in _CONFIG_HIGHLIGHTS and (
-                _is_scalar(value) or isinstance(value, list)
-            ):
-                shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-                items.append(f"**{key}**: {shown}")
-    if run.model_info:
-        for key, value in _flatten(run.model_info):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                items.append(
-                    f"**{key}**: {_human_count(value) if 'param' in key.lower() else fmt_value(value)}"
-                )
-            elif _is_scalar(value):
-                items.append(f"**{key}**: {value}")
-    blocks.append(_Block("h2", "What was run"))
-    if items:
-        blocks.append(_Block("ul", items=items[:60]))
+    return blocks
+
+
+def _summary_blocks(run: _Run, curves: _Block) -> list[_Block]:
+    """Headline metrics of every result, the untrained model / raw encoders beside the run; the curves."""
+    from lightcrl.app.evaluate import TASKS
+
+    blocks = [_Block("h2", "Summary")]
+    if not run.results:
+        blocks.append(
+            _Block(
+                "p",
+                "No results/*.json files in this run directory yet: evaluate it with "
+                f"`lightcrl eval --run {run.run_dir} --task TASK --data SPEC`.",
+            )
+        )
     else:
         blocks.append(
-            _Block("p", "No config.yaml/config.json or model_info.json was found in the run directory.")
+            _Block(
+                "p",
+                "Headline numbers of each evaluation (accuracies, recalls and correlations in percent), "
+                "with the untrained model and the raw encoders where they were measured. Every metric "
+                "is under Results below.",
+            )
         )
+    for task, results in _by_task(run).items():
+        printed = TASKS[task].printed if task in TASKS else ()
+        keys = [k for k in printed if any(k in r.metrics for r in results)]
+        if not keys:  # a task without headline metrics: its first few numbers
+            for r in results:
+                keys += [k for k, v in r.metrics.items() if _is_number(v) and k not in keys]
+            keys = keys[:SUMMARY_FALLBACK_METRICS]
+        rows = [
+            [str(r.data.get("dataset", "")), split_label(r.data), model_label(r.data.get("model")),
+             *(fmt_value(r.metrics.get(k)) for k in keys)]
+            for r in sorted(results, key=_summary_order)
+        ]
+        blocks.append(_Block("p", f"**{task}**"))
+        blocks.append(_Block("table", header=["dataset", "split", "model", *keys], rows=rows))
+    blocks.append(curves)
     return blocks
+
+
+def _summary_order(r: _Result) -> tuple[str, str, int]:
+    """By dataset and split; within them the run first, then its untrained twin, then raw encoders."""
+    model = r.data.get("model")
+    kind = model.get("kind") if isinstance(model, Mapping) else None
+    rank = _REFERENCE_ORDER.get(kind, len(_REFERENCE_ORDER))
+    return str(r.data.get("dataset", "")), split_label(r.data), rank
+
+
+def _curves_block(run: _Run, files_dir: Path) -> _Block:
+    from lightcrl.app import plots
+
+    if not run.rows:
+        return _Block("p", "No training curves: no metrics.jsonl in this run directory (or it is empty).")
+    try:
+        png = files_dir / "training_curves.png"
+        plots.training_curves(run.rows, png)
+        return _Block("img", "Training curves from metrics.jsonl", path=png)
+    except ValueError as e:
+        return _Block("p", f"No curves drawn: {e}.")
 
 
 def _best(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, Any, Any]:
@@ -462,31 +544,18 @@ def _best(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, Any, Any]:
     return pts[-1][1], val, at
 
 
-def _training_blocks(run: _Run, files_dir: Path) -> list[_Block]:
+def _training_blocks(run: _Run) -> list[_Block]:
     from lightcrl.app import plots
 
-    blocks = [_Block("h2", "Training curves")]
     if not run.rows:
-        blocks.append(_Block("p", "No metrics.jsonl in this run directory (or it is empty)."))
-        return blocks
+        return []
+    blocks = [_Block("h2", "Training log")]
     if run.bad_lines:
         blocks.append(_Block("p", f"{run.bad_lines} unreadable line(s) of metrics.jsonl were skipped."))
-    try:
-        png = files_dir / "training_curves.png"
-        plots.training_curves(run.rows, png)
-        blocks.append(_Block("img", "Training curves from metrics.jsonl", path=png))
-    except ValueError as e:
-        blocks.append(_Block("p", f"No curves drawn: {e}."))
     keys: list[str] = []
     for r in run.rows:
-        keys += [
-            k
-            for k, v in r.items()
-            if k not in plots.NON_METRIC_KEYS
-            and k not in keys
-            and isinstance(v, (int, float))
-            and not isinstance(v, bool)
-        ]
+        keys += [k for k, v in r.items() if k not in plots.NON_METRIC_KEYS
+                 and k not in keys and _is_number(v)]
     xname = "step" if any("step" in r for r in run.rows) else "epoch"
     table = []
     for k in keys:
@@ -516,10 +585,9 @@ def _plot_path(run: _Run, rel: str) -> Path | None:
 def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
     from lightcrl.app import plots
 
-    blocks = [_Block("h2", "Results")]
     if not run.results:
-        blocks.append(_Block("p", "No results/*.json files in this run directory."))
-        return blocks
+        return []  # the summary says so
+    blocks = [_Block("h2", "Results")]
     blocks.append(
         _Block(
             "p",
@@ -527,12 +595,7 @@ def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
             "confusion matrices are kept in the results files named in the tables.",
         )
     )
-    by_task: dict[str, list[_Result]] = {}
-    for r in run.results:
-        by_task.setdefault(r.task, []).append(r)
-    order = list(TASK_DESCRIPTIONS)
-    for task in sorted(by_task, key=lambda t: (order.index(t) if t in order else len(order), t)):
-        results = by_task[task]
+    for task, results in _by_task(run).items():
         blocks.append(_Block("h3", task))
         if task in TASK_DESCRIPTIONS:
             blocks.append(_Block("p", TASK_DESCRIPTIONS[task]))
@@ -543,7 +606,7 @@ def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
             [
                 r.path.name,
                 str(r.data.get("dataset", "")),
-                str(r.data.get("split", "")),
+                split_label(r.data),
                 model_label(r.data.get("model")),
             ]
             for r in results
@@ -579,7 +642,7 @@ def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
                         list(names),
                         png,
                         title=f"{r.data.get('dataset', '')} "
-                        f"{r.data.get('split', '')}: {model_label(r.data.get('model'))}",
+                        f"{split_label(r.data)}: {model_label(r.data.get('model'))}",
                     )
                     blocks.append(
                         _Block("img", f"{r.path.name}: confusion matrix (row-normalised)", path=png)
@@ -589,20 +652,60 @@ def _result_blocks(run: _Run, files_dir: Path) -> list[_Block]:
     return blocks
 
 
-def build_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``run_dir/report.md`` and a self-contained ``run_dir/report.html``; return their paths."""
-    run_dir = Path(run_dir).resolve()
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    run = _load_run(run_dir)
-    files_dir = run_dir / FILES_DIR
-    blocks = _header_blocks(run) + _training_blocks(run, files_dir) + _result_blocks(run, files_dir)
-    blocks.append(_Block("h2", "Configuration"))
+
+
+def _config_blocks(run: _Run) -> list[_Block]:
+    """What was run: config highlights, model facts not already in the config, the config file itself."""
+    flat = dict(_flatten(run.config)) if run.config else {}
+    items: list[str] = []
+    for key, value in flat.items():
+        if key.rsplit(".", 1)[-1] in _CONFIG_HIGHLIGHTS and (_is_scalar(value) or isinstance(value, list)):
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            items.append(f"**{key}**: {shown}")
+    # model_info.json repeats the config (model_config.width = model.width...): show only what it adds
+    in_config = {(key.rsplit(".", 1)[-1], value) for key, value in flat.items() if _is_scalar(value)}
+    for key, value in _flatten(run.model_info or {}):
+        if not _is_scalar(value) or (key.rsplit(".", 1)[-1], value) in in_config:
+            continue
+        shown = _human_count(value) if _is_number(value) and "param" in key.lower() else fmt_value(value)
+        items.append(f"**{key}**: {shown}")
+    blocks = [_Block("details", "Configuration")]
+    if items:
+        blocks.append(_Block("ul", items=items[:60]))
     if run.config_text is not None:
         blocks.append(_Block("p", f"Contents of `{run.config_file}`:"))
         blocks.append(_Block("code", run.config_text))
-    else:
-        blocks.append(_Block("p", "No configuration file found."))
+    elif not items:
+        blocks.append(_Block("p", "No config.yaml/config.json or model_info.json in the run directory."))
+    blocks.append(_Block("end_details"))
+    return blocks
+
+
+def _require_run(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise LightCRLError(f"run directory not found: {run_dir}")
+    if not any((run_dir / marker).exists() for marker in RUN_MARKERS):
+        raise LightCRLError(
+            f"{run_dir} is not a lightcrl run (none of {', '.join(RUN_MARKERS)}): nothing to report"
+        )
+
+
+def build_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``run_dir/report.md`` and a self-contained ``run_dir/report.html``; return their paths.
+
+    Order: the headline results (with their untrained / raw-encoder references) and curves first, then
+    every metric, the training log, and the configuration last (collapsed in HTML).
+    """
+    run_dir = Path(run_dir).resolve()
+    _require_run(run_dir)
+    run = _load_run(run_dir)
+    files_dir = run_dir / FILES_DIR
+    blocks = (
+        _intro_blocks(run)
+        + _summary_blocks(run, _curves_block(run, files_dir))
+        + _result_blocks(run, files_dir)
+        + _training_blocks(run)
+    )
     if run.results:
         blocks.append(_Block("h2", "Files"))
         blocks.append(
@@ -610,7 +713,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
                 "ul",
                 items=[
                     f"`results/{r.path.name}`: {r.task}, {r.data.get('dataset', '?')} / "
-                    f"{r.data.get('split', '?')}, {model_label(r.data.get('model'))}"
+                    f"{split_label(r.data)}, {model_label(r.data.get('model'))}"
                     for r in run.results
                 ],
             )
@@ -618,6 +721,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     if run.problems:
         blocks.append(_Block("h2", "Problems"))
         blocks.append(_Block("ul", items=run.problems))
+    blocks += _config_blocks(run)
     title = f"Run report: {run_dir.name}"
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     write_text(md_path, _render_md(title, blocks, run_dir))

@@ -78,8 +78,8 @@ def _list_images(folder: Path) -> dict[str, tuple[int, int]]:
                 st = p.stat()
             except OSError:
                 continue
-            if st.st_size:
-                found[p.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+            # an empty file too: it fails to decode and is counted as unreadable, not ignored
+            found[p.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
     return found
 
 

@@ -93,7 +93,7 @@ def _cifar_row(pickle_path: str, row: str) -> Image.Image:
             data = pickles[pickle_path] = np.asarray(read_cifar_batch(pickle_path)["data"], dtype=np.uint8)
     index = int(row)
     if not 0 <= index < len(data):
-        raise SkipItem("missing_file", f"row {index} out of range", f"{pickle_path}::{row}")
+        raise SkipItem("missing_file", f"row {index} out of range in {pickle_path}", f"{pickle_path}::{row}")
     return Image.fromarray(data[index].reshape(3, 32, 32).transpose(1, 2, 0), "RGB")
 
 
@@ -101,7 +101,7 @@ def _read_bytes(path: str, corrupt_reason: str) -> bytes:
     """Bytes of a file or tar member; missing -> SkipItem('missing_file'), unreadable -> corrupt_reason."""
     container, member = split_container(path)
     if not os.path.isfile(container):
-        raise SkipItem("missing_file", "no such file", path)
+        raise SkipItem("missing_file", f"no such file: {path}", path)
     try:
         if member is not None:
             return _tar_member_bytes(container, member)
@@ -110,7 +110,7 @@ def _read_bytes(path: str, corrupt_reason: str) -> bytes:
     except SkipItem:
         raise
     except Exception as exc:  # unreadable file, not a tar archive...
-        raise SkipItem(corrupt_reason, f"{type(exc).__name__}: {exc}", path) from exc
+        raise SkipItem(corrupt_reason, f"cannot read {path}: {type(exc).__name__}: {exc}", path) from exc
 
 
 def _gray_to_8bit(img: Image.Image, fmt: str | None) -> np.ndarray:
@@ -152,22 +152,23 @@ def load_image(path: str) -> Image.Image:
     container, member = split_container(path)
     if member is not None and not container.endswith(".tar") and member.isdigit():
         if not os.path.isfile(container):
-            raise SkipItem("missing_file", "no such file", path)
+            raise SkipItem("missing_file", f"no such file: {container}", path)
         try:
             return _cifar_row(container, member)
         except SkipItem:
             raise
         except Exception as exc:
-            raise SkipItem("corrupt_image", f"unreadable CIFAR batch: {exc}", path) from exc
+            raise SkipItem("corrupt_image", f"unreadable CIFAR batch {path}: {exc}", path) from exc
+    # the messages name the file: decoding reads from memory, so PIL's own do not
     data = _read_bytes(path, "corrupt_image")
     if not data:
-        raise SkipItem("corrupt_image", "empty file", path)
+        raise SkipItem("corrupt_image", f"empty file: {path}", path)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now, so truncation is caught here
             return _to_rgb(ImageOps.exif_transpose(img), img.format)
     except Exception as exc:  # PIL raises many types for bad input (OSError, SyntaxError, ValueError...)
-        raise SkipItem("corrupt_image", f"{type(exc).__name__}: {exc}", path) from exc
+        raise SkipItem("corrupt_image", f"cannot decode {path}: {type(exc).__name__}: {exc}", path) from exc
 
 
 def _decode_audio(data: bytes, path: str) -> tuple[np.ndarray, int]:
