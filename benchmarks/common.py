@@ -106,18 +106,12 @@ class AnonPeak:
 
 
 def quiet() -> None:
-    """The CLI's logging set-up: INFO lines, no transformers progress bars or warnings."""
+    """The CLI's logging set-up at WARNING: no INFO lines, no transformers progress bars or warnings."""
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
+    from lightcrl.app.cli import setup_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    setup_logging(logging.WARNING)
 
 
 def data_root() -> Path:
@@ -239,7 +233,7 @@ def store_bytes(*dirs: Path) -> int:
 
 def patch_stores(image_dir: Path, text_dir: Path) -> None:
     """Make the trainer read these stores for any source: media encoder -> image, text encoder -> text."""
-    import lightcrl.app.train as train_mod
+    import lightcrl.app.train_data as train_data
     from lightcrl.store import FeatureStore
 
     stores = {"image": FeatureStore(image_dir), "text": FeatureStore(text_dir)}
@@ -247,7 +241,7 @@ def patch_stores(image_dir: Path, text_dir: Path) -> None:
     def cached_store(encoder, spec, split, opts=None):
         return stores["text" if str(encoder).startswith("synthetic-text") else "image"]
 
-    train_mod.cached_store = cached_store
+    train_data.cached_store = cached_store
 
 
 def synthetic_config(epochs: int = 1, batch_size: int = 64, **model) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 from lightcrl.app.config import load_config, parse_overrides, validate_config
 from lightcrl.app.train import Trainer, train
+from lightcrl.app.train_data import epoch_schedule
 from lightcrl.errors import LightCRLError
 
 
@@ -268,7 +269,7 @@ def test_source_weight_scales_its_share_of_steps(tmp_path, pairs_csv):
     second = dict(cfg["data"]["sources"][0], weight=2.0)
     cfg["data"]["sources"].append(second)
     trainer = Trainer(validate_config(cfg), tmp_path / "r")
-    sched = trainer._schedule()
+    sched = epoch_schedule(trainer.cfg, trainer.train_sets, epoch=0)
     counts = np.bincount([si for si, _ in sched], minlength=2)
     assert counts[1] == 2 * counts[0] and len(sched) == trainer.steps_per_epoch
     # evenly interleaved: the heavier source is not bunched at one end

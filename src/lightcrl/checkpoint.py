@@ -115,3 +115,18 @@ def load_checkpoint(folder: Path, expected_fingerprint: str | None = None) -> di
     except Exception as e:
         raise LightCRLError(f"checkpoint {folder} is unreadable: {e}") from e
     return {"state": state, "model": model, "trainer": trainer}
+
+
+def publish_checkpoint(run_dir: Path, tag: str, info: dict) -> None:
+    """Make checkpoint ``tag`` the run's published model: its weights to <run>/model.safetensors (what
+    ``lightcrl.load`` reads, replaced atomically) and ``info`` (+ the tag) to <run>/model.json."""
+    from lightcrl.io import atomic_open
+
+    run = RunDir(run_dir)
+    folder = checkpoint_folder(run.path, tag)
+    if folder is None:
+        raise LightCRLError(f"{run.path} has no {tag!r} checkpoint to publish")
+    with open(folder / WEIGHTS, "rb") as src, atomic_open(run.weights, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    run.write_info(dict(info, checkpoint=tag))
+

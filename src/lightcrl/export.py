@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightcrl.errors import LightCRLError
 from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json
+from lightcrl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 DEFAULT_ATOL = 1e-4
@@ -55,7 +56,7 @@ class ExportedModality:
 
 def _out_paths(run_dir: Path, out: Path | None, modalities: list[str]) -> dict[str, Path]:
     if out is None:
-        return {m: run_dir / "export" / f"{m}.onnx" for m in modalities}
+        return {m: RunDir(run_dir).export / f"{m}.onnx" for m in modalities}
     out = Path(out)
     if out.suffix.lower() == ".onnx":
         if len(modalities) == 1:

@@ -63,8 +63,9 @@ app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty
                   help="Lightweight cross-modal representation learning on frozen encoders.")
 
 
-def _setup_logging(verbose: bool = False):
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+def setup_logging(level: int = logging.INFO) -> None:
+    """The CLI's logging set-up (benchmarks share it): level lines, no transformers bars or warnings."""
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -79,7 +80,7 @@ def _setup_logging(verbose: bool = False):
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")):
-    _setup_logging(verbose)
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
 
 
 @app.command(cls=_Command)

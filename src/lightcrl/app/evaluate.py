@@ -24,7 +24,7 @@ from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.errors import LightCRLError
 from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json
-from lightcrl.rundir import RunDir, load_pipeline
+from lightcrl.rundir import RESULTS, RunDir, load_pipeline
 from lightcrl.store import FeatureStore
 from lightcrl.version import __version__
 
@@ -373,7 +373,7 @@ def _slug(r: EvalRequest) -> str:
 
 
 def default_output(target: EvalTarget, r: EvalRequest) -> Path:
-    base = target.run_dir / "results" if target.run_dir is not None else Path("results")
+    base = RunDir(target.run_dir).results if target.run_dir is not None else Path(RESULTS)
     prefix = "untrained-" if target.kind == "untrained" else ("raw-" if target.kind == "raw" else "")
     return base / f"{prefix}{r.task}-{_slug(r)}.json"
 

@@ -395,8 +395,9 @@ def cell_status(exp: Experiment, cell: Cell, out: Path) -> str:
     if state.get("spec_hash") != cell.spec_hash:
         return "changed"
     done = state.get("evals", {})
+    results = RunDir(cell_dir).results
     if state.get("trained") and all(
-        done.get(e.name) == _eval_hash(e, exp.cfg.seed) and (cell_dir / "results" / f"{e.name}.json").exists()
+        done.get(e.name) == _eval_hash(e, exp.cfg.seed) and (results / f"{e.name}.json").exists()
         for e in exp.evals_for(cell)
     ):
         return "done"
@@ -405,20 +406,18 @@ def cell_status(exp: Experiment, cell: Cell, out: Path) -> str:
 
 def _train_time(cell_dir: Path) -> float | None:
     """Seconds spent in training epochs (summed over resumed sessions), else the summary's total."""
-    metrics = cell_dir / "metrics.jsonl"
-    if metrics.exists():
-        times = [json.loads(ln).get("time/epoch_s") for ln in metrics.read_text().splitlines() if ln.strip()]
-        times = [t for t in times if t is not None]
-        if times:
-            return float(sum(times))
-    summary = cell_dir / "train_summary.json"
-    return read_json(summary).get("train_time_s") if summary.exists() else None
+    run = RunDir(cell_dir)
+    times = [r["time/epoch_s"] for r in run.iter_metrics() if r.get("time/epoch_s") is not None]
+    if times:
+        return float(sum(times))
+    summary = run.read_train_summary()
+    return summary.get("train_time_s") if summary else None
 
 
 def _build(cell: Cell, cell_dir: Path, device: str) -> None:
     """Train (or set up) the cell's model in ``cell_dir``; a finished one is left as it is."""
     if cell.kind == "train":
-        if not (cell_dir / "train_summary.json").exists():
+        if not RunDir(cell_dir).train_summary.exists():
             from lightcrl.app.train import train
 
             train(validate_config(cell.spec, source=f"cell {cell.name}"), cell_dir)
@@ -473,7 +472,7 @@ def run_cell(exp: Experiment, cell: Cell, out: Path) -> str:
     if not state.get("trained"):
         log.info("cell %s: building (%s)", cell.name, cell.kind)
     _build(cell, cell_dir, exp.cfg.device)  # a no-op for a built cell (a resumed one continues)
-    info = read_json(cell_dir / "model.json")
+    info = RunDir(cell_dir).info()
     state.update(
         trained=True,
         train_time_s=_train_time(cell_dir),
@@ -483,7 +482,7 @@ def run_cell(exp: Experiment, cell: Cell, out: Path) -> str:
     target = None
     for e in exp.evals_for(cell):
         h = _eval_hash(e, exp.cfg.seed)
-        result_path = cell_dir / "results" / f"{e.name}.json"
+        result_path = RunDir(cell_dir).results / f"{e.name}.json"
         if state["evals"].get(e.name) == h and result_path.exists():
             continue
         target = target or _target(cell, cell_dir, exp.cfg.device)
@@ -564,7 +563,7 @@ def collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
         row["train_time_s"] = state.get("train_time_s")
         for e in exp.cfg.evals:
             applies = e in exp.evals_for(cell)
-            path = cell_dir / "results" / f"{e.name}.json"
+            path = RunDir(cell_dir).results / f"{e.name}.json"
             metrics = {}
             current = state.get("evals", {}).get(e.name) == _eval_hash(e, exp.cfg.seed)
             if applies and current and path.exists():

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lightcrl import rundir
 from lightcrl.app.config import TrainConfig, validate_config
 from lightcrl.data.datasets import Dataset, open_dataset
 from lightcrl.data.synthetic import SyntheticData, SyntheticSpec, generate
@@ -246,10 +247,10 @@ def _check_out(out: Path) -> None:
     try:
         if (out / "summary.json").is_file():
             ok = read_json(out / "summary.json").get("kind") == "lightcrl-quickstart"
-        elif (out / "config.yaml").is_file():  # an interrupted quickstart: no summary yet
+        elif (out / rundir.CONFIG).is_file():  # an interrupted quickstart: no summary yet
             import yaml
 
-            ok = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("name") == "quickstart"
+            ok = (yaml.safe_load((out / rundir.CONFIG).read_text()) or {}).get("name") == "quickstart"
     except (OSError, ValueError, AttributeError):
         ok = False
     if not ok:
@@ -355,13 +356,13 @@ def _quickstart(opts: QuickstartOptions) -> dict:
 
     t = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("results", "report_files"):  # results of an earlier quickstart in OUT
+    for stale in (rundir.RESULTS, "report_files"):  # results of an earlier quickstart in OUT
         shutil.rmtree(out / stale, ignore_errors=True)
     train_summary = train(cfg, out, overwrite=True)
     times["train_s"] = time.time() - t
 
     t = time.time()
-    results_dir = out / "results"
+    results_dir = out / rundir.RESULTS
     target = EvalTarget.resolve(str(out), device=opts.device)
     results = {e.name: _run_eval(target, e, results_dir, "", opts.seed, opts.device) for e in plan.evals}
     untrained = None

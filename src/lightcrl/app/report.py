@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from lightcrl import rundir
 from lightcrl.app.tasks import metric_direction
 from lightcrl.errors import LightCRLError
 from lightcrl.io import write_text
@@ -36,8 +37,8 @@ FILES_DIR = "report_files"
 #: A task table with more scalar metrics than this is transposed (metrics as rows).
 MAX_WIDE_COLUMNS = 10
 #: What makes a folder a run (any one of them): a report of anything else would be empty and misplaced.
-RUN_MARKERS = ("config.yaml", "config.yml", "config.json", "metrics.jsonl", "model.json", "model_info.json",
-               "results")
+RUN_MARKERS = (rundir.CONFIG, "config.yml", "config.json", rundir.METRICS, rundir.MODEL_INFO,
+               rundir.MODEL_INFO_STARTED, rundir.RESULTS)
 #: Metrics of a task shown in the summary when its results have none of the headline metrics.
 SUMMARY_FALLBACK_METRICS = 4
 
@@ -367,7 +368,7 @@ class _Run:
 
 def _load_run(run_dir: Path) -> _Run:
     run = _Run(run_dir)
-    for name in ("config.yaml", "config.yml", "config.json"):
+    for name in (rundir.CONFIG, "config.yml", "config.json"):
         p = run_dir / name
         if not p.is_file():
             continue
@@ -378,7 +379,7 @@ def _load_run(run_dir: Path) -> _Run:
         except (ValueError, yaml.YAMLError) as e:  # still shown as text below
             run.problems.append(f"could not parse {name}: {e}")
         break
-    mpath = run_dir / "metrics.jsonl"
+    mpath = run_dir / rundir.METRICS
     if mpath.is_file():
         for line in mpath.read_text(encoding="utf-8", errors="replace").splitlines():
             if not line.strip():
@@ -392,14 +393,14 @@ def _load_run(run_dir: Path) -> _Run:
                 run.rows.append(row)
             else:
                 run.bad_lines += 1
-    ipath = run_dir / "model_info.json"
+    ipath = run_dir / rundir.MODEL_INFO_STARTED
     if ipath.is_file():
         try:
             info = json.loads(ipath.read_text(encoding="utf-8"))
             run.model_info = info if isinstance(info, dict) else None
         except json.JSONDecodeError as e:
-            run.problems.append(f"could not parse model_info.json: {e}")
-    for p in sorted((run_dir / "results").glob("*.json")):
+            run.problems.append(f"could not parse {rundir.MODEL_INFO_STARTED}: {e}")
+    for p in sorted((run_dir / rundir.RESULTS).glob("*.json")):
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -575,7 +576,7 @@ def _training_blocks(run: _Run) -> list[_Block]:
 
 
 def _plot_path(run: _Run, rel: str) -> Path | None:
-    for base in (run.run_dir, run.run_dir / "results"):
+    for base in (run.run_dir, run.run_dir / rundir.RESULTS):
         p = (base / rel).resolve()
         if p.is_file():
             return p
@@ -723,7 +724,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
         blocks.append(_Block("ul", items=run.problems))
     blocks += _config_blocks(run)
     title = f"Run report: {run_dir.name}"
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path, html_path = run_dir / rundir.REPORT_MD, run_dir / rundir.REPORT_HTML
     write_text(md_path, _render_md(title, blocks, run_dir))
     write_text(html_path, _render_html(title, blocks))
     return md_path, html_path

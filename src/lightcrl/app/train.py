@@ -23,76 +23,32 @@ from lightcrl import distributed as dist
 from lightcrl.anchors import build_anchor_set
 from lightcrl.api import encode_store
 from lightcrl.app.config import TrainConfig, dump_config
-from lightcrl.checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
+from lightcrl.app.train_data import (
+    NliBatches,
+    build_pairsets,
+    epoch_schedule,
+    feature_adapter,
+    input_dims,
+    steps_per_epoch,
+)
+from lightcrl.app.train_log import RunLog
+from lightcrl.checkpoint import (
+    checkpoint_folder,
+    load_checkpoint,
+    publish_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from lightcrl.devices import autocast, resolve_device
-from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.errors import LightCRLError
-from lightcrl.features import FeatureAdapter
 from lightcrl.io import write_json, write_text
 from lightcrl.losses import ClipLoss, build_loss
 from lightcrl.model import ModelConfig, create_model
 from lightcrl.pairs import PairSet, epoch_batches, rank_slice
+from lightcrl.rundir import RunDir
 from lightcrl.version import __version__
 
 log = logging.getLogger(__name__)
-
-
-# -- data ---------------------------------------------------------------------------------------------
-def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int = 1) -> list[PairSet]:
-    """PairSets for every source's train split ("train") or validation split ("val")."""
-    sets = []
-    for i, src in enumerate(cfg.data.sources):
-        split = src.split if split_kind == "train" else src.val_split
-        if split is None:
-            continue
-        limit = src.limit if split_kind == "train" else src.val_limit
-        opts = EmbedOptions(
-            limit=limit,
-            seed=cfg.seed,
-            device=cfg.device,
-            progress=cfg.progress and rank == 0,
-            batch_size=cfg.data.embed_batch_size,
-            num_workers=cfg.data.num_workers,
-        )
-        media = _store(src.media_encoder, src.spec, split, opts, rank, world)
-        text = _text_store(src, split, opts, rank, world)
-        name = f"{src.spec.split(':', 1)[0]}{i}" if len(cfg.data.sources) > 1 else src.spec.split(":", 1)[0]
-        sets.append(PairSet.link(name, media, text, adapter=feature_adapter(cfg)))
-        if len(sets[-1]) == 0:
-            raise LightCRLError(f"no (media, caption) pairs in {src.spec} split {split}")
-    return sets
-
-
-def feature_adapter(cfg: TrainConfig) -> FeatureAdapter:
-    """What the model sees of each stored item (recorded in model.json, so every reader agrees)."""
-    return FeatureAdapter(cfg.data.input, cfg.data.max_text_tokens)
-
-
-def _store(encoder, spec, split, opts, rank, world):
-    # Rank 0 builds the store in the cache; the others wait, then open it.
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()
-        return cached_store(encoder, spec, split, opts)
-    store = cached_store(encoder, spec, split, opts)
-    if world > 1:
-        torch.distributed.barrier()
-    return store
-
-
-def _text_store(src, split, opts, rank, world):
-    if src.captions == "templates":
-        spec = f"labelcaptions:{src.spec}"
-        return _store(src.text_encoder, spec, split, opts, rank, world)
-    return _store(src.text_encoder, src.spec, split, opts, rank, world)
-
-
-def input_dims(sets: list[PairSet]) -> dict[str, int]:
-    dims: dict[str, int] = {}
-    for s in sets:
-        for store in (s.media, s.text):
-            if dims.setdefault(store.modality, store.dim) != store.dim:
-                raise LightCRLError(f"two {store.modality} encoders of different width in one model")
-    return dims
 
 
 # -- schedule ---------------------------------------------------------------------------------------
@@ -164,7 +120,8 @@ _EPOCH_PROGRESS = ("epoch_pairs", "epoch_time_s")
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, overwrite: bool = False):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
+        self.run_dir = self.run.path
         self.rank, self.world, self.local_rank, dev = dist.init_distributed()
         self.device = dev if self.world > 1 else resolve_device(cfg.device)
         self.is_main = self.rank == 0
@@ -181,9 +138,10 @@ class Trainer:
             self.model.anchors.set_keys(self.anchor_set.keys)
         self.loss_fn = build_loss(cfg.loss)
         self.loss_inputs = self.loss_fn.required_inputs()  # the loss says what each step must provide
-        self.nli_store, self.nli_rows = None, None
+        self.nli = None
         if "nli" in self.loss_inputs:
-            self._prepare_nli()
+            needed_by = [n for n, loss in self.loss_fn.losses.items() if loss.inputs == "nli"]
+            self.nli = NliBatches(cfg, needed_by, self.rank, self.world)
         self.fingerprint = self._fingerprint()
 
         self.optimizer = torch.optim.AdamW(
@@ -192,7 +150,7 @@ class Trainer:
             betas=cfg.optim.betas,
             eps=cfg.optim.eps,
         )
-        self.steps_per_epoch = sum(self._n_batches(si) for si in range(len(self.train_sets)))
+        self.steps_per_epoch = steps_per_epoch(cfg, self.train_sets)
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         o = cfg.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -217,49 +175,14 @@ class Trainer:
             "history": [],
             "fingerprint": self.fingerprint,
         }
-        self.tb = None
+        self.run_log = RunLog(self.run, tensorboard=cfg.tensorboard, enabled=self.is_main)
         if self.is_main:
             self._prepare_run_dir(overwrite)
 
-    def _prepare_nli(self):
-        from lightcrl.data.nli import open_nli, triplet_index
-
-        src = self.cfg.data.nli
-        if src is None:
-            raise LightCRLError(
-                f"loss {', '.join(self._losses_needing('nli'))} needs data.nli: NLI triplets "
-                "(simcse-csv:, snli: or sick-nli:)"
-            )
-        encoder = src.text_encoder or self.cfg.data.sources[0].text_encoder
-        opts = EmbedOptions(
-            limit=src.limit,
-            seed=self.cfg.seed,
-            device=self.cfg.device,
-            progress=self.cfg.progress and self.is_main,
-            num_workers=self.cfg.data.num_workers,
-        )
-        self.nli_store = _store(encoder, src.spec, src.split, opts, self.rank, self.world)
-        triplets = open_nli(src.spec, src.split, limit=src.limit, seed=self.cfg.seed).triplets
-        self.nli_rows = triplet_index(triplets, self.nli_store.items.ids)
-
-    def _losses_needing(self, kind: str) -> list[str]:
-        return [name for name, loss in self.loss_fn.losses.items() if loss.inputs == kind]
-
     def _nli_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A seeded batch of triplets for this step, encoded through the trainable text path."""
-        bs = self.cfg.data.nli.batch_size or self.cfg.optim.batch_size
-        rng = np.random.default_rng([self.cfg.seed, self.state["step"], 104729])
-        pick = rank_slice(
-            rng.choice(len(self.nli_rows), min(bs, len(self.nli_rows)), replace=False), self.rank, self.world
-        )
-        rows = self.nli_rows[pick]
-        enc = self.ddp_model.module if self.world > 1 else self.ddp_model
-        out = []
-        adapter = feature_adapter(self.cfg)
-        for col in range(3):
-            t, m = adapter.from_store(self.nli_store, rows[:, col])
-            out.append(enc.encode("text", t.to(self.device), m.to(self.device)))
-        return tuple(out)
+        """This step's NLI triplets encoded through the trainable text path."""
+        return tuple(self.model.encode("text", t.to(self.device), m.to(self.device))
+                     for t, m in self.nli.inputs(self.state["step"]))
 
     def _build_anchors(self):
         """model.anchors: anchor pairs from the first training source; the model config gets their count."""
@@ -293,24 +216,19 @@ class Trainer:
         )
         for s in self.train_sets:
             h.update(s.media.fingerprint.encode() + s.text.fingerprint.encode())
-        if self.nli_store is not None:
-            h.update(self.nli_store.fingerprint.encode())
+        if self.nli is not None:
+            h.update(self.nli.store.fingerprint.encode())
         return h.hexdigest()
 
-    def _epoch_size(self, s: PairSet) -> int:
-        return len(s) if self.cfg.data.pairs == "all_pairs" else s.n_media()
-
     def _prepare_run_dir(self, overwrite: bool):
-        rd = self.run_dir
-        if overwrite and rd.exists():
-            import shutil
-
-            for sub in ("checkpoints", "tensorboard"):
-                shutil.rmtree(rd / sub, ignore_errors=True)
-            for f in ("metrics.jsonl", "model.safetensors", "model.json"):
-                (rd / f).unlink(missing_ok=True)
-        rd.mkdir(parents=True, exist_ok=True)
-        write_text(rd / "config.yaml", dump_config(self.cfg))
+        run = self.run
+        if overwrite and run.path.exists():
+            for folder in (run.checkpoints, run.tensorboard):
+                shutil.rmtree(folder, ignore_errors=True)
+            for f in (run.metrics, run.weights, run.model_info):
+                f.unlink(missing_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text(run.config, dump_config(self.cfg))
 
     def model_info(self) -> dict:
         sources = []
@@ -333,6 +251,7 @@ class Trainer:
             encoders[media_mod] = src.media_encoder
             encoders["text"] = src.text_encoder
         return {
+            "kind": "lightcrl",
             "lightcrl_version": __version__,
             "model_config": self.model.cfg.model_dump() if hasattr(self.model, "cfg") else self.cfg.model,
             "input_dims": self.dims,
@@ -362,38 +281,10 @@ class Trainer:
         if cuda_keys and all(k in ck["trainer"] for k in cuda_keys):
             torch.cuda.set_rng_state_all([ck["trainer"][k] for k in cuda_keys])
         self.state.update({k: st[k] for k in (*self.state, *_EPOCH_PROGRESS) if k in st})
+        self.run_log.rewind(st["step"])
         if self.is_main:
-            self._truncate_metrics(st["step"])
             log.info("resumed from %s (epoch %d, step %d)", folder, st["epoch"], st["step"])
         return True
-
-    def _truncate_metrics(self, step: int):
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for ln in path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(ln)
-            except ValueError:  # a line torn by a kill mid-write
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(ln)
-        write_text(path, "".join(ln + "\n" for ln in keep))
-
-    def _log(self, row: dict):
-        if not self.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.cfg.tensorboard:
-            if self.tb is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["step"])
 
     def _save(self, tag: str):
         if not self.is_main:
@@ -407,42 +298,11 @@ class Trainer:
         save_checkpoint(self.run_dir, tag, self.model, st, self.optimizer if tag == "last" else None)
 
     def _publish(self, tag: str):
-        """Copy a checkpoint's weights to <run>/model.safetensors (what lightcrl.load reads)."""
-        if not self.is_main:
-            return
-        folder = checkpoint_folder(self.run_dir, tag)
-        from lightcrl.io import atomic_open
-
-        with (
-            open(folder / "model.safetensors", "rb") as src,
-            atomic_open(self.run_dir / "model.safetensors", "wb") as dst,
-        ):
-            dst.write(src.read())
-        write_json(
-            self.run_dir / "model.json", dict(self.model_info(), checkpoint=tag, epoch=self.state["epoch"])
-        )
+        """Checkpoint ``tag`` becomes <run>/model.safetensors + model.json (what lightcrl.load reads)."""
+        if self.is_main:
+            publish_checkpoint(self.run_dir, tag, dict(self.model_info(), epoch=self.state["epoch"]))
 
     # ---------------------------------------------------------------------------------------------
-    def _n_batches(self, si: int) -> int:
-        """Batches of source ``si`` per epoch: its own size, scaled by its ``weight``."""
-        n = len(epoch_batches(self._epoch_size(self.train_sets[si]), self.cfg.optim.batch_size))
-        return max(1, round(n * self.cfg.data.sources[si].weight)) if n else 0
-
-    def _schedule(self) -> list[tuple[int, np.ndarray]]:
-        """(pair set, global batch of pair indices) for the current epoch, sources interleaved evenly."""
-        epoch, bs = self.state["epoch"], self.cfg.optim.batch_size
-        rng = np.random.default_rng([self.cfg.seed, epoch, 31])
-        keyed = []
-        for si, s in enumerate(self.train_sets):
-            want, batches, rep = self._n_batches(si), [], 0
-            while len(batches) < want:  # weight > 1 draws further shuffles of the same source
-                pairs = s.epoch_pairs(self.cfg.seed + 1000 * si + 100_003 * rep, epoch, self.cfg.data.pairs)
-                batches += [pairs[sl] for sl in epoch_batches(len(pairs), bs)]
-                rep += 1
-            keyed += [((j + rng.random()) / want, si, b) for j, b in enumerate(batches[:want])]
-        keyed.sort(key=lambda k: (k[0], k[1]))
-        return [(si, b) for _, si, b in keyed]
-
     def train_step(self, si: int, batch: np.ndarray) -> dict[str, float]:
         s = self.train_sets[si]
         media = s.media_modality
@@ -469,7 +329,7 @@ class Trainer:
                 f"non-finite loss ({float(loss.detach())}) at epoch {self.state['epoch'] + 1} "
                 f"step {self.state['step'] + 1} (numbered as in metrics.jsonl): training stopped; the last "
                 "good checkpoint is kept in "
-                f"{self.run_dir / 'checkpoints'}. "
+                f"{self.run.checkpoints}. "
                 "Try a lower optim.lr or optim.grad_clip."
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -509,17 +369,15 @@ class Trainer:
         cfg = self.cfg
         resumed = self.resume()
         if self.is_main and not resumed:
-            # no checkpoint: this is a fresh start, so rows of a run killed before its first one go
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-            write_json(self.run_dir / "model_info.json", self.model_info())
+            self.run_log.start_fresh()
+            self.run.write_info(self.model_info(), started=True)
             if self.val_sets and cfg.eval_every:
                 row = {
                     "step": 0,
                     "epoch": 0,
                     **validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed),
                 }
-                self._log(row)
+                self.run_log.log(row)
         stopped_early = False
         while self.state["epoch"] < cfg.optim.epochs:
             epoch = self.state["epoch"]
@@ -528,7 +386,7 @@ class Trainer:
                 # the middle of an epoch goes on from the RNG state saved at that step (see resume()).
                 torch.manual_seed(cfg.seed * 100003 + epoch)
                 self.state.update(epoch_pairs=0, epoch_time_s=0.0)
-            schedule = self._schedule()  # a function of (seed, epoch): resumed at state["batch"]
+            schedule = epoch_schedule(cfg, self.train_sets, epoch)  # resumed at state["batch"]
             bar = tqdm(
                 total=len(schedule),
                 initial=self.state["batch"],
@@ -548,7 +406,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", scale=f"{row['train/logit_scale']:.1f}")
                 if self.state["step"] % cfg.log_every == 0 or j == len(schedule) - 1:
-                    self._log({"step": self.state["step"], "epoch": epoch + (j + 1) / len(schedule), **row})
+                    progress = epoch + (j + 1) / len(schedule)
+                    self.run_log.log({"step": self.state["step"], "epoch": progress, **row})
                 # (the epoch's last step is saved below anyway, after validation)
                 if every and self.state["step"] % every == 0 and j < len(schedule) - 1:
                     self.state["epoch_time_s"] = time_before + time.time() - t0
@@ -574,7 +433,7 @@ class Trainer:
                         f"available: {', '.join(k for k in row if k.startswith('val/'))}"
                     )
             self._apply_plateau(metric)
-            self._log(row)
+            self.run_log.log(row)
             if metric is not None:
                 if self.state["best"] is None or self._improved(metric, self.state["best"]):
                     self.state.update(best=metric, best_epoch=epoch + 1, bad_epochs=0)
@@ -611,9 +470,8 @@ class Trainer:
         if self.is_main:
             if checkpoint_folder(self.run_dir, "best") is None:
                 self._publish("last")
-            write_json(self.run_dir / "train_summary.json", summary)
-            if self.tb is not None:
-                self.tb.close()
+            write_json(self.run.train_summary, summary)
+        self.run_log.close()
         return summary
 
 

@@ -34,6 +34,7 @@ from lightcrl.devices import resolve_device
 from lightcrl.encoders import FrozenEncoder, get_encoder
 from lightcrl.errors import LightCRLError
 from lightcrl.io import read_json
+from lightcrl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 __all__ = ["ConVIRTConfig", "ConVIRTModel", "ConVIRTPipeline", "Tower", "load_config",
@@ -254,7 +255,7 @@ class ConVIRTPipeline:
         from safetensors.torch import load_file
 
         run_dir = Path(run_dir)
-        info_path = run_dir / "model.json"
+        info_path = RunDir(run_dir).model_info
         if not info_path.exists():
             raise LightCRLError(f"{run_dir} is not a finished ConVIRT run (no model.json)")
         info = read_json(info_path)
@@ -262,7 +263,7 @@ class ConVIRTPipeline:
             raise LightCRLError(f"{run_dir} is not a ConVIRT run (model.json kind {info.get('kind')!r})")
         dev = resolve_device(device)
         model = ConVIRTModel(load_config(dict(info["config"], device=device)))
-        model.load_trained_state(load_file(str(run_dir / "convirt.safetensors")))
+        model.load_trained_state(load_file(str(RunDir(run_dir).convirt_weights)))
         return cls(model, info, dev)
 
     @torch.no_grad()
