@@ -133,6 +133,23 @@ def test_classify_warns_nothing_and_names_a_missing_image(tiny_run, tmp_path):
         model.classify([missing], ["red circle", "blue square"])
 
 
+def test_classify_fills_templates_like_zero_shot_evaluation(tiny_run):
+    """One template rule for the API and the evaluator: "{c}" and "{}" slots; no slot is a clear error
+    (the API used str.format and the evaluator "{c}" before)."""
+    from lightcrl.metrics import zeroshot
+
+    model = lightcrl.load(tiny_run.out)
+    names = ["red circle", "blue square"]
+    a = model.class_embeddings(names, ["a {c} shape", "one {c}"])
+    b = model.class_embeddings(names, ["a {} shape", "one {}"])
+    ref = zeroshot.build_classifier(lambda x: model.encode_text(x, progress=False), names,
+                                    ["a {c} shape", "one {c}"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, ref, atol=1e-6)
+    with pytest.raises(LightCRLError, match="slot"):
+        model.class_embeddings(names, ["a photo of {0}"])
+
+
 class _Checker(HTMLParser):
     """Checks that every non-void element is closed in order; collects the text."""
 

@@ -144,12 +144,18 @@ class LightCRLPipeline:
     def class_embeddings(
         self, classnames: Sequence[str], templates: Sequence[str] | None = None, modality: str = "text"
     ) -> np.ndarray:
-        """Zero-shot classifier: per class, the normalised mean of its normalised prompt embeddings."""
-        templates = list(templates or ["a photo of a {c}."])
-        prompts = [t.replace("{c}", c) if "{c}" in t else t.format(c) for c in classnames for t in templates]
-        emb = self.encode_text(prompts, progress=False).reshape(len(classnames), len(templates), -1)
-        mean = emb.mean(1)
-        return mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-12)
+        """Zero-shot classifier: per class, the normalised mean of its normalised prompt embeddings
+        (the same rule as evaluation, :func:`lightcrl.metrics.zeroshot.build_classifier`)."""
+        from lightcrl.metrics import zeroshot
+
+        def encode(texts: list[str]) -> np.ndarray:
+            return self.encode_text(texts, progress=False)
+
+        try:
+            chosen = list(templates or zeroshot.DEFAULT_TEMPLATES)
+            return zeroshot.build_classifier(encode, classnames, chosen).astype(np.float32)
+        except ValueError as e:  # a template without a class-name slot
+            raise LightCRLError(str(e)) from None
 
     def classify(
         self,

@@ -130,7 +130,7 @@ def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     media = open_dataset(r.data, r.split).media
     store = _store(t, media, r.data, r.split, r.limit, r.seed, r.device)
     classnames = r.options.get("classnames") or store.classnames
-    templates = r.options.get("templates") or store.templates or ["a photo of a {c}."]
+    templates = r.options.get("templates") or store.templates or list(zeroshot.DEFAULT_TEMPLATES)
     if not classnames:
         raise LightCRLError(f"{r.data} has no class names: pass --classnames")
     class_emb = zeroshot.build_classifier(

@@ -21,6 +21,8 @@ from lightcrl.metrics.geometry import l2_normalize, to_numpy
 Templates = Sequence[str] | Callable[[str], Sequence[str]] | Mapping[str, Sequence[str]]
 
 _CHUNK = 8192
+#: When a dataset ships no templates (CLIP's single default prompt).
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 
 
 def fill_template(template: str, classname: str) -> str:
