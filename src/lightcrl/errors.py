@@ -5,8 +5,9 @@ class LightCRLError(Exception):
     """An error the CLI reports as one clear line (no traceback)."""
 
 
-class SkipItem(Exception):
-    """Raised for one bad input item (corrupt image, empty caption...): it is skipped and counted.
+class SkipItem(LightCRLError):
+    """Raised for one bad input item (corrupt image, empty caption...): a long job skips and counts it;
+    given alone (``model.encode_image([path])``) it is the user's error, reported as one clear line.
 
     ``reason`` is a short machine-friendly tag (e.g. ``"corrupt_image"``), ``str(exc)`` the detail.
     """
