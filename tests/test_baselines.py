@@ -247,3 +247,58 @@ def test_convirt_run_trains_resumes_and_evaluates(tmp_path):
     res = run_eval(target, EvalRequest("retrieval", spec, "all", output=run / "results" / "ret.json"))
     assert res["metrics"]["n_images"] == 8 and res["metrics"]["n_texts"] == 16
     assert 0 <= res["metrics"]["image_retrieval_recall@1"] <= 100
+
+
+def test_convirt_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """Killed during epoch 2, a run resumes from its epoch-1 checkpoint (safetensors + JSON, no pickle)
+    and ends with exactly the weights, optimizer state and summary of a run that was never interrupted."""
+    from conftest import make_pairs_csv
+    from safetensors.torch import load_file
+
+    import lightcrl.app.train_convirt as tc
+    from lightcrl.baselines.convirt import load_config
+    from lightcrl.checkpoint import checkpoint_folder, load_checkpoint
+
+    spec = make_pairs_csv(tmp_path / "pairs", n=8)
+    cfg = load_config({"data": {"spec": spec, "split": "all"}, "image_size": 48, "batch_size": 4, "epochs": 2,
+                       "proj_dim": 16, "proj_hidden": 32, "progress": False})
+    whole = tc.train_convirt(cfg, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    real_step, calls = tc.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first step of epoch 2
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "train_step", step)
+    run = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        tc.train_convirt(cfg, run)
+    ck = load_checkpoint(checkpoint_folder(run, "last"))
+    assert (ck["state"]["epoch"], ck["state"]["step"]) == (1, 2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last-00000002", "last.json"]
+    assert sorted(p.name for p in (run / "checkpoints" / "last-00000002").iterdir()) == [
+        "model.safetensors", "state.json", "trainer.safetensors"]  # nothing pickled
+    with pytest.raises(LightCRLError, match="checkpoint of another configuration"):
+        tc.train_convirt(load_config(dict(cfg.model_dump(), lr=1.0)), run)
+
+    calls.clear()
+    monkeypatch.setattr(tc, "train_step", lambda *a, **k: (calls.append(1), real_step(*a, **k))[1])
+    resumed = tc.train_convirt(cfg, run)
+    assert len(calls) == 2  # only epoch 2 was trained again
+    drop = ("train_time_s",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {
+        k: v for k, v in whole.items() if k not in drop}
+    a = load_file(str(tmp_path / "whole" / "convirt.safetensors"))
+    b = load_file(str(run / "convirt.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (load_checkpoint(checkpoint_folder(r, "last")) for r in (tmp_path / "whole", run))
+    assert ca["state"]["optimizer"] == cb["state"]["optimizer"]
+    optim = [k for k in ca["trainer"] if k.startswith("optim.")]
+    assert optim and all(torch.equal(ca["trainer"][k], cb["trainer"][k]) for k in optim)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])

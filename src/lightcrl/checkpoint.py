@@ -53,16 +53,21 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(
     run_dir: Path,
     tag: str,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     state: dict,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
+    """Write ``<run>/checkpoints/<tag>-<step>/`` and point ``<tag>.json`` at it.
+
+    ``model`` is a module (its whole state dict is saved) or the tensors to save as model.safetensors
+    (e.g. only the trained part of a partly frozen model); ``state`` must be JSON-serialisable.
+    """
     ckpt_root = RunDir(run_dir).checkpoints
     folder = ckpt_root / f"{tag}-{state['step']:08d}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    _save_tensors(folder / WEIGHTS, model.state_dict())
+    _save_tensors(folder / WEIGHTS, model if isinstance(model, dict) else model.state_dict())
     trainer_tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):

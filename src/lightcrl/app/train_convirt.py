@@ -3,13 +3,15 @@
 ``train_convirt(cfg, run_dir)`` writes a run directory: ``model.json`` (kind "convirt"),
 ``convirt.safetensors`` (the trained parameters and the batch-norm statistics of trained layers only;
 the frozen rest is the pretrained encoder), ``metrics.jsonl``, ``train_summary.json``. It resumes at an
-epoch boundary.
+epoch boundary from ``checkpoints/last.json`` (a :mod:`lightcrl.checkpoint` folder: safetensors + JSON,
+never unpickled). A ``checkpoints/last.pt`` of an older lightcrl is a pickle: it is refused, not loaded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,10 +22,12 @@ from torch import Tensor
 
 from lightcrl.augment import ConVIRTAugment
 from lightcrl.baselines.convirt import ConVIRTConfig, ConVIRTModel, ConVIRTPipeline
+from lightcrl.checkpoint import checkpoint_folder, load_checkpoint, save_checkpoint, unflatten_optimizer
 from lightcrl.devices import resolve_device
 from lightcrl.errors import LightCRLError, SkipItem
 from lightcrl.io import read_json, write_bytes, write_json, write_text
 from lightcrl.losses import ConVIRTLoss
+from lightcrl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 __all__ = ["train_convirt", "train_step"]
@@ -107,12 +111,17 @@ def train_convirt(cfg: ConVIRTConfig, run_dir: str | Path, overwrite: bool = Fal
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "train_summary.json"
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    run = RunDir(run_dir)
+    run_dir = run.path
+    summary_path = run.train_summary
+    ckpt_root = run.checkpoints
+    legacy_ckpt = ckpt_root / "last.pt"  # pickled by older versions: removed or refused, never loaded
     if overwrite:
-        for p in (summary_path, ckpt_path, run_dir / "metrics.jsonl", run_dir / "model.json"):
+        for p in (summary_path, legacy_ckpt, ckpt_root / "last.json", run.metrics, run.model_info):
             p.unlink(missing_ok=True)
+        for old in ckpt_root.glob("last-*"):
+            if old.is_dir():
+                shutil.rmtree(old)
     cfg_json = cfg.model_dump(mode="json")
     if summary_path.exists():
         done = read_json(summary_path)
@@ -120,6 +129,11 @@ def train_convirt(cfg: ConVIRTConfig, run_dir: str | Path, overwrite: bool = Fal
             return done
         raise LightCRLError(f"{run_dir} holds a ConVIRT run of another configuration: use another directory "
                             "or overwrite=True")
+    if legacy_ckpt.exists():
+        raise LightCRLError(
+            f"{legacy_ckpt} is a ConVIRT checkpoint pickled by an older lightcrl; it is not loaded, since "
+            "unpickling a file can run code. Delete it to train this run from its first epoch again (or "
+            "call train_convirt(..., overwrite=True) to start over)")
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -132,19 +146,17 @@ def train_convirt(cfg: ConVIRTConfig, run_dir: str | Path, overwrite: bool = Fal
     pipe = ConVIRTPipeline(model, {}, device)
 
     state = {"epoch": 0, "step": 0, "train_time_s": 0.0, "best": None, "best_epoch": None}
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["config"] != cfg_json:
+    folder = checkpoint_folder(run_dir, "last")
+    if folder is not None:
+        ck = load_checkpoint(folder)
+        if ck["state"].get("config") != cfg_json:
             raise LightCRLError(f"{run_dir} holds a ConVIRT checkpoint of another configuration")
         model.load_trained_state(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        state = ck["state"]
+        opt.load_state_dict(unflatten_optimizer(ck["trainer"], ck["state"]["optimizer"]))
+        state = {k: ck["state"][k] for k in state}
+        run.truncate_metrics(state["step"])  # rows of a killed epoch are logged again
         log.info("resumed ConVIRT from epoch %d", state["epoch"])
     write_text(run_dir / "convirt.yaml", json.dumps(cfg_json, indent=2) + "\n")
-
-    def log_row(row: dict) -> None:
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
@@ -163,7 +175,7 @@ def train_convirt(cfg: ConVIRTConfig, run_dir: str | Path, overwrite: bool = Fal
             losses = train_step(model, rows, loss_fn, opt, device)
             state["step"] += 1
             if state["step"] % cfg.log_every == 0:
-                log_row({"step": state["step"], "epoch": epoch + 1, **losses})
+                run.append_metrics({"step": state["step"], "epoch": epoch + 1, **losses})
         epoch_time = time.time() - t0
         state["train_time_s"] += epoch_time
         state["epoch"] = epoch + 1
@@ -171,18 +183,15 @@ def train_convirt(cfg: ConVIRTConfig, run_dir: str | Path, overwrite: bool = Fal
         if val is not None:
             row.update(_validate(pipe, *val))
             model.train()
-        log_row(row)
+        run.append_metrics(row)
         improved = val is None or state["best"] is None or row["val/mean_recall@1"] > state["best"]
         if improved:  # without a validation split the last epoch is published
             if val is not None:
                 state.update(best=row["val/mean_recall@1"], best_epoch=epoch + 1)
-            write_bytes(run_dir / "convirt.safetensors", save(model.trained_state()))
-            write_json(run_dir / "model.json", {"kind": "convirt", "config": cfg_json, "epoch": epoch + 1,
-                                                "encoders": pipe.encoder_names,
-                                                "parameter_counts": model.parameter_counts()})
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": cfg_json, "model": model.trained_state(), "optimizer": opt.state_dict(),
-                    "state": state}, ckpt_path)
+            write_bytes(run.convirt_weights, save(model.trained_state()))
+            run.write_info({"kind": "convirt", "config": cfg_json, "epoch": epoch + 1,
+                            "encoders": pipe.encoder_names, "parameter_counts": model.parameter_counts()})
+        save_checkpoint(run_dir, "last", model.trained_state(), {**state, "config": cfg_json}, opt)
     summary = {"epochs": state["epoch"], "steps": state["step"], "train_time_s": state["train_time_s"],
                "best": state["best"], "best_epoch": state["best_epoch"], "n_train": len(paths),
                "parameter_counts": model.parameter_counts(), "config": cfg_json}

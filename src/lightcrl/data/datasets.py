@@ -40,7 +40,8 @@ when present, else use the lists shipped in ``lightcrl/resources/templates``.
 Listing is robust to bad items: a missing or zero-byte media file, an empty or undecodable caption or a
 malformed CSV row is dropped and recorded in ``Dataset.skipped`` (``strict=True`` raises instead).
 Missing roots, annotation files and unknown splits raise :class:`LightCRLError`.
-CIFAR batches are Python pickles: only open files you trust.
+CIFAR batches are Python pickles; they are read by a restricted unpickler that only rebuilds numpy
+arrays (:func:`lightcrl.data.media.read_cifar_batch`), so a hostile file is refused, never run.
 """
 
 from __future__ import annotations
@@ -847,6 +848,8 @@ def _load_cifar(kind: str, lst: _Lister, root: Path, split: str | None) -> _Meta
         try:
             batch = read_cifar_batch(str(path))
             labels, n_rows = [int(x) for x in batch[layout["labels"]]], len(batch["data"])
+        except LightCRLError:  # a refused global: the message names the file already
+            raise
         except Exception as exc:  # unpickling errors come in many types
             raise LightCRLError(f"cannot read {kind} batch {path}: {type(exc).__name__}: {exc}") from exc
         if len(labels) != n_rows:

@@ -13,6 +13,8 @@ Paths may point inside a container: ``"<file.tar>::<member name>"`` (webdataset 
 
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
 import io
 import os
 import pickle
@@ -22,7 +24,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from lightcrl.errors import SkipItem
+from lightcrl.errors import LightCRLError, SkipItem
 
 CONTAINER_SEP = "::"
 SILENCE_PEAK = 1e-6
@@ -75,13 +77,52 @@ def _tar_member_bytes(tar_path: str, member: str) -> bytes:
         return f.read()
 
 
+# The only globals a CIFAR python batch refers to: numpy array reconstruction (the official batches were
+# pickled by Python 2 with numpy 1.x: ``numpy.core.multiarray._reconstruct``; numpy 2 writes
+# ``numpy._core...``), and ``_codecs.encode``, with which Python 3 writes bytes at protocol 2 (batches
+# re-pickled that way, as the test suite does). Lists, ints and strings need no global.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch only: any global outside :data:`_CIFAR_GLOBALS` is refused before it is
+    imported, so a file that would run code (``os.system``, ``eval``...) fails instead."""
+
+    def __init__(self, file, path: str) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 str -> str; numpy restores array bytes
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            shown = _compat_pickle.IMPORT_MAPPING.get(module, module)  # Python 2's __builtin__ -> builtins
+            raise LightCRLError(
+                f"refusing to load {self.path}: it references {shown}.{name}, which a CIFAR batch never "
+                "contains"
+            ) from None
+
+    def persistent_load(self, pid):
+        raise LightCRLError(f"refusing to load {self.path}: it holds a persistent id, which a CIFAR batch "
+                            "never contains")
+
+
 def read_cifar_batch(path: str) -> dict:
     """Load one official CIFAR python batch (pickled by Python 2); keys are returned as str.
 
-    Only open pickles you trust: unpickling can run code.
+    The pickle is read by a restricted unpickler that builds nothing but numpy arrays, lists, numbers and
+    strings: a file referring to anything else raises :class:`LightCRLError` and no code of it runs.
     """
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
+        batch = _CifarUnpickler(f, path).load()
+    if not isinstance(batch, dict):
+        raise LightCRLError(f"{path} is not a CIFAR batch (a {type(batch).__name__}, not a dict)")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
 
 

