@@ -30,8 +30,10 @@ __all__ = [
     "ConVIRTLoss",
     "CyClipLoss",
     "LightCRLLoss",
+    "MultiPositiveClipLoss",
     "SigLipLoss",
     "SimCSELoss",
+    "StructureLoss",
     "SupSimCSELoss",
     "build_loss",
 ]
@@ -45,6 +47,11 @@ class _Loss(nn.Module):
     inputs: ClassVar[Inputs] = "pair"
     needs_logit_scale: ClassVar[bool] = True
     needs_logit_bias: ClassVar[bool] = False
+    #: extra keyword inputs of a "pair" loss: the frozen pooled features (``frozen=``), the media item of
+    #: every row (``groups=``), the optimizer step (``step=``, for a ramp-in)
+    wants_frozen: bool = False
+    wants_groups: ClassVar[bool] = False
+    wants_step: ClassVar[bool] = False
 
     def __init__(self, gather: bool = True) -> None:
         super().__init__()
@@ -143,6 +150,147 @@ class LightCRLLoss(_Loss):
         with torch.no_grad():
             entropy = -(targets * targets.clamp_min(1e-12).log()).sum(dim=-1).mean()
         return {"loss": (a_to_b + b_to_a) / 2, "a_to_b": a_to_b, "b_to_a": b_to_a, "target_entropy": entropy}
+
+
+class MultiPositiveClipLoss(_Loss):
+    """Symmetric InfoNCE where every caption of an image in the batch is a positive (multi-positive CLIP).
+
+    ``groups`` [N] names the media item of each row (the trainer passes the media index of each pair); rows
+    ``i, j`` are positives when ``groups[i] == groups[j]``. In each direction a row's loss is the mean
+    negative log-softmax over its positives, ``-1/|P_i| sum_{j in P_i} log softmax_j(s <a_i, b_j>)``, i.e.
+    cross-entropy against the uniform distribution over the positives. With one caption per image (all
+    groups distinct) it is exactly :class:`ClipLoss`; without ``groups`` every row is its own group.
+    Batches with several captions per image come from ``data.pairs: multi_caption``.
+    """
+
+    wants_groups: ClassVar[bool] = True
+
+    def forward(
+        self,
+        a: Tensor,
+        b: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+        groups: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """``logit_bias`` is accepted for a uniform interface: a constant shift leaves softmax unchanged."""
+        a, b = self._gather(a, b)
+        if groups is None:
+            groups = torch.arange(a.shape[0], device=a.device)
+        elif self.gather:
+            groups = all_gather_with_grad(groups)
+        groups = groups.to(a.device)
+        if groups.shape != (a.shape[0],):
+            raise ValueError(f"groups must be [N] = [{a.shape[0]}], got {tuple(groups.shape)}")
+        positives = (groups[:, None] == groups[None, :]).to(a.dtype)
+        targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric support, row-normalised
+        logits = logit_scale * a @ b.T
+        a_to_b = F.cross_entropy(logits, targets)
+        b_to_a = F.cross_entropy(logits.T, targets)
+        with torch.no_grad():
+            mean_positives = positives.sum(dim=1).mean()
+        return {"loss": (a_to_b + b_to_a) / 2, "a_to_b": a_to_b, "b_to_a": b_to_a, "positives": mean_positives}
+
+
+def neighbour_distribution(x: Tensor, tau: float) -> Tensor:
+    """Row-stochastic neighbour matrix of a batch: ``softmax_j(cos_c(x_i, x_j) / tau)`` over ``j != i``.
+
+    ``cos_c`` is the cosine after centring the L2-normalised rows on their batch mean (so a common offset,
+    e.g. the positive bias of post-ReLU features, does not make everything look alike). An item is not its
+    own neighbour: the diagonal gets probability 0.
+    """
+    x = F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
+    x = F.normalize(x - x.mean(dim=0, keepdim=True), dim=-1)
+    logits = (x @ x.T) / tau
+    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    return logits.masked_fill(eye, float("-inf")).softmax(dim=-1)
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats) between the rows of two row-stochastic matrices, one value per row."""
+    m = (p + q) / 2
+    tiny = torch.finfo(m.dtype).tiny
+    log_m = m.clamp_min(tiny).log()
+
+    def kl_to_m(x: Tensor) -> Tensor:  # 0 log 0 = 0, with finite gradients where x = m = 0 (the diagonal)
+        return torch.where(x > 0, x * (x.clamp_min(tiny).log() - log_m), torch.zeros_like(x)).sum(dim=-1)
+
+    return (kl_to_m(p) + kl_to_m(q)) / 2
+
+
+class StructureLoss(_Loss):
+    """STRUCTURE (Gröger et al., NeurIPS 2025): keep each modality's neighbourhood structure of the frozen
+    encoder in the aligned space.
+
+    For each modality, ``P = neighbour_distribution(frozen, tau)`` (the frozen pooled features, fixed) and
+    ``Q = neighbour_distribution(aligned, tau)`` (the trained embeddings) are one-step random walks on the
+    batch; the loss compares their ``l``-step walks ``P^l, Q^l`` for ``l = 1..levels`` by the row-wise
+    Jensen-Shannon divergence, weighted ``1/l`` and normalised by ``sum_l 1/l``, averaged over rows and
+    then over the two modalities. It is 0 when the aligned embeddings have the frozen features' cosine
+    geometry (e.g. are a rotation of them) and only the aligned side gets gradients.
+
+    ``warmup_steps`` ramps the term in linearly: at optimizer step ``t`` (passed by the trainer as
+    ``step=``, 0-based) it is multiplied by ``min(1, (t + 1) / warmup_steps)``, so the contrastive loss
+    shapes the space before the regulariser pulls on it; the weight applied is logged as ``ramp``.
+    Use beside a contrastive loss: ``loss: {clip: 1.0, structure: {weight: 1.0, tau: 0.05, levels: 2}}``.
+    """
+
+    needs_logit_scale: ClassVar[bool] = False
+    wants_step: ClassVar[bool] = True
+
+    def __init__(self, gather: bool = True, tau: float = 0.05, levels: int = 1, warmup_steps: int = 0):
+        super().__init__(gather)
+        if tau <= 0 or levels < 1 or warmup_steps < 0:
+            raise ValueError(f"structure needs tau > 0, levels >= 1, warmup_steps >= 0; got {tau}, {levels}, "
+                             f"{warmup_steps}")
+        self.tau = float(tau)
+        self.levels = int(levels)
+        self.warmup_steps = int(warmup_steps)
+        self.wants_frozen = True
+
+    def uses_logit_scale(self) -> bool:
+        return False
+
+    def ramp(self, step: int | None) -> float:
+        if step is None or not self.warmup_steps:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+    def divergence(self, frozen: Tensor, aligned: Tensor) -> Tensor:
+        """The level-weighted mean JS divergence between the frozen and aligned walks of one modality."""
+        with torch.no_grad():
+            p = neighbour_distribution(frozen.detach(), self.tau)
+        q = neighbour_distribution(aligned, self.tau)
+        total, weights = aligned.new_zeros((), dtype=torch.float32), 0.0
+        p_l, q_l = p, q
+        for level in range(1, self.levels + 1):
+            if level > 1:
+                p_l, q_l = p_l @ p, q_l @ q
+            total = total + js_divergence(p_l, q_l).mean() / level
+            weights += 1.0 / level
+        return total / weights
+
+    def forward(
+        self,
+        a: Tensor,
+        b: Tensor,
+        logit_scale: Tensor | float | None = None,
+        logit_bias: Tensor | None = None,
+        frozen: tuple[Tensor, Tensor] | None = None,
+        step: int | None = None,
+    ) -> dict[str, Tensor]:
+        """``logit_scale``/``logit_bias`` are accepted for a uniform interface and unused."""
+        if frozen is None:
+            raise ValueError("structure needs frozen=(fa, fb), the frozen encoders' pooled features")
+        a, b = self._gather(a, b)
+        fa, fb = self._gather(*frozen)
+        if fa.shape[0] != a.shape[0] or fb.shape[0] != b.shape[0]:
+            raise ValueError(f"frozen features ({fa.shape[0]}, {fb.shape[0]} rows) do not match the batch "
+                             f"({a.shape[0]}, {b.shape[0]} rows)")
+        js_a, js_b = self.divergence(fa, a), self.divergence(fb, b)
+        ramp = self.ramp(step)
+        return {"loss": ramp * (js_a + js_b) / 2, "js_a": js_a.detach(), "js_b": js_b.detach(),
+                "ramp": torch.tensor(ramp)}
 
 
 class CyClipLoss(_Loss):
@@ -263,6 +411,8 @@ class SupSimCSELoss(_Loss):
 
 LOSSES: dict[str, type[_Loss]] = {
     "clip": ClipLoss,
+    "multipos": MultiPositiveClipLoss,
+    "structure": StructureLoss,
     "lightcrl": LightCRLLoss,
     "cyclip": CyClipLoss,
     "siglip": SigLipLoss,
@@ -301,11 +451,18 @@ class CombinedLoss(nn.Module):
         """Whether a member loss needs the frozen encoders' pooled features (``frozen=``)."""
         return any(getattr(loss, "wants_frozen", False) for loss in self.losses.values())
 
+    def wants_groups(self) -> bool:
+        """Whether a member loss needs the media item of every pair (``groups=``, multi-positive losses)."""
+        return any(loss.wants_groups for loss in self.losses.values())
+
     def required_inputs(self) -> set[str]:
-        """What a call must provide: ``"pair"``, ``"text_views"``, ``"nli"``, and ``"frozen"`` (the frozen
-        encoders' pooled features). The trainer prepares exactly this, never guessing from loss names."""
+        """What a call must provide: ``"pair"``, ``"text_views"``, ``"nli"``, ``"frozen"`` (the frozen
+        encoders' pooled features) and ``"groups"`` (the media item of every pair). The trainer prepares
+        exactly this, never guessing from loss names. ``step=`` (the optimizer step, for ramped terms) is
+        always passed by the trainer and needs no preparation."""
         needed = {loss.inputs for loss in self.losses.values()}
-        return needed | ({"frozen"} if self.wants_frozen() else set())
+        needed |= {"frozen"} if self.wants_frozen() else set()
+        return needed | ({"groups"} if self.wants_groups() else set())
 
     def forward(
         self,
@@ -316,6 +473,8 @@ class CombinedLoss(nn.Module):
         text_views: tuple[Tensor, Tensor] | None = None,
         nli: tuple[Tensor, Tensor, Tensor] | None = None,
         frozen: tuple[Tensor, Tensor] | None = None,
+        groups: Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, Tensor]:
         provided = {"pair": (a, b) if a is not None and b is not None else None, "text_views": text_views}
         provided["nli"] = nli
@@ -334,14 +493,21 @@ class CombinedLoss(nn.Module):
         inputs = {kind: tuple(gather(x) for x in provided[kind]) for kind in _INPUT_HINTS if kind in needed}
         if frozen is not None and self.wants_frozen():
             frozen = tuple(gather(x.detach()) for x in frozen)
+        if groups is not None and self.wants_groups():
+            groups = gather(groups)
 
         out: dict[str, Tensor] = {}
         total: Tensor | None = None
         for name, loss in self.losses.items():
-            if loss.inputs == "pair" and getattr(loss, "wants_frozen", False):
-                terms = loss(*inputs["pair"], logit_scale, logit_bias, frozen=frozen)
-            elif loss.inputs == "pair":
-                terms = loss(*inputs["pair"], logit_scale, logit_bias)
+            if loss.inputs == "pair":
+                extra: dict[str, Any] = {}
+                if loss.wants_frozen:
+                    extra["frozen"] = frozen
+                if loss.wants_groups:
+                    extra["groups"] = groups
+                if loss.wants_step:
+                    extra["step"] = step
+                terms = loss(*inputs["pair"], logit_scale, logit_bias, **extra)
             else:
                 terms = loss(*inputs[loss.inputs])
             out.update({f"{name}/{key}": value for key, value in terms.items()})

@@ -1,0 +1,127 @@
+"""Methods that keep what the frozen encoders know: STRUCTURE, multi-positive InfoNCE, FuseMix, gated and
+locked heads, multi-caption batches — each against a hand computation or the method it reduces to."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightcrl.losses import ClipLoss, MultiPositiveClipLoss, StructureLoss, build_loss
+
+
+def _softmax_no_self(sim: np.ndarray, tau: float) -> np.ndarray:
+    """Row softmax of sim / tau over j != i, written out with loops."""
+    n = len(sim)
+    out = np.zeros((n, n))
+    for i in range(n):
+        z = sum(math.exp(sim[i, j] / tau) for j in range(n) if j != i)
+        for j in range(n):
+            out[i, j] = 0.0 if i == j else math.exp(sim[i, j] / tau) / z
+    return out
+
+
+def _centred_cos(x: np.ndarray) -> np.ndarray:
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = x - x.mean(axis=0)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.array([[float(np.dot(u, v)) for v in x] for u in x])
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> float:
+    total = 0.0
+    for pr, qr in zip(p, q, strict=True):
+        for pv, qv in zip(pr, qr, strict=True):
+            m = (pv + qv) / 2
+            total += 0.5 * (pv * math.log(pv / m) if pv > 0 else 0.0)
+            total += 0.5 * (qv * math.log(qv / m) if qv > 0 else 0.0)
+    return total / len(p)
+
+
+def _ref_structure(frozen: np.ndarray, aligned: np.ndarray, tau: float, levels: int) -> float:
+    p, q = _softmax_no_self(_centred_cos(frozen), tau), _softmax_no_self(_centred_cos(aligned), tau)
+    num = sum(_js(np.linalg.matrix_power(p, level), np.linalg.matrix_power(q, level)) / level
+              for level in range(1, levels + 1))
+    return num / sum(1 / level for level in range(1, levels + 1))
+
+
+def test_structure_matches_hand_computation_on_four_items():
+    rng = np.random.default_rng(0)
+    fa, fb = rng.normal(size=(4, 6)), rng.normal(size=(4, 3))
+    a, b = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    for levels in (1, 3):
+        loss = StructureLoss(gather=False, tau=0.5, levels=levels)
+        out = loss(t(a), t(b), frozen=(t(fa), t(fb)))
+        ref_a, ref_b = _ref_structure(fa, a, 0.5, levels), _ref_structure(fb, b, 0.5, levels)
+        assert float(out["js_a"]) == pytest.approx(ref_a, rel=1e-5)
+        assert float(out["js_b"]) == pytest.approx(ref_b, rel=1e-5)
+        assert float(out["loss"]) == pytest.approx((ref_a + ref_b) / 2, rel=1e-5)
+        assert ref_a > 1e-3  # the check above is not vacuous
+
+
+def test_structure_zero_for_identical_geometry_and_diagonal_excluded():
+    rng = np.random.default_rng(1)
+    f = torch.tensor(rng.normal(size=(4, 6)), dtype=torch.float64)
+    loss = StructureLoss(gather=False, tau=0.1, levels=2)
+    # identical inputs/outputs, and a scaled rotation of them: the same cosine geometry
+    rot, _ = torch.linalg.qr(torch.tensor(rng.normal(size=(6, 6))))
+    for aligned in (f, 3.0 * f @ rot):
+        assert float(loss(aligned, aligned, frozen=(f, f))["loss"]) == pytest.approx(0.0, abs=1e-6)
+    # the diagonal: probability 0, whatever the self-similarity (which is the largest, 1/tau)
+    from lightcrl.losses import neighbour_distribution
+
+    p = neighbour_distribution(f, 0.1)
+    assert torch.all(p.diagonal() == 0) and torch.allclose(p.sum(dim=1), torch.ones(4, dtype=p.dtype))
+    # gradients reach the aligned side only
+    a = f.clone().requires_grad_(True)
+    frozen = torch.tensor(rng.normal(size=(4, 6)), dtype=torch.float64, requires_grad=True)
+    loss(a, a, frozen=(frozen, frozen))["loss"].backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0 and frozen.grad is None
+
+
+def test_structure_ramp_and_combined_spec():
+    rng = np.random.default_rng(2)
+    a, b = (torch.nn.functional.normalize(torch.tensor(rng.normal(size=(4, 5))), dim=-1) for _ in range(2))
+    fa, fb = torch.tensor(rng.normal(size=(4, 6))), torch.tensor(rng.normal(size=(4, 3)))
+    combined = build_loss({"clip": 1.0, "structure": {"weight": 2.0, "tau": 0.5, "levels": 2,
+                                                      "warmup_steps": 4}}, gather=False)
+    assert combined.required_inputs() == {"pair", "frozen"}
+    full = combined(a, b, 2.0, frozen=(fa, fb), step=10)
+    half = combined(a, b, 2.0, frozen=(fa, fb), step=1)  # (1 + 1) / 4 of the way in
+    js = StructureLoss(gather=False, tau=0.5, levels=2)(a, b, frozen=(fa, fb))["loss"]
+    clip = ClipLoss(gather=False)(a, b, 2.0)["loss"]
+    assert float(full["loss"]) == pytest.approx(float(clip + 2.0 * js), rel=1e-6)
+    assert float(half["loss"]) == pytest.approx(float(clip + 2.0 * 0.5 * js), rel=1e-6)
+    with pytest.raises(ValueError, match="frozen"):
+        combined(a, b, 2.0)
+
+
+def test_multipositive_equals_clip_with_one_caption_per_image_and_counts_every_caption():
+    rng = np.random.default_rng(3)
+    a, b = (torch.nn.functional.normalize(torch.tensor(rng.normal(size=(5, 4))), dim=-1) for _ in range(2))
+    clip = ClipLoss(gather=False)(a, b, 3.0)["loss"]
+    multi = MultiPositiveClipLoss(gather=False)
+    assert float(multi(a, b, 3.0, groups=torch.arange(5) * 7)["loss"]) == pytest.approx(float(clip), rel=1e-9)
+    assert float(multi(a, b, 3.0)["loss"]) == pytest.approx(float(clip), rel=1e-9)
+    # rows 0 and 1 show the same image with two captions: each row's loss averages over both positives
+    groups = torch.tensor([0, 0, 1, 2, 3])
+    logits = (3.0 * a @ b.T).numpy()
+    pos = [[0, 1], [0, 1], [2], [3], [4]]
+
+    def direction(lg):
+        total = 0.0
+        for i in range(5):
+            lse = math.log(sum(math.exp(v) for v in lg[i]))
+            total += -sum(lg[i][j] - lse for j in pos[i]) / len(pos[i])
+        return total / 5
+
+    ref = (direction(logits) + direction(logits.T)) / 2
+    out = multi(a, b, 3.0, groups=groups)
+    assert float(out["loss"]) == pytest.approx(ref, rel=1e-9)
+    assert float(out["positives"]) == pytest.approx(7 / 5)
+    combined = build_loss({"multipos": 1.0}, gather=False)
+    assert combined.required_inputs() == {"pair", "groups"}
+    assert float(combined(a, b, 3.0, groups=groups)["loss"]) == pytest.approx(ref, rel=1e-9)
