@@ -125,3 +125,72 @@ def test_multipositive_equals_clip_with_one_caption_per_image_and_counts_every_c
     combined = build_loss({"multipos": 1.0}, gather=False)
     assert combined.required_inputs() == {"pair", "groups"}
     assert float(combined(a, b, 3.0, groups=groups)["loss"]) == pytest.approx(ref, rel=1e-9)
+
+
+# -- heads that start from the frozen features ----------------------------------------------------------------
+def _inputs(rng, n=3, t=4, d=8):
+    tokens = torch.tensor(rng.normal(size=(n, t, d)), dtype=torch.float32)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[1, 2:] = False
+    return tokens, mask
+
+
+@pytest.mark.parametrize("arch", ["dfe", "two_tower"])
+def test_gated_head_starts_as_the_normalised_frozen_feature(arch):
+    from lightcrl.features import masked_mean
+    from lightcrl.model import create_model
+
+    rng = np.random.default_rng(4)
+    cfg = {"arch": arch, "width": 8, "heads": 2, "ffn_dim": 16, "head": "gated"}
+    model = create_model(cfg, {"image": 8, "text": 6}).eval()
+    tokens, mask = _inputs(rng)
+    frozen = torch.nn.functional.normalize(masked_mean(tokens, mask), dim=-1)
+    # widths agree: the embedding IS the normalised frozen feature, whatever the (random) head computes
+    assert torch.allclose(model.encode("image", tokens, mask), frozen, atol=1e-6)
+    # widths differ (6 -> 8): a fixed isometry, so the frozen cosines are kept exactly
+    t_tokens, t_mask = _inputs(rng, d=6)
+    emb = model.encode("text", t_tokens, t_mask)
+    t_frozen = torch.nn.functional.normalize(masked_mean(t_tokens, t_mask), dim=-1)
+    assert torch.allclose(emb @ emb.T, t_frozen @ t_frozen.T, atol=1e-5)
+    assert model.parameter_counts()["gate"] == 16
+    # the gate opens under training: one step moves the embedding away from the frozen feature
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    (model.encode("image", tokens, mask) @ torch.randn(8)).sum().backward()
+    assert model.gates["image"].grad.abs().sum() > 0
+    opt.step()
+    assert not torch.allclose(model.eval().encode("image", tokens, mask), frozen, atol=1e-4)
+
+
+def test_locked_modality_has_no_head_and_a_fixed_projection():
+    from lightcrl.features import masked_mean
+    from lightcrl.model import create_model
+
+    rng = np.random.default_rng(5)
+    cfg = {"arch": "dfe", "width": 4, "heads": 2, "ffn_dim": 16, "locked": ["image"]}
+    model = create_model(cfg, {"image": 8, "text": 6})
+    assert "image" not in model.projections and "image" not in model.contexts
+    tokens, mask = _inputs(rng)
+    w = model.base_map_image
+    assert torch.allclose(w @ w.T, torch.eye(4), atol=1e-6)  # orthonormal rows: a projection 8 -> 4
+    expected = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(masked_mean(tokens, mask), dim=-1) @ w.T, dim=-1)
+    assert torch.allclose(model.train().encode("image", tokens, mask), expected, atol=1e-6)
+    # the map is part of the weights and deterministic: a second model (any RNG state) builds the same
+    torch.manual_seed(123)
+    again = create_model(cfg, {"image": 8, "text": 6})
+    assert torch.equal(again.base_map_image, w) and "base_map_image" in model.state_dict()
+    with pytest.raises(ValueError, match="locked"):
+        create_model({**cfg, "locked": ["audio"]}, {"image": 8, "text": 6})
+
+
+def test_plain_model_init_is_unchanged_by_the_new_options():
+    from lightcrl.model import create_model
+
+    torch.manual_seed(0)
+    plain = create_model({"arch": "dfe", "width": 8, "heads": 2, "ffn_dim": 16}, {"image": 8, "text": 6})
+    torch.manual_seed(0)
+    gated = create_model({"arch": "dfe", "width": 8, "heads": 2, "ffn_dim": 16, "head": "gated"},
+                         {"image": 8, "text": 6})
+    ps, gs = plain.state_dict(), gated.state_dict()
+    assert all(torch.equal(ps[k], gs[k]) for k in ps)  # the same head, plus the gate and the base maps

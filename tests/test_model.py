@@ -67,6 +67,7 @@ def test_default_parameter_count():
         "fusion": 0,
         "cls": 0,
         "dfe": 790_272,  # one pre-LN layer (attention + 256->1024->256 FFN) and the final LayerNorm
+        "gate": 0,
         "logit_scale": 1,
         "logit_bias": 0,
         "anchors": 0,

@@ -61,6 +61,14 @@ class ModelConfig(BaseModel):
     logit_bias: float | None = None
     input_norm: bool = True
     anchors: AnchorConfig | None = None
+    # Keep what the frozen encoders know. Both use the "base map" of a modality: its frozen pooled feature,
+    # L2-normalised, through a fixed matrix (the identity when the widths agree, else fixed orthonormal rows
+    # or columns, seeded) and normalised again.
+    # "gated": embedding = normalize(base + gate * head), one gate vector per modality initialised at zero,
+    # so training starts from the base map and the head learns a residual on it.
+    head: Literal["plain", "gated"] = "plain"
+    # LiT: modalities with no trainable head; their embedding is the base map (e.g. [image])
+    locked: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -68,6 +76,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.arch == "anchors" and self.anchors is None:
             raise ValueError("arch 'anchors' is the anchor space alone: it needs model.anchors")
+        if self.arch == "anchors" and (self.locked or self.head != "plain"):
+            raise ValueError("model.locked and model.head apply to the trained heads (dfe, two_tower)")
         return self
 
 
@@ -128,16 +138,27 @@ class LightCRLModel(nn.Module):
         _check_input_dims(input_dims)
         self.cfg = cfg.model_copy()
         self.input_dims = {m: int(d) for m, d in input_dims.items()}
+        unknown = sorted(set(cfg.locked) - set(self.input_dims))
+        if unknown:
+            raise ValueError(f"model.locked names {unknown}, not modalities of this model {self.modalities}")
         width = cfg.width
         hidden = cfg.proj_hidden or width
+        trained = [m for m in self.input_dims if m not in cfg.locked] if cfg.arch != "anchors" else []
         self.projections = nn.ModuleDict(
             {
-                m: ProjectionHead(d, width, hidden, cfg.proj_layers, cfg.dropout, cfg.input_norm)
-                for m, d in self.input_dims.items()
+                m: ProjectionHead(self.input_dims[m], width, hidden, cfg.proj_layers, cfg.dropout, cfg.input_norm)
+                for m in trained
             }
-            if cfg.arch != "anchors"
-            else {}
         )
+        # the fixed base maps (buffers: saved with the weights, never trained)
+        self.base_maps: dict[str, str] = {}
+        for m in self.input_dims if (cfg.locked or cfg.head == "gated") else []:
+            name = f"base_map_{m}"
+            self.register_buffer(name, _fixed_map(self.input_dims[m], width, seed=len(self.base_maps)))
+            self.base_maps[m] = name
+        self.gates: nn.ParameterDict | None = None
+        if cfg.head == "gated" and trained:
+            self.gates = nn.ParameterDict({m: nn.Parameter(torch.zeros(width)) for m in trained})
         self.contexts: nn.ParameterDict | None = None
         self.g3: nn.Linear | None = None
         self.fusion_mlp: nn.Sequential | None = None
@@ -148,7 +169,7 @@ class LightCRLModel(nn.Module):
             if cfg.fusion != "none":
                 # Unit-scale init: g3(ctx) then starts on the order of the LayerNorm-ed tokens, so "mul"
                 # does not begin by shrinking every token towards zero and "add" is visible from step one.
-                self.contexts = nn.ParameterDict({m: nn.Parameter(torch.randn(width)) for m in input_dims})
+                self.contexts = nn.ParameterDict({m: nn.Parameter(torch.randn(width)) for m in trained})
                 self.g3 = nn.Linear(width, width)
             if cfg.fusion == "concat":
                 self.fusion_mlp = nn.Sequential(
@@ -223,9 +244,25 @@ class LightCRLModel(nn.Module):
             return z
         return self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude))
 
+    def base_map(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The fixed map of the frozen pooled feature (unit norm): a locked modality's embedding, and what a
+        gated head starts from. With equal widths it is the normalised frozen feature itself."""
+        matrix = getattr(self, self.base_maps[modality])
+        return F.normalize(F.normalize(masked_mean(tokens, mask), dim=-1) @ matrix.T, dim=-1)
+
     def _encode_tokens(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        if modality in self.cfg.locked:
+            return self.base_map(modality, tokens, mask)
+        head = self._head(modality, tokens, mask)
+        if self.gates is None:
+            return F.normalize(head, dim=-1)
+        # the head's output is LayerNorm-ed (norm ~ sqrt(width)), so a small gate already moves the embedding
+        return F.normalize(self.base_map(modality, tokens, mask) + self.gates[modality] * head, dim=-1)
+
+    def _head(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The trained head's pooled output, before normalisation."""
         if self.dfe is None:  # two_tower
-            return F.normalize(self.projections[modality](masked_mean(tokens, mask)), dim=-1)
+            return self.projections[modality](masked_mean(tokens, mask))
 
         x = self.projections[modality](tokens)
         x, mask = self._fuse(modality, x, mask)
@@ -235,8 +272,7 @@ class LightCRLModel(nn.Module):
         # padding instead; its pooled output is zero (mean) or the CLS token, either way finite.
         key_padding = ~mask & mask.any(dim=1, keepdim=True)
         x = self.dfe(x, src_key_padding_mask=key_padding)
-        pooled = x[:, 0] if self.cfg.pool == "cls" else masked_mean(x, mask)
-        return F.normalize(pooled, dim=-1)
+        return x[:, 0] if self.cfg.pool == "cls" else masked_mean(x, mask)
 
     def forward(
         self,
@@ -266,6 +302,7 @@ class LightCRLModel(nn.Module):
         counts["fusion"] = _count(fusion.parameters()) if fusion is not None else 0
         counts["cls"] = _count([self.cls_token]) if self.cls_token is not None else 0
         counts["dfe"] = _count(self.dfe.parameters()) if self.dfe is not None else 0
+        counts["gate"] = _count(self.gates.parameters()) if self.gates is not None else 0
         counts["logit_scale"] = _count([self.logit_scale])
         counts["logit_bias"] = _count([self.logit_bias]) if self.logit_bias is not None else 0
         counts["anchors"] = _count(self.anchors.parameters()) if self.anchors is not None else 0
@@ -304,6 +341,16 @@ class LightCRLModel(nn.Module):
             )
         # Cached features may be stored in half precision.
         return tokens.to(self.logit_scale.dtype), mask.to(device=tokens.device, dtype=torch.bool)
+
+
+def _fixed_map(in_dim: int, out_dim: int, seed: int) -> Tensor:
+    """[out_dim, in_dim]: the identity when the widths agree, else orthonormal rows (a projection) or columns
+    (an isometry) from a seeded generator of its own, so building it leaves the global RNG untouched."""
+    if in_dim == out_dim:
+        return torch.eye(out_dim)
+    gen = torch.Generator().manual_seed(1_000_003 + seed)
+    q, _ = torch.linalg.qr(torch.randn(max(in_dim, out_dim), min(in_dim, out_dim), generator=gen))
+    return q.T.contiguous() if out_dim < in_dim else q.contiguous()
 
 
 def _prepend(token: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
