@@ -127,7 +127,7 @@ def test_multipositive_equals_clip_with_one_caption_per_image_and_counts_every_c
     assert float(combined(a, b, 3.0, groups=groups)["loss"]) == pytest.approx(ref, rel=1e-9)
 
 
-# -- heads that start from the frozen features ----------------------------------------------------------------
+# -- heads that start from the frozen features ---------------------------------------------------------
 def _inputs(rng, n=3, t=4, d=8):
     tokens = torch.tensor(rng.normal(size=(n, t, d)), dtype=torch.float32)
     mask = torch.ones(n, t, dtype=torch.bool)

@@ -189,7 +189,8 @@ class MultiPositiveClipLoss(_Loss):
         b_to_a = F.cross_entropy(logits.T, targets)
         with torch.no_grad():
             mean_positives = positives.sum(dim=1).mean()
-        return {"loss": (a_to_b + b_to_a) / 2, "a_to_b": a_to_b, "b_to_a": b_to_a, "positives": mean_positives}
+        loss = (a_to_b + b_to_a) / 2
+        return {"loss": loss, "a_to_b": a_to_b, "b_to_a": b_to_a, "positives": mean_positives}
 
 
 def neighbour_distribution(x: Tensor, tau: float) -> Tensor:

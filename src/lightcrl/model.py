@@ -146,7 +146,9 @@ class LightCRLModel(nn.Module):
         trained = [m for m in self.input_dims if m not in cfg.locked] if cfg.arch != "anchors" else []
         self.projections = nn.ModuleDict(
             {
-                m: ProjectionHead(self.input_dims[m], width, hidden, cfg.proj_layers, cfg.dropout, cfg.input_norm)
+                m: ProjectionHead(
+                    self.input_dims[m], width, hidden, cfg.proj_layers, cfg.dropout, cfg.input_norm
+                )
                 for m in trained
             }
         )
