@@ -194,3 +194,76 @@ def test_plain_model_init_is_unchanged_by_the_new_options():
                          {"image": 8, "text": 6})
     ps, gs = plain.state_dict(), gated.state_dict()
     assert all(torch.equal(ps[k], gs[k]) for k in ps)  # the same head, plus the gate and the base maps
+
+
+# -- FuseMix and multi-caption batches ---------------------------------------------------------------------
+def test_fusemix_with_lambda_one_is_no_mixup_and_shares_lambda_across_modalities():
+    from lightcrl.features import masked_mean
+    from lightcrl.mixing import fusemix, mixed_groups, sample_fusemix
+
+    rng = np.random.default_rng(6)
+    image = _inputs(rng, n=4, t=3, d=5)
+    text = (torch.tensor(rng.normal(size=(4, 6, 2)), dtype=torch.float32),
+            torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool))
+    batch = {"image": image, "text": text}
+    perm = torch.tensor([2, 0, 3, 1])
+    same = fusemix(batch, torch.ones(4), perm)
+    for m in batch:
+        clean = batch[m][0].masked_fill(~batch[m][1].unsqueeze(-1), 0.0)
+        assert torch.equal(same[m][0], clean) and torch.equal(same[m][1], batch[m][1])
+    # one token per item (pooled inputs): exactly lam x_i + (1 - lam) x_perm(i), the same lam in both
+    lam = torch.tensor([0.25, 0.5, 0.9, 0.0])
+    pooled = {m: (masked_mean(*batch[m]).unsqueeze(1), torch.ones(4, 1, dtype=torch.bool)) for m in batch}
+    mixed = fusemix(pooled, lam, perm)
+    for m in batch:
+        x = pooled[m][0][:, 0]
+        assert torch.allclose(mixed[m][0][:, 0], lam[:, None] * x + (1 - lam[:, None]) * x[perm])
+    # token masks: real where a contributing item is real
+    assert mixed["text"][1].all() and fusemix(batch, lam, perm)["text"][1][3].tolist() == text[1][1].tolist()
+    groups = mixed_groups(torch.tensor([5, 5, 7, 8]), torch.tensor([10, 11, 12, 13]), lam, perm)
+    assert groups.tolist() == [-11, -12, -13, 5]  # lam 0: row 3 is its partner (row 1, item 5)
+    torch.manual_seed(0)
+    lam, perm = sample_fusemix(1000, 1.0)
+    assert 0 <= float(lam.min()) and float(lam.max()) <= 1 and abs(float(lam.mean()) - 0.5) < 0.05
+    assert sorted(perm.tolist()) == list(range(1000))
+
+
+def test_multi_caption_epochs_put_several_captions_of_each_image_side_by_side():
+    from lightcrl.pairs import PairSet
+
+    # 5 media items with 1..5 captions each
+    media_index = np.repeat(np.arange(5), [1, 2, 3, 4, 5])
+    ps = PairSet("toy", None, None, media_index, np.arange(len(media_index)))
+    pairs = ps.epoch_pairs(0, 1, "multi_caption", per_media=3)
+    assert len(pairs) == ps.epoch_size("multi_caption", 3) == 1 + 2 + 3 + 3 + 3 == len(set(pairs.tolist()))
+    items = media_index[pairs]
+    runs = [int(items[0])] + [int(b) for a, b in zip(items[:-1], items[1:], strict=True) if a != b]
+    assert sorted(runs) == list(range(5))  # every item once, its captions contiguous
+    assert np.array_equal(pairs, ps.epoch_pairs(0, 1, "multi_caption", per_media=3))
+    assert not np.array_equal(pairs, ps.epoch_pairs(0, 2, "multi_caption", per_media=3))
+    assert ps.epoch_size("random_caption") == 5 and ps.epoch_size("all_pairs") == 15
+
+
+def test_trainer_runs_every_new_option_together(tmp_path, pairs_csv):
+    import json
+
+    from test_train import toy_config
+
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import train
+
+    cfg = toy_config(pairs_csv, **{"optim.epochs": 1})
+    cfg["data"].update(pairs="multi_caption", captions_per_media=2, fusemix={"alpha": 1.0})
+    cfg["model"].update(head="gated")
+    cfg["loss"] = {"multipos": 1.0, "structure": {"weight": 1.0, "tau": 0.1, "levels": 2, "warmup_steps": 4}}
+    train(validate_config(cfg), tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/structure/loss" in r]
+    assert train_rows and all(math.isfinite(r["train/loss"]) for r in train_rows)
+    assert all(0 < r["train/structure/ramp"] <= 1 for r in train_rows)
+    locked = toy_config(pairs_csv, **{"optim.epochs": 1})
+    locked["model"].update(arch="two_tower", locked=["image"])
+    locked["loss"] = {"clip": 1.0}
+    train(validate_config(locked), tmp_path / "lit")
+    info = json.loads((tmp_path / "lit" / "model.json").read_text())
+    assert "projection/image" not in info["parameter_counts"]

@@ -46,8 +46,19 @@ class PairSet:
     def n_media(self) -> int:
         return len(np.unique(self.media_index))
 
-    def epoch_pairs(self, seed: int, epoch: int, mode: str) -> np.ndarray:
-        """Shuffled pair indices for one epoch: one random caption per media item, or all pairs."""
+    def epoch_size(self, mode: str, per_media: int = 2) -> int:
+        """Pairs in one epoch of ``epoch_pairs(..., mode, per_media)``."""
+        if mode == "all_pairs":
+            return len(self)
+        if mode == "multi_caption":
+            return int(np.minimum(np.unique(self.media_index, return_counts=True)[1], per_media).sum())
+        return self.n_media()
+
+    def epoch_pairs(self, seed: int, epoch: int, mode: str, per_media: int = 2) -> np.ndarray:
+        """Shuffled pair indices for one epoch: one random caption per media item, all pairs, or
+        ``multi_caption``: ``per_media`` distinct random captions of every media item (all it has when it
+        has fewer), each item's captions next to each other, items in random order, so a batch holds
+        several captions per image (the positives of the ``multipos`` loss)."""
         rng = np.random.default_rng([seed, epoch, 7919])
         if mode == "all_pairs":
             return rng.permutation(len(self))
@@ -55,6 +66,15 @@ class PairSet:
         media_sorted = self.media_index[order]
         starts = np.flatnonzero(np.r_[True, media_sorted[1:] != media_sorted[:-1]])
         counts = np.diff(np.r_[starts, len(order)])
+        if mode == "multi_caption":
+            if per_media < 1:
+                raise ValueError(f"per_media must be >= 1, got {per_media}")
+            group = np.repeat(np.arange(len(starts)), counts)  # group of each position of `order`
+            shuffled = np.lexsort((rng.random(len(order)), group))  # positions, random within each group
+            rank = np.arange(len(order)) - starts[group]  # rank of the position within its group
+            keep = shuffled[rank < per_media]
+            group_pos = rng.permutation(len(starts))  # where each media item comes in the epoch
+            return order[keep[np.argsort(group_pos[group[keep]], kind="stable")]]
         pick = order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
         return pick[rng.permutation(len(pick))]
 

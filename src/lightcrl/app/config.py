@@ -22,13 +22,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FuseMixConfig(_Strict):
+    """FuseMix: mixup of the frozen inputs, the same weight ~ Beta(alpha, alpha) in both modalities."""
+
+    alpha: float = Field(1.0, gt=0.0)
+
+
 class DataConfig(_Strict):
     sources: list[PairSource]
     nli: NliSource | None = None
     input: Literal["tokens", "pooled"] = "tokens"
     max_text_tokens: int = 64
-    # one random caption per media item per epoch (cheap, paper-like) or every (media, caption) pair
-    pairs: Literal["random_caption", "all_pairs"] = "random_caption"
+    # one random caption per media item per epoch (cheap, paper-like), every (media, caption) pair, or
+    # `captions_per_media` captions of every media item side by side (positives of the `multipos` loss)
+    pairs: Literal["random_caption", "all_pairs", "multi_caption"] = "random_caption"
+    captions_per_media: int | None = Field(None, ge=1)  # multi_caption only; None = 2
+    fusemix: FuseMixConfig | None = None  # mixup of the frozen inputs (lightcrl.mixing); None = off
     embed_batch_size: int = 64
     num_workers: int | None = None
 

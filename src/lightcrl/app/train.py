@@ -43,6 +43,7 @@ from lightcrl.devices import autocast, resolve_device
 from lightcrl.errors import LightCRLError
 from lightcrl.io import write_json, write_text
 from lightcrl.losses import ClipLoss, build_loss
+from lightcrl.mixing import fusemix, mixed_groups, sample_fusemix
 from lightcrl.model import ModelConfig, create_model
 from lightcrl.pairs import PairSet, epoch_batches, rank_slice
 from lightcrl.rundir import RunDir
@@ -109,6 +110,19 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
     metrics["val/loss"] = float(np.mean(losses)) if losses else float("nan")
     metrics["val/mean_recall@1"] = float(np.mean(r1s))
     return metrics
+
+
+# Options added after runs existed, left out of the fingerprint at their defaults so those runs resume.
+_NEW_DEFAULTS = {"data": {"captions_per_media": None, "fusemix": None},
+                 "model": {"head": "plain", "locked": []}}
+
+
+def _without_new_defaults(dump: dict) -> dict:
+    out = dict(dump)
+    for section, defaults in _NEW_DEFAULTS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if not (k in defaults and v == defaults[k])}
+    return out
 
 
 # -- the trainer ------------------------------------------------------------------------------------
@@ -207,10 +221,10 @@ class Trainer:
         h.update(
             json.dumps(
                 # the checkpoint interval changes no number: a run may resume with another one
-                self.cfg.model_dump(
+                _without_new_defaults(self.cfg.model_dump(
                     mode="json",
                     exclude={"progress": True, "name": True, "optim": {"checkpoint_every_steps": True}},
-                ),
+                )),
                 sort_keys=True,
             ).encode()
         )
@@ -308,11 +322,18 @@ class Trainer:
         media = s.media_modality
         local = rank_slice(batch, self.rank, self.world)
         inputs = s.batch(local, self.device)
+        needs = self.loss_inputs
+        # the media item of every pair: positives of multi-positive losses
+        groups = torch.as_tensor(s.media_index[local], device=self.device) if "groups" in needs else None
+        if self.cfg.data.fusemix is not None:  # FuseMix: the same mix of frozen inputs in both modalities
+            lam, perm = sample_fusemix(len(local), self.cfg.data.fusemix.alpha)
+            inputs = fusemix(inputs, lam, perm)
+            if groups is not None:
+                groups = mixed_groups(groups, torch.as_tensor(local), lam, perm)
         self.ddp_model.train()
         exclude = None
         if self.anchor_set is not None and si == 0:  # leave-one-out: never see your own anchor
             exclude = self.anchor_set.exclude(s.media_index[local]).to(self.device)
-        needs = self.loss_inputs
         with autocast(self.device):
             out = self.ddp_model(inputs, exclude) if exclude is not None else self.ddp_model(inputs)
             extra = {}
@@ -322,7 +343,10 @@ class Trainer:
                 extra["nli"] = self._nli_batch()
             if "frozen" in needs:
                 extra["frozen"] = tuple(s.adapter.frozen_pooled(*inputs[m]) for m in (media, "text"))
-            losses = self.loss_fn(out[media], out["text"], out["logit_scale"], out.get("logit_bias"), **extra)
+            if groups is not None:
+                extra["groups"] = groups
+            losses = self.loss_fn(out[media], out["text"], out["logit_scale"], out.get("logit_bias"),
+                                  step=self.state["step"], **extra)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise LightCRLError(

@@ -75,8 +75,12 @@ def input_dims(sets: list[PairSet]) -> dict[str, int]:
 
 
 # -- the epoch schedule -----------------------------------------------------------------------------------
+def captions_per_media(cfg: TrainConfig) -> int:
+    return cfg.data.captions_per_media or 2
+
+
 def _epoch_size(cfg: TrainConfig, s: PairSet) -> int:
-    return len(s) if cfg.data.pairs == "all_pairs" else s.n_media()
+    return s.epoch_size(cfg.data.pairs, captions_per_media(cfg))
 
 
 def batches_of_source(cfg: TrainConfig, sets: list[PairSet], si: int) -> int:
@@ -97,7 +101,8 @@ def epoch_schedule(cfg: TrainConfig, sets: list[PairSet], epoch: int) -> list[tu
     for si, s in enumerate(sets):
         want, batches, rep = batches_of_source(cfg, sets, si), [], 0
         while len(batches) < want:  # weight > 1 draws further shuffles of the same source
-            pairs = s.epoch_pairs(cfg.seed + 1000 * si + 100_003 * rep, epoch, cfg.data.pairs)
+            pairs = s.epoch_pairs(cfg.seed + 1000 * si + 100_003 * rep, epoch, cfg.data.pairs,
+                                  captions_per_media(cfg))
             batches += [pairs[sl] for sl in epoch_batches(len(pairs), bs)]
             rep += 1
         keyed += [((j + rng.random()) / want, si, b) for j, b in enumerate(batches[:want])]
