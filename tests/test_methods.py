@@ -204,7 +204,7 @@ def test_fusemix_with_lambda_one_is_no_mixup_and_shares_lambda_across_modalities
     rng = np.random.default_rng(6)
     image = _inputs(rng, n=4, t=3, d=5)
     text = (torch.tensor(rng.normal(size=(4, 6, 2)), dtype=torch.float32),
-            torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool))
+            torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]).bool())
     batch = {"image": image, "text": text}
     perm = torch.tensor([2, 0, 3, 1])
     same = fusemix(batch, torch.ones(4), perm)
@@ -267,3 +267,19 @@ def test_trainer_runs_every_new_option_together(tmp_path, pairs_csv):
     train(validate_config(locked), tmp_path / "lit")
     info = json.loads((tmp_path / "lit" / "model.json").read_text())
     assert "projection/image" not in info["parameter_counts"]
+
+
+def test_holdout_validates_on_training_media_never_trained_on(tmp_path, pairs_csv):
+    from test_train import toy_config
+
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train_data import build_pairsets
+
+    cfg = toy_config(pairs_csv)
+    cfg["data"]["sources"][0].update(val_split=None, holdout=0.25)
+    cfg = validate_config(cfg)
+    (train_set,), (val_set,) = build_pairsets(cfg, "train"), build_pairsets(cfg, "val")
+    train_media, val_media = set(train_set.media_index.tolist()), set(val_set.media_index.tolist())
+    assert not train_media & val_media and len(val_media) == 10 and len(train_media) == 30
+    assert len(train_set) + len(val_set) == 80  # every caption goes with its image
+    assert train_set.media.dir == val_set.media.dir  # the same cached store: nothing is extracted twice

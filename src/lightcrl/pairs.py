@@ -36,6 +36,16 @@ class PairSet:
                 ti.append(j)
         return cls(name, media, text, np.asarray(mi, np.int64), np.asarray(ti, np.int64), **kw)
 
+    def split_media(self, fraction: float, seed: int) -> tuple[PairSet, PairSet]:
+        """``(kept, held_out)``: a seeded ``fraction`` of the media items, with all their pairs, held out."""
+        media = np.unique(self.media_index)
+        rng = np.random.default_rng([seed, 4243])
+        n_out = min(len(media) - 1, max(1, round(fraction * len(media))))
+        held = np.isin(self.media_index, rng.choice(media, n_out, replace=False))
+        part = lambda keep: PairSet(self.name, self.media, self.text, self.media_index[keep],  # noqa: E731
+                                    self.text_index[keep], self.adapter)
+        return part(~held), part(held)
+
     @property
     def media_modality(self) -> str:
         return self.media.modality

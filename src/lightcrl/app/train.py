@@ -84,12 +84,12 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
     losses, r1s = [], []
     clip = ClipLoss(gather=False)
     for s in sets:
-        media_emb = encode_store(raw, s.adapter, s.media, device)
-        text_emb = encode_store(raw, s.adapter, s.text, device)
-        text_to_media = np.full(len(s.text), -1, np.int64)
-        text_to_media[s.text_index] = s.media_index
-        keep = text_to_media >= 0
-        r = retrieval.evaluate(media_emb, text_emb[keep], text_to_media[keep])
+        # the pair set's own media and captions only (it may be a held-out part of its stores)
+        media_rows = np.unique(s.media_index)
+        pair_media = np.searchsorted(media_rows, s.media_index)  # pair -> row of media_emb
+        media_emb = encode_store(raw, s.adapter, s.media, device, indices=media_rows)
+        text_emb = encode_store(raw, s.adapter, s.text, device, indices=s.text_index)  # row = pair
+        r = retrieval.evaluate(media_emb, text_emb, pair_media)
         prefix = f"val/{s.name}/" if len(sets) > 1 else "val/"
         for k in (
             "image_retrieval_recall@1",
@@ -105,7 +105,7 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         me, te = torch.from_numpy(media_emb), torch.from_numpy(text_emb)
         for sl in epoch_batches(len(pairs), batch_size):
             p = pairs[sl]
-            out = clip(me[s.media_index[p]], te[s.text_index[p]], scale.cpu().float())
+            out = clip(me[pair_media[p]], te[p], scale.cpu().float())
             losses.append(float(out["loss"]))
     metrics["val/loss"] = float(np.mean(losses)) if losses else float("nan")
     metrics["val/mean_recall@1"] = float(np.mean(r1s))
@@ -119,6 +119,11 @@ _NEW_DEFAULTS = {"data": {"captions_per_media": None, "fusemix": None},
 
 def _without_new_defaults(dump: dict) -> dict:
     out = dict(dump)
+    if isinstance(out.get("data"), dict) and isinstance(out["data"].get("sources"), list):
+        out["data"] = dict(out["data"], sources=[
+            {k: v for k, v in src.items() if not (k == "holdout" and v is None)}
+            for src in out["data"]["sources"]
+        ])
     for section, defaults in _NEW_DEFAULTS.items():
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if not (k in defaults and v == defaults[k])}

@@ -48,9 +48,12 @@ def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int 
     sets = []
     for i, src in enumerate(cfg.data.sources):
         split = src.split if split_kind == "train" else src.val_split
+        held_out = split_kind == "val" and split is None and src.holdout is not None
+        if held_out:  # validation on the media items held out of the training split
+            split = src.split
         if split is None:
             continue
-        limit = src.limit if split_kind == "train" else src.val_limit
+        limit = src.limit if split_kind == "train" or held_out else src.val_limit
         opts = _embed_options(cfg, limit, rank, batch_size=cfg.data.embed_batch_size)
         media = shared_store(src.media_encoder, src.spec, split, opts, rank, world)
         # classification datasets become pairs through captions made from class names and templates
@@ -58,7 +61,11 @@ def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int 
         text = shared_store(src.text_encoder, text_spec, split, opts, rank, world)
         kind = src.spec.split(":", 1)[0]
         name = f"{kind}{i}" if len(cfg.data.sources) > 1 else kind
-        sets.append(PairSet.link(name, media, text, adapter=feature_adapter(cfg)))
+        ps = PairSet.link(name, media, text, adapter=feature_adapter(cfg))
+        if src.holdout is not None and (split_kind == "train" or held_out):
+            kept, out = ps.split_media(src.holdout, cfg.seed)
+            ps = kept if split_kind == "train" else out
+        sets.append(ps)
         if len(sets[-1]) == 0:
             raise LightCRLError(f"no (media, caption) pairs in {src.spec} split {split}")
     return sets

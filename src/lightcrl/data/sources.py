@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["NliSource", "PairSource"]
 
@@ -26,6 +26,9 @@ class PairSource(_Strict):
     text_encoder: str = "minilm-l6"
     limit: int | None = None  # seeded sample of N media items (all their captions kept)
     val_limit: int | None = None
+    # a seeded fraction of the split's media items (with all their captions) kept out of training; when
+    # val_split is None they are the validation set (model selection on TRAINING data, never dev/test)
+    holdout: float | None = Field(None, gt=0.0, lt=1.0)
     # classification datasets become pairs through captions made from class names and templates
     captions: Literal["dataset", "templates"] = "dataset"
     weight: float = 1.0  # share of training steps relative to the source's size
