@@ -11,6 +11,7 @@ from conftest import COLORS, REPO, make_pairs_csv
 from PIL import Image
 
 from lightcrl.app.cli import main
+from lightcrl.app.config import validate_config
 from lightcrl.app.experiment import ExperimentResult, load_experiment, run_experiment, set_path
 from lightcrl.errors import LightCRLError
 
@@ -180,7 +181,7 @@ def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
 
 
-@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 38), ("paper", 20)])
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 44), ("paper", 20)])
 def test_shipped_experiment_configs_validate(name, n_cells):
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert len(exp.cells) == n_cells
@@ -209,6 +210,20 @@ def test_shipped_experiment_configs_validate(name, n_cells):
         assert exp.cell("offline-best").spec["model"]["anchors"] is not None
         asif_c = exp.cell("asif-centered").spec
         assert asif_c["pairs"] == "mean_caption" and asif_c["tune"]["center"] == [False, True]
+        # the keep-* cells (issue 14) are valid training configs
+        assert exp.cell("keep-structure").spec["loss"]["structure"]["levels"] == 2
+        for cell in exp.cells:
+            if cell.name.startswith("keep-"):
+                validate_config(cell.spec)
+
+
+def test_methods_experiment_validates_on_training_data_only():
+    exp = load_experiment(REPO / "configs" / "experiments" / "methods.yaml")
+    assert len(exp.cells) == 6
+    for cell in exp.cells:
+        cfg = validate_config(cell.spec)
+        assert cfg.data.sources[0].holdout == 0.1 and cfg.data.sources[0].val_split is None
+    assert [(e.task, e.split) for e in exp.cfg.evals] == [("zeroshot", "train")]
 
 
 def test_overrides_replace_nodes_and_bad_configs(tmp_path):
