@@ -63,19 +63,26 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _list_images(folder: Path) -> dict[str, tuple[int, int]]:
-    """Relative POSIX path -> (size, mtime_ns) of every image file under ``folder`` (hidden ones skipped)."""
-    from lightcrl.data.datasets import IMAGE_EXTS
+def list_media(folder: Path, modality: str = "image") -> dict[str, tuple[int, int]]:
+    """Relative POSIX path -> (size, mtime_ns) of every image (or audio) file under ``folder``.
 
+    Hidden files and folders are skipped, and so are symbolic links that lead outside ``folder``.
+    """
+    from lightcrl.data.datasets import AUDIO_EXTS, IMAGE_EXTS
+
+    exts = AUDIO_EXTS if modality == "audio" else IMAGE_EXTS
+    root = folder.resolve()
     found: dict[str, tuple[int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTS:
+            if name.startswith(".") or Path(name).suffix.lower() not in exts:
                 continue
             p = Path(dirpath, name)
             try:
                 st = p.stat()
+                if p.is_symlink() and not p.resolve().is_relative_to(root):
+                    continue  # an index (and a server of it) never reaches outside the folder
             except OSError:
                 continue
             # an empty file too: it fails to decode and is counted as unreadable, not ignored
@@ -100,15 +107,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class ImageIndex:
-    """Frozen-encoder features of the images under one folder, cached and updated incrementally."""
+class FolderIndex:
+    """Frozen-encoder features of the images (or audio clips) under one folder, cached and updated
+    incrementally."""
 
-    def __init__(self, folder: str | Path, encoder: str = "efficientnet-lite0", device: str = "auto"):
+    def __init__(self, folder: str | Path, encoder: str = "efficientnet-lite0", device: str = "auto",
+                 modality: str = "image"):
         self.folder = Path(folder).expanduser().resolve()
         if not self.folder.is_dir():
-            raise LightCRLError(f"image folder not found: {folder}")
+            raise LightCRLError(f"{modality} folder not found: {folder}")
         self.encoder_name = encoder
         self.device = device
+        self.modality = modality
         key = hashlib.sha256(f"{self.folder}|{encoder}".encode()).hexdigest()[:16]
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", self.folder.name)[:40] or "root"
         self.dir = cache_dir() / "search" / f"{label}-{key}"
@@ -169,12 +179,13 @@ class ImageIndex:
         from lightcrl.encoders import get_encoder
 
         enc = get_encoder(self.encoder_name, device=self.device)
-        if enc.modality != "image":
-            raise LightCRLError(f"search needs an image encoder, {self.encoder_name} is {enc.modality}")
+        if enc.modality != self.modality:
+            raise LightCRLError(f"indexing {self.modality} needs an {self.modality} encoder, "
+                                f"{self.encoder_name} is {enc.modality}")
         fp = enc.fingerprint()
         with _locked(self.dir / ".lock"):
             old = self._load(fp) or {}
-            current = _list_images(self.folder)
+            current = list_media(self.folder, self.modality)
             old_files = {f["path"]: f for f in old.get("files", [])}
             old_skipped = old.get("skipped", {})
             keep = {p: f for p, f in old_files.items() if current.get(p) == (f["size"], f["mtime_ns"])}
@@ -192,7 +203,7 @@ class ImageIndex:
             stats.total = len(keep) + len(embedded)
             self._write(old, fp, enc.dim, current, keep, embedded, still_bad)
         if bad:
-            log.warning("search index: %d unreadable image(s) left out: %s", len(bad),
+            log.warning("search index: %d unreadable file(s) left out: %s", len(bad),
                         ", ".join(list(bad)[:5]))
         return stats
 
@@ -202,7 +213,7 @@ class ImageIndex:
 
         done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         bad: dict[str, str] = {}
-        bar = tqdm(total=len(paths), desc=f"index {self.folder.name}", unit="img",
+        bar = tqdm(total=len(paths), desc=f"index {self.folder.name}", unit="item",
                    disable=not progress or len(paths) < batch_size)
         for s in range(0, len(paths), batch_size):
             chunk, items = [], []
@@ -258,19 +269,16 @@ class ImageIndex:
         self._load(fp)
 
 
+#: The name it had when it held images only.
+ImageIndex = FolderIndex
+
+
 # -- search -----------------------------------------------------------------------------------------------
-def _run_key(run_dir: Path) -> str:
-    h = hashlib.sha256()
-    for name in ("model.safetensors", "model.json"):
-        p = run_dir / name
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+def folder_embeddings(pipe, index: FolderIndex, batch_size: int = 256) -> np.ndarray:
+    """The run's embeddings [N, d] of every indexed file, cached beside the index per run."""
+    from lightcrl.app.index import run_key
 
-
-def image_embeddings(pipe, index: ImageIndex, batch_size: int = 256) -> np.ndarray:
-    """The run's embeddings [N, d] of every indexed image, cached beside the index per run."""
-    key = _run_key(pipe.run_dir) if pipe.run_dir is not None else None
+    key = run_key(pipe.run_dir) if pipe.run_dir is not None else None
     path = index.dir / f"emb-{key}-{index.listing_hash[:16]}.npy" if key else None
     if path is not None and path.is_file():
         emb = np.load(path)
@@ -279,8 +287,8 @@ def image_embeddings(pipe, index: ImageIndex, batch_size: int = 256) -> np.ndarr
     out = []
     for s in range(0, len(index), batch_size):
         tok, mask, pooled = index.batch(np.arange(s, min(s + batch_size, len(index))))
-        inputs = pipe.adapter.from_encoder("image", tok, mask, pooled)
-        out.append(pipe.encode_features("image", *inputs).numpy())
+        inputs = pipe.adapter.from_encoder(index.modality, tok, mask, pooled)
+        out.append(pipe.encode_features(index.modality, *inputs).numpy())
     emb = np.concatenate(out) if out else np.zeros((0, pipe.model.embed_dim), np.float32)
     if path is not None:
         for old in index.dir.glob(f"emb-{key}-*.npy"):
@@ -308,13 +316,13 @@ def _search(run_dir, images, query: str, top: int, out_html, device: str, progre
     from lightcrl.api import LightCRLPipeline
 
     pipe = LightCRLPipeline.from_run(run_dir, device=device)
-    index = ImageIndex(images, pipe.encoder_names.get("image") or _no_image(run_dir), device=device)
+    index = FolderIndex(images, pipe.encoder_names.get("image") or _no_image(run_dir), device=device)
     stats = index.update(progress=progress)
     result = SearchResult(query, [], stats, index.dir, n_images=len(index))
     if len(index) == 0:
         result.notes.append(f"no readable images under {index.folder}")
     else:
-        emb = image_embeddings(pipe, index)
+        emb = folder_embeddings(pipe, index)
         q = pipe.encode_text([query], progress=False)[0]
         scores = emb @ q
         order = np.argsort(-scores, kind="stable")[: max(1, top)]

@@ -1,0 +1,486 @@
+"""`lightcrl index`: a searchable index of a collection (images, audio clips or texts) through a trained run.
+
+An index directory holds::
+
+    index.json        what it is: run, modality, count, dim, the search structure and its parameters
+    embeddings.npy    [N, d] float32, L2-normalised, row i = item i (written chunk by chunk: a memmap)
+    items.sqlite      one row per item: id (= row), key (dataset id), path, caption, label, size (bytes)
+    faiss.index       the approximate structure, when the collection is above the exact threshold
+
+Inputs: any dataset spec (``flickr8k:DIR`` with ``--split dev``, ``audiofolder:DIR``...), whose frozen
+features come from the feature-store cache (:func:`lightcrl.embed.cached_store`), or a plain folder,
+whose features live in the incremental folder index of :mod:`lightcrl.app.search` (only added or
+changed files are embedded, removed ones dropped). ``--modality text`` indexes a dataset's captions.
+
+Search structure, chosen from the collection size N, the dimension d and ``--max-memory-mb`` (M):
+
+- N <= ``exact_max`` (default 100,000): **exact** inner product over the embeddings (numpy; ~10 ms per
+  query at 100k x 256 on 2 cores). Ties rank the lower row first, as :mod:`lightcrl.metrics.retrieval`.
+- else, if an HNSW graph fits in M (N x (4d + 2 x 4 x HNSW_M) bytes plus 20 %): **HNSW** (faiss
+  ``IndexHNSWFlat``, inner product) with HNSW_M = 32 links per node, efConstruction = 80 and, at query
+  time, efSearch = max(HNSW_EF_SEARCH, 2k). docs/benchmarks.md measures recall@10 and latency at 1M.
+- else **IVF-PQ** (``IndexIVFPQ``): nlist = the power of two nearest 4 sqrt(N) (256..65,536), d/8
+  sub-quantisers of 8 bits (32 bytes a vector at d = 256), nprobe = nlist/16, trained on at most
+  max(64 nlist, 65,536) vectors that fit in M; the top ``RERANK`` x k candidates are re-scored exactly
+  from the memory-mapped embeddings, so only the codes (N x (d/8 + 8) bytes) sit in memory.
+
+Vectors are added in chunks under a progress bar, so memory while building stays at one chunk plus the
+structure itself.
+
+Scaling out (not built): embedding is the expensive step and already splits by shard under torchrun
+(``torchrun -m lightcrl embed``: every rank extracts its shards into one feature store), after which
+``lightcrl index`` over the store only runs the small trainable model. Past one machine, shard the
+collection (e.g. by hash of the key), build one index directory per shard, and let a front server fan
+each query out to the shard servers and merge their top-k by score: inner products of unit vectors are
+comparable across shards, so the merged exact top-k equals the global one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightcrl.errors import LightCRLError
+from lightcrl.io import read_json, write_json
+from lightcrl.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+EXACT_MAX = 100_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+RERANK = 10
+DEFAULT_MEMORY_MB = 4096
+CHUNK = 8192  # items per embedding / add chunk
+MODALITIES = ("image", "audio", "text")
+
+
+class IndexDir:
+    """File names of an index directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def info(self) -> Path:
+        return self.path / "index.json"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.path / "embeddings.npy"
+
+    @property
+    def items(self) -> Path:
+        return self.path / "items.sqlite"
+
+    @property
+    def faiss(self) -> Path:
+        return self.path / "faiss.index"
+
+
+@dataclass
+class Item:
+    """One indexed item's metadata (``id`` is its row in the index)."""
+
+    id: int
+    key: str
+    path: str | None
+    caption: str | None
+    label: str | None
+    size: int | None
+
+
+# -- choosing the structure -------------------------------------------------------------------------------
+def hnsw_bytes(n: int, dim: int) -> int:
+    return int(1.2 * n * (4 * dim + 2 * 4 * HNSW_M))
+
+
+def choose_structure(n: int, dim: int, exact_max: int = EXACT_MAX,
+                     memory_mb: int = DEFAULT_MEMORY_MB) -> dict[str, Any]:
+    """The search structure and its parameters for N vectors of ``dim`` (see the module docstring)."""
+    if n <= exact_max:
+        return {"kind": "exact"}
+    if hnsw_bytes(n, dim) <= memory_mb * 2**20:
+        return {"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
+                "ef_search": HNSW_EF_SEARCH}
+    nlist = int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+    nlist = min(65536, max(256, nlist), max(1, n // 39))  # k-means wants >= 39 points a centroid
+    m = max(1, dim // 8)
+    while dim % m:  # PQ needs sub-vectors of equal length
+        m -= 1
+    train_max = max(64 * nlist, 65536)
+    train_fit = memory_mb * 2**20 // (2 * 4 * dim)  # the sample and faiss's copy of it
+    train = int(min(n, train_max, max(train_fit, 39 * nlist)))
+    nbits = min(8, int(math.log2(max(2, train))))  # 2^nbits PQ centroids need as many points (tiny N)
+    return {"kind": "ivfpq", "nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, nlist // 16),
+            "train": train, "rerank": RERANK}
+
+
+def build_structure(emb: np.ndarray, params: dict[str, Any], path: Path, progress: bool = True,
+                    seed: int = 0) -> None:
+    """Build the approximate structure over ``emb`` (may be a memmap) and write it to ``path``."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    n, dim = emb.shape
+    kind = params["kind"]
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+    elif kind == "ivfpq":
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
+                                 faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=min(n, params["train"]), replace=False))
+        index.train(np.ascontiguousarray(emb[sample], np.float32))
+    else:
+        raise LightCRLError(f"unknown index structure {kind!r}")
+    bar = tqdm(total=n, desc=f"build {kind}", unit="vec", disable=not progress, dynamic_ncols=True)
+    for s in range(0, n, CHUNK):
+        index.add(np.ascontiguousarray(emb[s : s + CHUNK], np.float32))
+        bar.update(min(CHUNK, n - s))
+    bar.close()
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+# -- what gets indexed ------------------------------------------------------------------------------------
+@dataclass
+class _Collection:
+    """Rows to index: metadata, and a function that embeds rows [start, stop)."""
+
+    modality: str
+    items: list[Item]
+    root: Path | None  # media under it may be served; None for text collections
+    source: dict[str, Any]
+    embed_rows: Any  # (start, stop) -> np.ndarray [stop - start, d]
+    captions_for_export: list[str | None]
+
+
+def _is_spec(data: str) -> bool:
+    from lightcrl.data.datasets import known_kinds
+
+    kind = data.split(":", 1)[0]
+    return ":" in data and kind in known_kinds() and not Path(data).exists()
+
+
+def _file_size(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None  # a member of a container (tar, CIFAR batch)
+
+
+def _spec_collection(pipe, data: str, split: str | None, modality: str | None, limit: int | None,
+                     seed: int, device: str) -> _Collection:
+    from lightcrl.data.datasets import open_dataset
+    from lightcrl.data.media import split_container
+    from lightcrl.embed import EmbedOptions, cached_store
+
+    ds = open_dataset(data, split)
+    if limit:
+        ds = ds.subsample(limit, seed=seed)
+    modality = modality or ds.media
+    if modality == "text" and ds.task != "pairs":
+        raise LightCRLError(f"{data} has no captions to index (it is a classification dataset)")
+    if modality not in (ds.media, "text"):
+        raise LightCRLError(f"{data} holds {ds.media} items, not {modality}")
+    encoder = pipe.encoder_names.get(modality)
+    if encoder is None:
+        raise LightCRLError(f"the run has no {modality} encoder (it has: {', '.join(pipe.encoder_names)})")
+    store = cached_store(encoder, data, split, EmbedOptions(limit=limit, seed=seed, device=device))
+    records = {r.id: r for r in (ds.text_records() if modality == "text" else ds.media_records())}
+    first_caption: dict[str, str] = {}
+    for t in ds.text_records():
+        first_caption.setdefault(t.group, t.text or "")
+    names = ds.classnames or []
+    items = []
+    for row, (key, label) in enumerate(zip(store.items.ids, store.items.labels)):
+        rec = records[key]
+        caption = rec.text if modality == "text" else first_caption.get(key)
+        items.append(Item(row, key, rec.path, caption, names[label] if 0 <= label < len(names) else None,
+                          _file_size(rec.path)))
+    root = None
+    if modality != "text":
+        paths = [split_container(i.path)[0] for i in items if i.path]
+        root = Path(os.path.commonpath(paths)).resolve() if paths else None
+        if root is not None and root.is_file():
+            root = root.parent
+    return _Collection(
+        modality, items, root,
+        {"data": data, "split": ds.split, "limit": limit, "seed": seed, "store": str(store.dir)},
+        lambda a, b: pipe.encode_store(store, indices=np.arange(a, b)),
+        [i.caption for i in items] if modality != "text" else [None] * len(items))
+
+
+def _folder_modality(pipe, folder: Path) -> str:
+    from lightcrl.app.search import list_media
+
+    counts = {m: len(list_media(folder, m)) for m in ("image", "audio") if m in pipe.encoder_names}
+    if not counts:
+        raise LightCRLError("the run has no image or audio encoder: a folder index needs one")
+    return max(counts, key=lambda m: counts[m])
+
+
+def _folder_collection(pipe, folder: Path, modality: str | None, device: str,
+                       progress: bool) -> _Collection:
+    from lightcrl.app.search import FolderIndex, folder_embeddings
+
+    modality = modality or _folder_modality(pipe, folder)
+    if modality == "text":
+        raise LightCRLError("a plain folder is indexed as images or audio: index texts from a dataset spec")
+    if not hasattr(pipe, "adapter"):
+        raise LightCRLError("folder indexes need a trained lightcrl run; use a dataset spec for this run")
+    encoder = pipe.encoder_names.get(modality) or _missing(modality, pipe)
+    index = FolderIndex(folder, encoder, device=device, modality=modality)
+    stats = index.update(progress=progress)
+    log.info("folder index: %d items (%d embedded, %d reused, %d removed, %d unreadable)", stats.total,
+             stats.embedded, stats.reused, stats.removed, stats.skipped)
+    emb = folder_embeddings(pipe, index)
+    items = [Item(i, f["path"], str(index.folder / f["path"]), None, None, f["size"])
+             for i, f in enumerate(index.meta.get("files", []))]
+    return _Collection(modality, items, index.folder,
+                       {"data": str(index.folder), "split": None, "limit": None, "seed": None,
+                        "folder_index": str(index.dir)},
+                       lambda a, b: emb[a:b], [None] * len(items))
+
+
+def _missing(modality: str, pipe) -> str:
+    raise LightCRLError(f"the run has no {modality} encoder (it has: {', '.join(pipe.encoder_names)})")
+
+
+def run_key(run_dir: str | Path) -> str:
+    """Identifies a run's trained weights (an index made with other weights is stale)."""
+    run = RunDir(run_dir)
+    h = hashlib.sha256()
+    for p in (run.weights, run.model_info, run.convirt_weights):
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# -- building ---------------------------------------------------------------------------------------------
+@dataclass
+class IndexSummary:
+    dir: Path
+    count: int
+    modality: str
+    structure: str
+    export: Path | None = None
+
+
+def build_index(run: str | Path, data: str, out: str | Path, split: str | None = None,
+                modality: str | None = None, limit: int | None = None, seed: int = 0,
+                exact_max: int = EXACT_MAX, memory_mb: int = DEFAULT_MEMORY_MB, device: str = "auto",
+                progress: bool = True, export: tuple[str, Path] | None = None) -> IndexSummary:
+    """Embed ``data`` through ``run`` into the index directory ``out`` (see the module docstring)."""
+    from lightcrl.rundir import load_pipeline
+
+    if modality is not None and modality not in MODALITIES:
+        raise LightCRLError(f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
+    if export is not None and export[0] != "clip-retrieval":
+        raise LightCRLError(f"unknown export format {export[0]!r}: only clip-retrieval is supported")
+    pipe = load_pipeline(run, device=device)
+    if pipe is None:
+        raise LightCRLError(f"{run} holds the raw frozen encoders: there is no shared space to index")
+    if _is_spec(data):
+        col = _spec_collection(pipe, data, split, modality, limit, seed, device)
+    elif Path(data).expanduser().is_dir():
+        col = _folder_collection(pipe, Path(data).expanduser(), modality, device, progress)
+    else:
+        raise LightCRLError(f"--data {data!r} is neither a dataset spec (KIND:PATH) nor a folder")
+    if not col.items:
+        raise LightCRLError(f"{data} has no readable {col.modality} items to index")
+
+    d = IndexDir(out)
+    d.path.mkdir(parents=True, exist_ok=True)
+    d.info.unlink(missing_ok=True)  # the index is not usable until index.json is written again
+    n = len(col.items)
+    emb = _write_embeddings(d.embeddings, col, n, progress)
+    _write_items(d.items, col.items)
+    dim = int(emb.shape[1])
+    structure = choose_structure(n, dim, exact_max, memory_mb)
+    if structure["kind"] == "exact":
+        d.faiss.unlink(missing_ok=True)
+    else:
+        build_structure(emb, structure, d.faiss, progress=progress, seed=seed)
+    info = {"version": INDEX_VERSION, "run": str(Path(run).resolve()), "run_key": run_key(run),
+            "modality": col.modality, "count": n, "dim": dim, "structure": structure,
+            "root": str(col.root) if col.root else None, "source": col.source}
+    summary = IndexSummary(d.path, n, col.modality, structure["kind"])
+    if export is not None:
+        summary.export = export_clip_retrieval(pipe, d, col, Path(export[1]))
+    write_json(d.info, info)  # last: the index is complete
+    return summary
+
+
+def _write_embeddings(path: Path, col: _Collection, n: int, progress: bool) -> np.ndarray:
+    """Embeddings into a memmapped .npy, chunk by chunk (bounded memory); returns it read-only."""
+    from tqdm.auto import tqdm
+
+    first = np.asarray(col.embed_rows(0, min(CHUNK, n)), np.float32)
+    tmp = path.with_name(f".{path.name}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, first.shape[1]))
+    out[: len(first)] = first
+    bar = tqdm(total=n, initial=len(first), desc=f"embed {col.modality}", unit="item",
+               disable=not progress or n <= CHUNK, dynamic_ncols=True)
+    for s in range(len(first), n, CHUNK):
+        out[s : s + CHUNK] = col.embed_rows(s, min(s + CHUNK, n))
+        bar.update(min(CHUNK, n - s))
+    bar.close()
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _write_items(path: Path, items: Sequence[Item]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp)
+    try:
+        con.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, key TEXT NOT NULL, path TEXT, caption TEXT, "
+                    "label TEXT, size INTEGER)")
+        con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                        [(i.id, i.key, i.path, i.caption, i.label, i.size) for i in items])
+        con.commit()
+    finally:
+        con.close()
+    os.replace(tmp, path)
+
+
+def export_clip_retrieval(pipe, d: IndexDir, col: _Collection, out: Path) -> Path:
+    """clip-retrieval's layout: img_emb/img_emb_0.npy, text_emb/text_emb_0.npy (captions, when every
+    item has one), metadata/metadata_0.parquet (image_path, caption, key, label), float16 embeddings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lightcrl.io import save_npy
+
+    if col.modality == "audio":
+        raise LightCRLError("clip-retrieval's layout holds images and texts, not audio")
+    emb = np.load(d.embeddings, mmap_mode="r")
+    name = "img" if col.modality == "image" else "text"
+    (out / f"{name}_emb").mkdir(parents=True, exist_ok=True)
+    save_npy(out / f"{name}_emb" / f"{name}_emb_0.npy", np.asarray(emb, np.float16))
+    captions = [i.caption for i in col.items]
+    if col.modality == "image" and all(c for c in captions):
+        text = np.concatenate([pipe.encode_text(captions[s : s + 1024], progress=False)
+                               for s in range(0, len(captions), 1024)])
+        (out / "text_emb").mkdir(parents=True, exist_ok=True)
+        save_npy(out / "text_emb" / "text_emb_0.npy", text.astype(np.float16))
+    table = pa.table({
+        "image_path": [i.path for i in col.items],
+        "caption": captions,
+        "key": [i.key for i in col.items],
+        "label": [i.label for i in col.items],
+    })
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "metadata" / "metadata_0.parquet")
+    return out
+
+
+# -- searching --------------------------------------------------------------------------------------------
+class SearchIndex:
+    """A built index, loaded once: ``search(vector, k)`` and item metadata. Safe to share across threads."""
+
+    def __init__(self, path: str | Path, memory_mb: int = DEFAULT_MEMORY_MB) -> None:
+        self.dir = IndexDir(path)
+        if not self.dir.info.is_file():
+            hint = " (unfinished: run `lightcrl index` again)" if self.dir.embeddings.exists() else ""
+            raise LightCRLError(f"no lightcrl index at {self.dir.path}: index.json missing{hint}")
+        self.info: dict[str, Any] = read_json(self.dir.info)
+        if self.info.get("version") != INDEX_VERSION:
+            raise LightCRLError(f"{self.dir.path} is an index in format version {self.info.get('version')}, "
+                                f"this lightcrl reads {INDEX_VERSION}: rebuild it with `lightcrl index`")
+        self.structure: dict[str, Any] = self.info["structure"]
+        emb = np.load(self.dir.embeddings, mmap_mode="r")
+        # exact search reads every row each query: keep them in RAM when they fit
+        self.embeddings = np.asarray(emb) if emb.nbytes <= memory_mb * 2**20 else emb
+        self._faiss = None
+        if self.structure["kind"] != "exact":
+            import faiss
+
+            self._faiss = faiss.read_index(str(self.dir.faiss))
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return int(self.info["count"])
+
+    @property
+    def modality(self) -> str:
+        return self.info["modality"]
+
+    @property
+    def root(self) -> Path | None:
+        return Path(self.info["root"]) if self.info.get("root") else None
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows for a unit query vector [d]: (ids, scores), best first."""
+        q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
+        k = max(1, min(int(k), len(self)))
+        kind = self.structure["kind"]
+        if kind == "exact":
+            return self._exact(q[0], k)
+        import faiss
+
+        if kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.structure["ef_search"], 2 * k))
+            scores, ids = self._faiss.search(q, k, params=params)
+            keep = ids[0] >= 0
+            return ids[0][keep].astype(np.int64), scores[0][keep]
+        params = faiss.SearchParametersIVF(nprobe=self.structure["nprobe"])
+        _, cand = self._faiss.search(q, min(len(self), k * self.structure["rerank"]), params=params)
+        cand = np.sort(cand[0][cand[0] >= 0])  # ascending rows: sequential reads of the memmap
+        exact = np.asarray(self.embeddings[cand], np.float32) @ q[0]
+        order = np.lexsort((cand, -exact))[:k]
+        return cand[order].astype(np.int64), exact[order]
+
+    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.empty(len(self), np.float32)
+        for s in range(0, len(self), 262_144):  # bounded temporaries on a memmap
+            scores[s : s + 262_144] = np.asarray(self.embeddings[s : s + 262_144]) @ q
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        # the k-th score may be tied with rows outside the partition: take every row at that score
+        top = np.union1d(top, np.flatnonzero(scores == scores[top].min()))
+        order = np.lexsort((top, -scores[top]))[:k]  # by score, then the lower row first
+        return top[order].astype(np.int64), scores[top[order]]
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:  # one read-only connection per thread
+            con = sqlite3.connect(f"file:{self.dir.items.resolve()}?mode=ro", uri=True,
+                                  check_same_thread=True)
+            self._local.con = con
+        return con
+
+    def items(self, ids: Sequence[int]) -> list[Item]:
+        """Metadata of the given rows, in that order."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        sql = f"SELECT id, key, path, caption, label, size FROM items WHERE id IN ({marks})"
+        rows = self._con().execute(sql, ids).fetchall()
+        by_id = {r[0]: Item(*r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def item(self, item_id: int) -> Item | None:
+        found = self.items([item_id]) if 0 <= item_id < len(self) else []
+        return found[0] if found else None
