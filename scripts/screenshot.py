@@ -32,9 +32,12 @@ def find_browser() -> str | None:
     return next((p for p in map(shutil.which, BROWSERS) if p), None)
 
 
-def screenshot(browser: str, page: Path, png: Path, size: str = "1280,2000", timeout: float = 120.0) -> None:
-    """Render ``page`` to ``png``; raises RuntimeError when Chromium fails or the image looks wrong."""
-    if not page.is_file():
+def screenshot(browser: str, page: Path | str, png: Path, size: str = "1280,2000",
+               timeout: float = 120.0) -> None:
+    """Render ``page`` (an HTML file, or an http:// URL) to ``png``; raises RuntimeError when Chromium
+    fails or the image looks wrong."""
+    is_url = isinstance(page, str) and page.startswith(("http://", "https://"))
+    if not is_url and not Path(page).is_file():
         raise RuntimeError(f"page not found: {page}")
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
@@ -45,7 +48,7 @@ def screenshot(browser: str, page: Path, png: Path, size: str = "1280,2000", tim
                "--disable-background-networking", "--disable-component-update", "--no-first-run",
                "--hide-scrollbars",
                f"--user-data-dir={profile}", f"--screenshot={png.resolve()}", f"--window-size={size}",
-               page.resolve().as_uri()]
+               page if is_url else Path(page).resolve().as_uri()]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:

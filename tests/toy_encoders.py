@@ -18,9 +18,12 @@ from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, masked_mean
 
 class _ToyImageTransform:
     def __call__(self, item):
+        from PIL import Image
+
         from lightcrl.data.media import load_image
 
-        img = load_image(str(item)).resize((2, 2))
+        img = item.convert("RGB") if isinstance(item, Image.Image) else load_image(str(item))
+        img = img.resize((2, 2))
         return torch.from_numpy(np.asarray(img, np.float32).reshape(4, 3) / 255.0)
 
 

@@ -244,6 +244,53 @@ def search(
     typer.echo(f"gallery: {res.html}")
 
 
+@app.command("index", cls=_Command)
+def index_(
+    run: Path = typer.Option(..., help="Run directory"),
+    data: str = typer.Option(..., help="Dataset spec KIND:PATH (e.g. flickr8k:DIR) or a folder of "
+                             "images or audio clips"),
+    out: Path = typer.Option(..., help="Index directory"),
+    split: Optional[str] = typer.Option(None, help="Dataset split (default: the dataset's test split)"),
+    modality: Optional[str] = typer.Option(None, help="image | audio | text (default: the dataset's media; "
+                                           "text indexes its captions)"),
+    limit: Optional[int] = typer.Option(None, help="Seeded sample of N items spread over the dataset"),
+    seed: int = typer.Option(0),
+    exact_max: int = typer.Option(100_000, help="Exact search up to this many items, approximate above"),
+    max_memory_mb: int = typer.Option(4096, help="Memory bound for the search structure (HNSW if it fits, "
+                                      "else IVF-PQ)"),
+    export: Optional[tuple[str, Path]] = typer.Option(None, help="Also write another tool's layout: "
+                                                      "clip-retrieval DIR", show_default=False),
+    device: str = typer.Option("auto"),
+):
+    """Embed a collection through a run into a searchable index (exact, or FAISS HNSW / IVF-PQ)."""
+    from lightcrl.app.index import build_index
+
+    res = build_index(run, data, out, split=split, modality=modality, limit=limit, seed=seed,
+                      exact_max=exact_max, memory_mb=max_memory_mb, device=device, progress=True,
+                      export=export if export and export[0] else None)
+    typer.echo(f"indexed {res.count} {res.modality} items ({res.structure} search) in {res.dir}")
+    if res.export:
+        typer.echo(f"clip-retrieval layout: {res.export}")
+    typer.echo(f"serve it: lightcrl serve {res.dir}")
+
+
+@app.command(cls=_Command)
+def serve(
+    index: Path = typer.Argument(..., help="Index directory (made by `lightcrl index`)"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (default: this machine only)"),
+    port: int = typer.Option(8000),
+    device: str = typer.Option("auto"),
+    max_k: int = typer.Option(100, help="Largest k a request may ask for"),
+    max_upload_mb: float = typer.Option(16.0, help="Largest request body (uploads), in MB"),
+):
+    """Serve an index over HTTP: a search page, a JSON API (text or query by example) and its media."""
+    from lightcrl.app.serve import Limits
+    from lightcrl.app.serve import serve as run_serve
+
+    run_serve(index, host=host, port=port, device=device,
+              limits=Limits(max_k=max_k, max_body_bytes=int(max_upload_mb * 2**20)))
+
+
 @app.command(cls=_Command)
 def export(
     run: Path = typer.Option(..., help="Run directory"),
