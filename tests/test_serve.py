@@ -51,7 +51,7 @@ def _top(index_dir: Path, service_vec: np.ndarray, k: int = 5) -> list[int]:
 def test_structure_follows_size_and_memory():
     assert choose_structure(50_000, 256)["kind"] == "exact"
     hnsw = choose_structure(1_000_000, 256)  # 1.5 GB of vectors + graph fits the default 4 GB
-    assert hnsw["kind"] == "hnsw" and hnsw["M"] == 32
+    assert hnsw["kind"] == "hnsw" and hnsw["M"] == 16
     ivf = choose_structure(1_000_000, 256, memory_mb=512)
     assert ivf["kind"] == "ivfpq" and ivf["nlist"] == 4096 and ivf["m"] == 32 and ivf["nbits"] == 8
     assert ivf["train"] <= 512 * 2**20 // (8 * 256)
@@ -391,3 +391,22 @@ def test_service_refuses_an_index_of_other_weights(toy, tmp_path):
     (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes() + b" ")
     with pytest.raises(LightCRLError, match="changed since"):
         SearchService(idx)
+
+
+def test_audio_uploads_are_checked_by_duration(service):
+    import soundfile as sf
+
+    def wav(seconds: float, rate: int = 8000) -> bytes:
+        buf = io.BytesIO()
+        t = np.arange(int(seconds * rate)) / rate
+        sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="WAV")
+        return buf.getvalue()
+
+    modality, (samples, rate) = service.decode_upload(wav(0.5))
+    assert modality == "audio" and rate == 8000 and samples.shape == (1, 4000)
+    with pytest.raises(Exception, match="the limit is 120 s") as e:
+        service.decode_upload(wav(121))
+    assert e.value.status == 413
+    with pytest.raises(Exception, match="no audio encoder") as e:  # the toy run is image-text
+        service.search_upload(wav(0.5), "clip.wav", 5)
+    assert e.value.status == 415

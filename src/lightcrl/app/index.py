@@ -17,12 +17,14 @@ Search structure, chosen from the collection size N, the dimension d and ``--max
 - N <= ``exact_max`` (default 100,000): **exact** inner product over the embeddings (numpy; ~10 ms per
   query at 100k x 256 on 2 cores). Ties rank the lower row first, as :mod:`lightcrl.metrics.retrieval`.
 - else, if an HNSW graph fits in M (N x (4d + 2 x 4 x HNSW_M) bytes plus 20 %): **HNSW** (faiss
-  ``IndexHNSWFlat``, inner product) with HNSW_M = 32 links per node, efConstruction = 80 and, at query
-  time, efSearch = max(HNSW_EF_SEARCH, 2k). docs/benchmarks.md measures recall@10 and latency at 1M.
+  ``IndexHNSWFlat``, inner product) with HNSW_M = 16 links per node, efConstruction = 40 (cheap enough to
+  build 1M vectors on 2 cores) and, at query time, efSearch = max(256, 2k). docs/benchmarks.md measures
+  recall@10 and latency at 10k, 100k and 1M (``benchmarks/search.py``).
 - else **IVF-PQ** (``IndexIVFPQ``): nlist = the power of two nearest 4 sqrt(N) (256..65,536), d/8
-  sub-quantisers of 8 bits (32 bytes a vector at d = 256), nprobe = nlist/16, trained on at most
-  max(64 nlist, 65,536) vectors that fit in M; the top ``RERANK`` x k candidates are re-scored exactly
-  from the memory-mapped embeddings, so only the codes (N x (d/8 + 8) bytes) sit in memory.
+  sub-quantisers of 8 bits (32 bytes a vector at d = 256), nprobe = nlist/8, trained (10 k-means
+  rounds) on at most max(40 nlist, 65,536) vectors that fit in M; the top ``RERANK`` x k candidates
+  are re-scored exactly from the memory-mapped embeddings, so only the codes (N x (d/8 + 8) bytes) sit
+  in memory.
 
 Vectors are added in chunks under a progress bar, so memory while building stays at one chunk plus the
 structure itself.
@@ -58,9 +60,10 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 EXACT_MAX = 100_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 256
+KMEANS_ITERATIONS = 10
 RERANK = 10
 DEFAULT_MEMORY_MB = 4096
 CHUNK = 8192  # items per embedding / add chunk
@@ -115,16 +118,21 @@ def choose_structure(n: int, dim: int, exact_max: int = EXACT_MAX,
     if hnsw_bytes(n, dim) <= memory_mb * 2**20:
         return {"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
                 "ef_search": HNSW_EF_SEARCH}
+    return ivfpq_params(n, dim, memory_mb)
+
+
+def ivfpq_params(n: int, dim: int, memory_mb: int = DEFAULT_MEMORY_MB) -> dict[str, Any]:
+    """IVF-PQ's parameters for N vectors (see the module docstring)."""
     nlist = int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))
     nlist = min(65536, max(256, nlist), max(1, n // 39))  # k-means wants >= 39 points a centroid
     m = max(1, dim // 8)
     while dim % m:  # PQ needs sub-vectors of equal length
         m -= 1
-    train_max = max(64 * nlist, 65536)
+    train_max = max(40 * nlist, 65536)
     train_fit = memory_mb * 2**20 // (2 * 4 * dim)  # the sample and faiss's copy of it
     train = int(min(n, train_max, max(train_fit, 39 * nlist)))
     nbits = min(8, int(math.log2(max(2, train))))  # 2^nbits PQ centroids need as many points (tiny N)
-    return {"kind": "ivfpq", "nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, nlist // 16),
+    return {"kind": "ivfpq", "nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, nlist // 8),
             "train": train, "rerank": RERANK}
 
 
@@ -143,6 +151,7 @@ def build_structure(emb: np.ndarray, params: dict[str, Any], path: Path, progres
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
                                  faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = KMEANS_ITERATIONS  # coarse centroids: 10 rounds of k-means are plenty
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, params["train"]), replace=False))
         index.train(np.ascontiguousarray(emb[sample], np.float32))
