@@ -35,6 +35,7 @@ from lightcrl.app.index import (
     choose_structure,
     ivfpq_params,
 )
+from lightcrl.app.serve import single_query_threads
 
 K = 10
 
@@ -84,7 +85,7 @@ def exact_topk(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def measure(root: Path, emb_path: Path, n: int, dim: int, structure: dict, queries: np.ndarray,
-            truth: np.ndarray) -> dict:
+            truth: np.ndarray, threads: int | None) -> dict:
     d = IndexDir(root)
     d.path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(emb_path, d.embeddings) if not d.embeddings.exists() else None
@@ -94,12 +95,13 @@ def measure(root: Path, emb_path: Path, n: int, dim: int, structure: dict, queri
     if structure["kind"] != "exact":
         with common.AnonPeak() as mem, common.timer() as t:
             before = common.proc_status_mb("RssAnon")
-            build_structure(emb, structure, d.faiss, progress=False)
+            build_structure(emb, structure, d.faiss, progress=False, threads=threads)
         build_s, peak = t[0], mem.peak - before
     info = {"version": INDEX_VERSION, "count": n, "dim": dim, "structure": structure, "modality": "image",
             "root": None}
     d.info.write_text(json.dumps(info))
     index = SearchIndex(d.path)
+    single_query_threads()  # as the server does
     index.search(queries[0], K)  # warm-up (pages in the memmap)
     lat, found = [], []
     for q in queries:
@@ -122,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-mb", type=int, default=512, help="the budget that makes IVF-PQ (default 512)")
     ap.add_argument("--uniform", action="store_true", help="uniform unit vectors (no cluster structure)")
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (needs ~2.2 GB at 1M)")
+    ap.add_argument("--structures", nargs="+", default=["exact", "hnsw", "ivfpq"],
+                    help="which to measure (default: exact hnsw ivfpq)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="faiss threads while building (default: the "
+                    "cores other processes leave idle, as lightcrl index)")
     common.add_load_args(ap)
     args = ap.parse_args(argv)
 
@@ -145,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             candidates = [("exact", {"kind": "exact"}), ("hnsw", default),
                           ("ivfpq", ivfpq_params(n, args.dim, memory_mb=args.memory_mb))]
             picked = choose_structure(n, args.dim)["kind"]
-            for name, structure in candidates:
-                r = measure(scratch / f"ix-{n}-{name}", emb_path, n, args.dim, structure, queries, truth)
+            for name, structure in (c for c in candidates if c[0] in args.structures):
+                r = measure(scratch / f"ix-{n}-{name}", emb_path, n, args.dim, structure, queries, truth,
+                            args.threads)
                 r.update(n=n, name=name, picked=name == picked)
                 rows.append(r)
                 print(f"{n:>9,} {name:6s} build {r['build_s']:7.1f} s  peak +{r['peak_mb']:7.0f} MiB  "

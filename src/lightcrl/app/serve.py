@@ -70,6 +70,19 @@ class BadRequest(Exception):
         self.status, self.detail = status, detail
 
 
+def single_query_threads() -> None:
+    """One BLAS / faiss thread per search: a request is one query, and requests run in parallel threads.
+
+    Threads inside one small search only add OpenMP/BLAS barrier waits, worst when other processes keep
+    the cores busy.
+    """
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
+
+
 # -- the service, independent of the web framework ----------------------------------------------------------
 class SearchService:
     """The index, the run's pipeline and the request logic (the FastAPI app is a thin layer on it)."""
@@ -91,6 +104,7 @@ class SearchService:
         self._thumbs_lock = threading.Lock()
         for modality in self.pipe.encoder_names:  # load encoders now, not in the first request
             self.pipe.encoder(modality)
+        single_query_threads()
 
     # -- queries --------------------------------------------------------------------------------------
     def check_k(self, k: int) -> int:
