@@ -21,7 +21,7 @@ Search structure, chosen from the collection size N, the dimension d and ``--max
   build 1M vectors on 2 cores) and, at query time, efSearch = max(256, 2k). docs/benchmarks.md measures
   recall@10 and latency at 10k, 100k and 1M (``benchmarks/search.py``).
 - else **IVF-PQ** (``IndexIVFPQ``): nlist = the power of two nearest 4 sqrt(N) (256..65,536), d/8
-  sub-quantisers of 8 bits (32 bytes a vector at d = 256), nprobe = nlist/8, trained (10 k-means
+  sub-quantisers of 8 bits (32 bytes a vector at d = 256), nprobe = nlist/4, trained (10 k-means
   rounds) on at most max(40 nlist, 65,536) vectors that fit in M; the top ``RERANK`` x k candidates
   are re-scored exactly from the memory-mapped embeddings, so only the codes (N x (d/8 + 8) bytes) sit
   in memory.
@@ -132,7 +132,7 @@ def ivfpq_params(n: int, dim: int, memory_mb: int = DEFAULT_MEMORY_MB) -> dict[s
     train_fit = memory_mb * 2**20 // (2 * 4 * dim)  # the sample and faiss's copy of it
     train = int(min(n, train_max, max(train_fit, 39 * nlist)))
     nbits = min(8, int(math.log2(max(2, train))))  # 2^nbits PQ centroids need as many points (tiny N)
-    return {"kind": "ivfpq", "nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, nlist // 8),
+    return {"kind": "ivfpq", "nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, nlist // 4),
             "train": train, "rerank": RERANK}
 
 
@@ -140,8 +140,8 @@ def build_structure(emb: np.ndarray, params: dict[str, Any], path: Path, progres
                     seed: int = 0, threads: int | None = None) -> None:
     """Build the approximate structure over ``emb`` (may be a memmap) and write it to ``path``.
 
-    ``threads``: OpenMP threads for faiss (None: the cores other processes leave idle; on a busy machine
-    more threads than free cores made a 10k IVF-PQ build take 233 s instead of seconds).
+    ``threads``: OpenMP threads for faiss (None: the cores other processes leave idle; at load 10 on 2
+    cores a 10k IVF-PQ build took 233 s with two threads, 101 s with one).
     """
     import faiss
 
