@@ -436,8 +436,10 @@ class SearchIndex:
                                 f"this lightcrl reads {INDEX_VERSION}: rebuild it with `lightcrl index`")
         self.structure: dict[str, Any] = self.info["structure"]
         emb = np.load(self.dir.embeddings, mmap_mode="r")
-        # exact search reads every row each query: keep them in RAM when they fit
-        self.embeddings = np.asarray(emb) if emb.nbytes <= memory_mb * 2**20 else emb
+        # exact search reads every row each query: keep them in RAM when they fit (HNSW holds its own
+        # copy, IVF-PQ re-ranks a few rows: both read the memmap)
+        exact = self.structure["kind"] == "exact"
+        self.embeddings = np.asarray(emb) if exact and emb.nbytes <= memory_mb * 2**20 else emb
         self._faiss = None
         if self.structure["kind"] != "exact":
             import faiss
