@@ -103,7 +103,8 @@ class SearchService:
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         for modality in self.pipe.encoder_names:  # load encoders now, not in the first request
-            self.pipe.encoder(modality)
+            if hasattr(self.pipe, "encoder"):  # (ConVIRT's pipeline loads its own on first use)
+                self.pipe.encoder(modality)
         single_query_threads()
 
     # -- queries --------------------------------------------------------------------------------------
