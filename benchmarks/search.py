@@ -11,7 +11,8 @@ are not in the collection. Per size and structure (exact numpy; HNSW; IVF-PQ wit
 memory-bounded fallback), through :class:`lightcrl.app.index.SearchIndex`, the class the server uses:
 build time, peak private memory while building (RssAnon), the structure's size, p50/p99 latency of
 single queries (one at a time, as a server sees them) and recall@10 against exact search.
-Last line: ``recall10_1m=X p99_ms_1m=Y`` for the structure ``lightcrl index`` picks at 1M by default.
+Last line: ``recall10_1m=X p99_ms_1m=Y`` for the structure ``lightcrl index`` picks at 1M by default
+(IVF-PQ).
 """
 
 from __future__ import annotations
@@ -121,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--memory-mb", type=int, default=512, help="the budget that makes IVF-PQ (default 512)")
     ap.add_argument("--uniform", action="store_true", help="uniform unit vectors (no cluster structure)")
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (needs ~2.2 GB at 1M)")
     ap.add_argument("--structures", nargs="+", default=["exact", "hnsw", "ivfpq"],
@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             queries = _sample(np.random.default_rng(args.seed + 2), args.queries, args.dim, centres, bases,
                               args.uniform)
             truth = exact_topk(emb, queries, K)
-            default = choose_structure(n, args.dim, exact_max=0)  # HNSW under the default memory budget
-            candidates = [("exact", {"kind": "exact"}), ("hnsw", default),
-                          ("ivfpq", ivfpq_params(n, args.dim, memory_mb=args.memory_mb))]
+            candidates = [("exact", {"kind": "exact"}), ("hnsw", choose_structure(n, args.dim, kind="hnsw")),
+                          ("ivfpq", ivfpq_params(n, args.dim))]
             picked = choose_structure(n, args.dim)["kind"]
             for name, structure in (c for c in candidates if c[0] in args.structures):
                 r = measure(scratch / f"ix-{n}-{name}", emb_path, n, args.dim, structure, queries, truth,

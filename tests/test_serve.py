@@ -50,11 +50,13 @@ def _top(index_dir: Path, service_vec: np.ndarray, k: int = 5) -> list[int]:
 # -- the index --------------------------------------------------------------------------------
 def test_structure_follows_size_and_memory():
     assert choose_structure(50_000, 256)["kind"] == "exact"
-    hnsw = choose_structure(1_000_000, 256)  # 1.5 GB of vectors + graph fits the default 4 GB
-    assert hnsw["kind"] == "hnsw" and hnsw["M"] == 16
-    ivf = choose_structure(1_000_000, 256, memory_mb=512)
+    ivf = choose_structure(1_000_000, 256)
     assert ivf["kind"] == "ivfpq" and ivf["nlist"] == 4096 and ivf["m"] == 32 and ivf["nbits"] == 8
-    assert ivf["train"] <= 512 * 2**20 // (8 * 256)
+    assert ivf["nprobe"] == 1024 and ivf["train"] == 40 * 4096
+    hnsw = choose_structure(1_000_000, 256, kind="hnsw")  # 1.5 GB of vectors + graph fits 4 GB
+    assert hnsw["kind"] == "hnsw" and hnsw["M"] == 16
+    with pytest.raises(LightCRLError, match="use --structure ivfpq"):
+        choose_structure(1_000_000, 256, memory_mb=1024, kind="hnsw")
     assert choose_structure(10, 256, exact_max=0, memory_mb=0)["nlist"] == 1  # tiny: still valid
 
 
@@ -71,7 +73,7 @@ def test_index_metadata_and_every_structure_agree(toy):
 
     q = load_pipeline(toy["run"]).encode_text(["a blue square"], progress=False)[0]
     exact = _top(toy["index"], q)
-    for name, kw in (("hnsw", {"exact_max": 0}), ("ivfpq", {"exact_max": 0, "memory_mb": 0})):
+    for name, kw in (("hnsw", {"structure": "hnsw"}), ("ivfpq", {"exact_max": 0, "memory_mb": 0})):
         out = toy["root"] / f"index-{name}"
         res = build_index(toy["run"], toy["spec"], out, progress=False, **kw)
         assert res.structure == name and (out / "faiss.index").is_file()

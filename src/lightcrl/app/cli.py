@@ -256,8 +256,10 @@ def index_(
     limit: Optional[int] = typer.Option(None, help="Seeded sample of N items spread over the dataset"),
     seed: int = typer.Option(0),
     exact_max: int = typer.Option(100_000, help="Exact search up to this many items, approximate above"),
-    max_memory_mb: int = typer.Option(4096, help="Memory bound for the search structure (HNSW if it fits, "
-                                      "else IVF-PQ)"),
+    structure: str = typer.Option("auto", help="auto (exact, IVF-PQ above --exact-max) | exact | ivfpq | "
+                                  "hnsw"),
+    max_memory_mb: int = typer.Option(4096, help="Memory bound: exact search keeps the embeddings in RAM "
+                                      "up to it, an HNSW graph must fit in it"),
     export: Optional[tuple[str, Path]] = typer.Option(None, help="Also write another tool's layout: "
                                                       "clip-retrieval DIR", show_default=False),
     device: str = typer.Option("auto"),
@@ -267,7 +269,7 @@ def index_(
 
     res = build_index(run, data, out, split=split, modality=modality, limit=limit, seed=seed,
                       exact_max=exact_max, memory_mb=max_memory_mb, device=device, progress=True,
-                      export=export if export and export[0] else None)
+                      export=export if export and export[0] else None, structure=structure)
     typer.echo(f"indexed {res.count} {res.modality} items ({res.structure} search) in {res.dir}")
     if res.export:
         typer.echo(f"clip-retrieval layout: {res.export}")

@@ -12,19 +12,23 @@ features come from the feature-store cache (:func:`lightcrl.embed.cached_store`)
 whose features live in the incremental folder index of :mod:`lightcrl.app.search` (only added or
 changed files are embedded, removed ones dropped). ``--modality text`` indexes a dataset's captions.
 
-Search structure, chosen from the collection size N, the dimension d and ``--max-memory-mb`` (M):
+Search structure (``--structure auto``), from the collection size N and the dimension d:
 
-- N <= ``exact_max`` (default 100,000): **exact** inner product over the embeddings (numpy; ~10 ms per
-  query at 100k x 256 on 2 cores). Ties rank the lower row first, as :mod:`lightcrl.metrics.retrieval`.
-- else, if an HNSW graph fits in M (N x (4d + 2 x 4 x HNSW_M) bytes plus 20 %): **HNSW** (faiss
-  ``IndexHNSWFlat``, inner product) with HNSW_M = 16 links per node, efConstruction = 40 (cheap enough to
-  build 1M vectors on 2 cores) and, at query time, efSearch = max(256, 2k). docs/benchmarks.md measures
-  recall@10 and latency at 10k, 100k and 1M (``benchmarks/search.py``).
-- else **IVF-PQ** (``IndexIVFPQ``): nlist = the power of two nearest 4 sqrt(N) (256..65,536), d/8
+- N <= ``exact_max`` (default 100,000): **exact** inner product over the embeddings (numpy, one thread
+  a query). Ties rank the lower row first, as :mod:`lightcrl.metrics.retrieval` does.
+- else **IVF-PQ** (``IndexIVFPQ``, below). On 1M synthetic 256-d vectors (``benchmarks/search.py``,
+  docs/benchmarks.md) it gave recall@10 0.997 at p99 6.8 ms, built in 78 s into 42 MiB, where HNSW
+  (M 16, efConstruction 40, efSearch 256) gave 0.746 after 317 s and 1.1 GiB.
+
+``--structure hnsw`` builds **HNSW** instead (faiss ``IndexHNSWFlat``, inner product): HNSW_M = 16
+links per node, efConstruction = 40 and, at query time, efSearch = max(256, 2k); it must fit in M
+(N x (4d + 2 x 4 x HNSW_M) bytes plus 20 %) in ``--max-memory-mb``.
+
+**IVF-PQ**: nlist = the power of two nearest 4 sqrt(N) (256..65,536), d/8
   sub-quantisers of 8 bits (32 bytes a vector at d = 256), nprobe = nlist/4, trained (10 k-means
-  rounds) on at most max(40 nlist, 65,536) vectors that fit in M; the top ``RERANK`` x k candidates
-  are re-scored exactly from the memory-mapped embeddings, so only the codes (N x (d/8 + 8) bytes) sit
-  in memory.
+  rounds) on a sample of max(40 nlist, 65,536) vectors (160 MiB at 1M x 256); the top ``RERANK`` x k
+  candidates are re-scored exactly from the memory-mapped embeddings, so only the codes (N x (d/8 + 8)
+  bytes) sit in memory.
 
 Vectors are added in chunks under a progress bar, so memory while building stays at one chunk plus the
 structure itself.
@@ -110,27 +114,34 @@ def hnsw_bytes(n: int, dim: int) -> int:
     return int(1.2 * n * (4 * dim + 2 * 4 * HNSW_M))
 
 
-def choose_structure(n: int, dim: int, exact_max: int = EXACT_MAX,
-                     memory_mb: int = DEFAULT_MEMORY_MB) -> dict[str, Any]:
+STRUCTURES = ("auto", "exact", "ivfpq", "hnsw")
+
+
+def choose_structure(n: int, dim: int, exact_max: int = EXACT_MAX, memory_mb: int = DEFAULT_MEMORY_MB,
+                     kind: str = "auto") -> dict[str, Any]:
     """The search structure and its parameters for N vectors of ``dim`` (see the module docstring)."""
-    if n <= exact_max:
+    if kind not in STRUCTURES:
+        raise LightCRLError(f"unknown index structure {kind!r} (one of {', '.join(STRUCTURES)})")
+    if kind == "exact" or (kind == "auto" and n <= exact_max):
         return {"kind": "exact"}
-    if hnsw_bytes(n, dim) <= memory_mb * 2**20:
+    if kind == "hnsw":
+        if hnsw_bytes(n, dim) > memory_mb * 2**20:
+            need = hnsw_bytes(n, dim) / 2**20
+            raise LightCRLError(f"an HNSW graph of {n:,} vectors needs about {need:,.0f} MiB, over "
+                                f"--max-memory-mb {memory_mb}: use --structure ivfpq")
         return {"kind": "hnsw", "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
                 "ef_search": HNSW_EF_SEARCH}
-    return ivfpq_params(n, dim, memory_mb)
+    return ivfpq_params(n, dim)
 
 
-def ivfpq_params(n: int, dim: int, memory_mb: int = DEFAULT_MEMORY_MB) -> dict[str, Any]:
+def ivfpq_params(n: int, dim: int) -> dict[str, Any]:
     """IVF-PQ's parameters for N vectors (see the module docstring)."""
     nlist = int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))
     nlist = min(65536, max(256, nlist), max(1, n // 39))  # k-means wants >= 39 points a centroid
     m = max(1, dim // 8)
     while dim % m:  # PQ needs sub-vectors of equal length
         m -= 1
-    train_max = max(40 * nlist, 65536)
-    train_fit = memory_mb * 2**20 // (2 * 4 * dim)  # the sample and faiss's copy of it
-    train = int(min(n, train_max, max(train_fit, 39 * nlist)))
+    train = int(min(n, max(40 * nlist, 65536)))  # k-means wants >= 39 points a list
     nbits = min(8, int(math.log2(max(2, train))))  # 2^nbits PQ centroids need as many points (tiny N)
     return {"kind": "ivfpq", "nlist": nlist, "m": m, "nbits": nbits, "nprobe": max(1, nlist // 4),
             "train": train, "rerank": RERANK}
@@ -313,12 +324,14 @@ class IndexSummary:
 def build_index(run: str | Path, data: str, out: str | Path, split: str | None = None,
                 modality: str | None = None, limit: int | None = None, seed: int = 0,
                 exact_max: int = EXACT_MAX, memory_mb: int = DEFAULT_MEMORY_MB, device: str = "auto",
-                progress: bool = True, export: tuple[str, Path] | None = None) -> IndexSummary:
+                progress: bool = True, export: tuple[str, Path] | None = None,
+                structure: str = "auto") -> IndexSummary:
     """Embed ``data`` through ``run`` into the index directory ``out`` (see the module docstring)."""
     from lightcrl.rundir import load_pipeline
 
     if modality is not None and modality not in MODALITIES:
         raise LightCRLError(f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
+    choose_structure(0, 1, kind=structure)  # a typo fails now, not after embedding
     if export is not None and export[0] != "clip-retrieval":
         raise LightCRLError(f"unknown export format {export[0]!r}: only clip-retrieval is supported")
     pipe = load_pipeline(run, device=device)
@@ -340,15 +353,15 @@ def build_index(run: str | Path, data: str, out: str | Path, split: str | None =
     emb = _write_embeddings(d.embeddings, col, n, progress)
     _write_items(d.items, col.items)
     dim = int(emb.shape[1])
-    structure = choose_structure(n, dim, exact_max, memory_mb)
-    if structure["kind"] == "exact":
+    params = choose_structure(n, dim, exact_max, memory_mb, kind=structure)
+    if params["kind"] == "exact":
         d.faiss.unlink(missing_ok=True)
     else:
-        build_structure(emb, structure, d.faiss, progress=progress, seed=seed)
+        build_structure(emb, params, d.faiss, progress=progress, seed=seed)
     info = {"version": INDEX_VERSION, "run": str(Path(run).resolve()), "run_key": run_key(run),
-            "modality": col.modality, "count": n, "dim": dim, "structure": structure,
+            "modality": col.modality, "count": n, "dim": dim, "structure": params,
             "root": str(col.root) if col.root else None, "source": col.source}
-    summary = IndexSummary(d.path, n, col.modality, structure["kind"])
+    summary = IndexSummary(d.path, n, col.modality, params["kind"])
     if export is not None:
         summary.export = export_clip_retrieval(pipe, d, col, Path(export[1]))
     write_json(d.info, info)  # last: the index is complete
