@@ -55,6 +55,9 @@ class EmbedOptions:
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
+    # How the frozen encoder's forward runs (lightcrl.encoders.backends): auto (the measured-fastest),
+    # eager (PyTorch as written) or onnx (ONNX Runtime). Used where the encoder is given by name.
+    encoder_backend: str = "auto"
 
 
 class _Items(Dataset):
@@ -88,6 +91,13 @@ class _Collate:
         skipped = [(p, s) for p, _, s in rows if s is not None]
         batch = self.collate([x for _, x in good]) if good else None
         return [p for p, _ in good], batch, skipped
+
+
+def _encoder(encoder: str | FrozenEncoder, opts: EmbedOptions) -> FrozenEncoder:
+    """A name is built with the options' device and backend; an encoder object keeps its own."""
+    if isinstance(encoder, str):
+        return get_encoder(encoder, device=opts.device, backend=opts.encoder_backend)
+    return encoder
 
 
 def _select_records(dataset, encoder: FrozenEncoder) -> list[Record]:
@@ -126,7 +136,7 @@ def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: 
     return {
         "version": STORE_VERSION,
         "fingerprint": fp,
-        "encoder": {"name": encoder.name, "modality": encoder.modality, "identity": encoder.identity()},
+        "encoder": {"name": encoder.name, "modality": encoder.modality, "identity": encoder.store_identity()},
         "dataset": {
             "spec": ds.spec,
             "kind": ds.kind,
@@ -177,6 +187,8 @@ def _check_existing(out: Path, plan: dict, overwrite: bool) -> str:
             f"{out} holds a feature store in format version {old_version}, this lightcrl writes and reads "
             f"version {STORE_VERSION}. Pass --overwrite to re-extract it, or choose another --out."
         )
+    if not overwrite and _backend_of(old or old_plan or {}) != plan["encoder"]["identity"]["backend"]:
+        _refuse_other_backend(out, old or old_plan or {}, plan)
     if not overwrite:
         raise StoreMismatch(
             f"{out} holds a feature store made from other inputs (fingerprint {str(old_fp)[:12]} != "
@@ -186,6 +198,28 @@ def _check_existing(out: Path, plan: dict, overwrite: bool) -> str:
     for p in list(out.glob("shard_*")) + [out / "manifest.json", out / "plan.json"]:
         p.unlink(missing_ok=True)
     return "fresh"
+
+
+def _backend_of(store_plan: dict) -> str:
+    # stores written before encoder backends existed were computed by eager PyTorch
+    return store_plan.get("encoder", {}).get("identity", {}).get("backend", "eager")
+
+
+def _refuse_other_backend(out: Path, old: dict, plan: dict) -> None:
+    """A store of the other backend holds features that differ by float error: never mixed, never
+    silently replaced (it may have taken hours); the user picks one."""
+    old_backend, new_backend = _backend_of(old), plan["encoder"]["identity"]["backend"]
+    # Would this very run, with the store's backend, have produced the store? Then say how to reuse it.
+    as_old = {**plan["encoder"]["identity"], "backend": old_backend}
+    enc_fp = hashlib.sha256(json.dumps(as_old, sort_keys=True).encode()).hexdigest()
+    ids = [r["id"] for r in plan["records"]]
+    if store_fingerprint(enc_fp, plan["dataset"]["fingerprint"], ids) != old.get("fingerprint"):
+        return  # other inputs changed too: the general mismatch message applies
+    raise StoreMismatch(
+        f"{out} holds features computed by the {old_backend} encoder backend; this run asks for "
+        f"{new_backend}. Pass --encoder-backend {old_backend} to reuse the store, --overwrite to re-extract "
+        "it, or choose another --out."
+    )
 
 
 def embed(
@@ -199,7 +233,7 @@ def embed(
 ) -> FeatureStore:
     """Extract (or reuse, or resume) the store for ``encoder`` over ``data_spec``/``split`` in ``out_dir``."""
     opts = opts or EmbedOptions()
-    enc = get_encoder(encoder, device=opts.device) if isinstance(encoder, str) else encoder
+    enc = _encoder(encoder, opts)
     out = Path(out_dir)
     plan = plan_store(enc, data_spec, split, opts)
     with _write_errors(out):
@@ -265,11 +299,9 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     size, bs = plan["shard_size"], plan["batch_size"]
     payloads = [r.text if enc.modality == "text" else r.path for r in records]
     paths = [r.path or r.id for r in records]
-    batches = [
-        list(range(b, min(b + bs, (s + 1) * size, len(records))))
-        for s in todo
-        for b in range(s * size, min((s + 1) * size, len(records)), bs)
-    ]
+    # Text: batches of similar lengths, so dynamic padding pads little; flush() restores record order.
+    lengths = [len(p or "") for p in payloads] if enc.modality == "text" else None
+    batches = plan_batches(todo, size, bs, len(records), lengths)
     workers = opts.num_workers if opts.num_workers is not None else default_workers(enc)
     loader = DataLoader(
         _Items(payloads, paths, enc.transform),
@@ -289,16 +321,22 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
         dynamic_ncols=True,
     )
     shard_of = lambda pos: pos // size
+    positions_of = {r.id: i for i, r in enumerate(records)}
     current, tokens, pooled, kept, skipped = None, [], [], [], []
 
     def flush():
-        pooled_arr = np.concatenate(pooled) if pooled else np.zeros((0, enc.dim), np.float32)
+        order = sorted(range(len(kept)), key=kept.__getitem__)  # record order, whatever the batches were
+        pooled_arr = np.concatenate(pooled)[order] if pooled else np.zeros((0, enc.dim), np.float32)
         write_shard(
             out,
             current,
-            tokens,
+            [tokens[i] for i in order],
             pooled_arr,
-            {"kept": kept, "skipped": skipped, "tokens": int(sum(t.shape[0] for t in tokens))},
+            {
+                "kept": [kept[i] for i in order],
+                "skipped": sorted(skipped, key=lambda s: positions_of[s["id"]]),
+                "tokens": int(sum(t.shape[0] for t in tokens)),
+            },
         )
 
     for positions, batch, skips in loader:
@@ -322,6 +360,24 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     if current is not None:
         flush()
     bar.close()
+
+
+def plan_batches(
+    shards: list[int], shard_size: int, batch_size: int, n: int, lengths: list[int] | None = None
+) -> list[list[int]]:
+    """The batches (lists of record positions) that extract ``shards``; a batch never spans two shards.
+
+    Without ``lengths``: consecutive positions. With them (text): each shard's positions sorted by length
+    (ties by position, so a resumed run makes the same batches), then cut into batches; the shard writer
+    puts the items back in record order.
+    """
+    out = []
+    for s in shards:
+        positions = list(range(s * shard_size, min((s + 1) * shard_size, n)))
+        if lengths is not None:
+            positions.sort(key=lambda p: (lengths[p], p))
+        out.extend(positions[b : b + batch_size] for b in range(0, len(positions), batch_size))
+    return out
 
 
 def default_workers(enc: FrozenEncoder) -> int:
@@ -352,7 +408,7 @@ def cached_store(
 ) -> FeatureStore:
     """The store for these inputs in the implicit cache ($LIGHTCRL_CACHE/stores), built on first use."""
     opts = opts or EmbedOptions()
-    enc = get_encoder(encoder, device=opts.device) if isinstance(encoder, str) else encoder
+    enc = _encoder(encoder, opts)
     plan = plan_store(enc, data_spec, split, opts)
     slug = hashlib.sha256(plan["fingerprint"].encode()).hexdigest()[:16]
     label = f"{enc.name}-{plan['dataset']['kind']}-{plan['dataset']['split']}".replace("/", "_").replace(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lightcrl.encoders.backends import BACKENDS, check_backend
 from lightcrl.encoders.base import EncoderOutput, FrozenEncoder
 from lightcrl.errors import LightCRLError
 from lightcrl.features import masked_mean
@@ -68,12 +69,14 @@ def _hf_audio(model_id, device="auto", **kw):
     return HFAudioEncoder(model_id, device=device)
 
 
-_CACHE: dict[tuple[str, str], FrozenEncoder] = {}
+_CACHE: dict[tuple[str, str, str], FrozenEncoder] = {}
 
 
-def get_encoder(name: str, device="auto", **kwargs) -> FrozenEncoder:
-    """Build (once per process) the encoder called ``name``."""
-    key = (name, str(device))
+def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> FrozenEncoder:
+    """Build (once per process) the encoder called ``name``, its forward run by ``backend``
+    (auto, eager, onnx: see lightcrl.encoders.backends)."""
+    check_backend(backend)
+    key = (name, str(device), backend)
     if key in _CACHE and not kwargs:
         return _CACHE[key]
     if name in _NAMED:
@@ -90,6 +93,7 @@ def get_encoder(name: str, device="auto", **kwargs) -> FrozenEncoder:
     else:
         known = sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
         raise LightCRLError(f"unknown encoder {name!r}; known: {', '.join(known)}")
+    enc.use_backend(backend)
     if not kwargs:
         _CACHE[key] = enc
     return enc
@@ -99,4 +103,12 @@ def list_encoders() -> list[str]:
     return sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
 
 
-__all__ = ["EncoderOutput", "FrozenEncoder", "get_encoder", "list_encoders", "masked_mean", "register"]
+__all__ = [
+    "BACKENDS",
+    "EncoderOutput",
+    "FrozenEncoder",
+    "get_encoder",
+    "list_encoders",
+    "masked_mean",
+    "register",
+]

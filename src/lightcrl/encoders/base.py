@@ -37,10 +37,23 @@ class FrozenEncoder:
     name: str = ""
     modality: str = ""
     dim: int = 0
+    # The ONNX path (lightcrl.encoders.backends): the batch keys ``_forward`` reads, in order, each with
+    # its dynamic axes ({axis: name}); empty = no ONNX path. ``fast_backend`` is what ``auto`` picks on
+    # CPU, the backend measured faster for this encoder (benchmarks/extract.py).
+    graph_inputs: dict[str, dict[int, str]] = {}
+    fast_backend: str = "eager"
 
-    def __init__(self, device: str | torch.device | None = "auto"):
+    def __init__(self, device: str | torch.device | None = "auto", backend: str = "auto"):
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self._model: torch.nn.Module | None = None
+        self.use_backend(backend)
+
+    def use_backend(self, backend: str) -> None:
+        """Run the forward with ``backend`` (auto, eager, onnx); ``self.backend`` is the resolved one."""
+        from lightcrl.encoders.backends import resolve_backend
+
+        self.backend = resolve_backend(self, backend)
+        self._onnx = None
 
     # -- to implement --------------------------------------------------------------------------
     def _load(self) -> torch.nn.Module:
@@ -58,8 +71,13 @@ class FrozenEncoder:
         raise NotImplementedError
 
     def identity(self) -> dict:
-        """What decides the features: weights and preprocessing. Hashed into store fingerprints."""
+        """What decides the features: weights and preprocessing (not the backend). Keys the ONNX cache."""
         raise NotImplementedError
+
+    def store_identity(self) -> dict:
+        """``identity()`` plus the backend that computes the features: recorded in (and hashed into) every
+        store, so a store of one backend is never silently read as the other's."""
+        return {**self.identity(), "backend": self.backend}
 
     # -- shared --------------------------------------------------------------------------------
     @property
@@ -73,6 +91,13 @@ class FrozenEncoder:
 
     @torch.inference_mode()
     def encode_batch(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        if self.backend == "onnx":
+            if self._onnx is None:
+                from lightcrl.encoders.backends import OnnxForward
+
+                self._onnx = OnnxForward(self, batch)
+            tokens, mask, pooled = self._onnx(batch)
+            return EncoderOutput(tokens.float(), mask.bool(), pooled.float())
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device):
             out = self._forward(self.model, batch)
@@ -83,7 +108,7 @@ class FrozenEncoder:
         return self.encode_batch(self.collate([self.transform(x) for x in items]))
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        blob = json.dumps(self.store_identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -47,6 +47,9 @@ class HFTextEncoder(FrozenEncoder):
     """Any transformers text model: tokens = last hidden state, pooled = masked mean over real tokens."""
 
     modality = "text"
+    graph_inputs = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+    # auto stays eager: on 2 CPU cores ONNX Runtime ran MiniLM-L6 slower than torch (docs/benchmarks.md)
+    fast_backend = "eager"
 
     def __init__(self, model_id: str, device="auto", max_length: int = 128, name: str | None = None):
         super().__init__(device)

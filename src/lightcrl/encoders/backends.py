@@ -1,0 +1,167 @@
+"""How a frozen encoder's forward pass runs: eager PyTorch, or its exported ONNX graph in ONNX Runtime.
+
+Frozen encoders never train, so their forward may run in an inference engine that folds batch norm into
+the convolutions, fuses activations and picks faster kernels. The backends:
+
+- ``eager``: the PyTorch module as written (``torch.inference_mode``): the reference.
+- ``onnx``: the encoder's own ``_forward`` exported once with ``torch.onnx.export`` (dynamo) and run by
+  ONNX Runtime on CPU. The graph is cached under ``<cache>/onnx/``, keyed by the encoder's identity
+  (weights + preprocessing), the torch version and the opset, and written atomically.
+- ``auto`` (default): the encoder's ``fast_backend``, the one measured faster for it on CPU
+  (``benchmarks/extract.py``); eager on GPU, or where onnxruntime/onnxscript are not installed.
+
+Features of the two backends differ only by float error (docs/benchmarks.md gives the measured max abs
+diff and cosine); the backend is part of the encoder's store identity, so stores never mix them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lightcrl.errors import LightCRLError
+from lightcrl.paths import cache_dir
+
+if TYPE_CHECKING:
+    from lightcrl.encoders.base import FrozenEncoder
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "eager", "onnx")
+OPSET = 18
+OUTPUT_NAMES = ("tokens", "mask", "pooled")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise LightCRLError(f"unknown encoder backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return backend
+
+
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  (the dynamo exporter's back end)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(encoder: FrozenEncoder, requested: str) -> str:
+    """``auto`` -> the encoder's measured-fastest backend where it can run; explicit choices are checked."""
+    check_backend(requested)
+    can_onnx = bool(encoder.graph_inputs) and encoder.device.type == "cpu"
+    if requested == "auto":
+        if encoder.fast_backend == "onnx" and can_onnx and onnx_available():
+            return "onnx"
+        return "eager"
+    if requested == "onnx":
+        if not encoder.graph_inputs:
+            raise LightCRLError(f"encoder {encoder.name} has no ONNX path; use --encoder-backend eager")
+        if encoder.device.type != "cpu":
+            raise LightCRLError(
+                f"the onnx encoder backend runs on CPU only (device is {encoder.device}); "
+                "use --encoder-backend eager (or auto) on a GPU"
+            )
+        if not onnx_available():
+            raise LightCRLError(
+                "the onnx backend needs onnxruntime and onnxscript (pip install onnxruntime onnxscript)"
+            )
+    return requested
+
+
+class _ForwardGraph(torch.nn.Module):
+    """The encoder's own ``_forward`` as a module of plain tensors, for export: nothing re-implemented."""
+
+    def __init__(self, encoder: FrozenEncoder, model: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.model = encoder, model
+        self.names = list(encoder.graph_inputs)
+
+    def forward(self, *inputs: torch.Tensor):
+        out = self.encoder._forward(self.model, dict(zip(self.names, inputs)))
+        return out.tokens, out.mask, out.pooled
+
+
+def graph_path(encoder: FrozenEncoder) -> Path:
+    what = {"identity": encoder.identity(), "torch": torch.__version__, "opset": OPSET}
+    key = json.dumps(what, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    slug = encoder.name.replace("/", "_").replace(":", "_")
+    return cache_dir() / "onnx" / f"{slug}-{digest}.onnx"
+
+
+def export_graph(encoder: FrozenEncoder, sample: dict[str, torch.Tensor], path: Path) -> Path:
+    """Export ``encoder._forward`` to ``path`` (atomically) with the encoder's dynamic axes."""
+    from lightcrl.io import atomic_open
+
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic = {
+        name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.items()}
+        for name, axes in encoder.graph_inputs.items()
+    }
+    module = _ForwardGraph(encoder, encoder.model).eval()
+    args = tuple(sample[name].cpu() for name in encoder.graph_inputs)
+    log.info("exporting %s to ONNX (once; cached in %s)", encoder.name, path)
+    with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                module, args, input_names=list(encoder.graph_inputs), output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={"inputs": tuple(dynamic[n] for n in encoder.graph_inputs)},
+                opset_version=OPSET, dynamo=True, verbose=False,
+            )
+    with atomic_open(path, "wb") as f:
+        f.write(program.model_proto.SerializeToString())
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's chatter (optional torchvision ops, deprecations, one INFO line per rewrite) hidden."""
+    names = ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+class OnnxForward:
+    """An ONNX Runtime session of one encoder's graph: a batch dict in, ``(tokens, mask, pooled)`` out."""
+
+    def __init__(self, encoder: FrozenEncoder, sample: dict[str, torch.Tensor]):
+        import onnxruntime as ort
+
+        path = graph_path(encoder)
+        if not path.exists():
+            export_graph(encoder, sample, path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()  # the same cores torch would use
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Threads sleep instead of spinning between ops: decoding shares the cores (see embed.py).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 -- a damaged cache file (disk trouble): export again, once
+            export_graph(encoder, sample, path)
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.names = list(encoder.graph_inputs)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        feeds = {n: np.ascontiguousarray(batch[n].cpu().numpy()) for n in self.names}
+        return tuple(torch.from_numpy(o) for o in self.session.run(list(OUTPUT_NAMES), feeds))
