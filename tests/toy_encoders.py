@@ -33,6 +33,7 @@ def _stack(items):
 
 class ToyImage(FrozenEncoder):
     name, modality, dim = "toy-image", "image", 16
+    graph_inputs = {"pixels": {0: "batch"}}  # an ONNX path, for the backend tests (auto stays eager)
 
     def _load(self):
         g = torch.Generator().manual_seed(0)

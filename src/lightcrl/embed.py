@@ -352,7 +352,7 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
         if batch is not None:
             o = enc.encode_batch(batch)
             lengths = o.mask.sum(1).cpu().numpy()
-            tok = o.tokens.to(torch.float16).cpu().numpy()
+            tok = o.tokens.cpu().numpy().astype(np.float16)  # numpy: one thread, no OpenMP join to wait on
             tokens.extend(tok[i, : lengths[i]] for i in range(len(positions)))
             pooled.append(o.pooled.cpu().numpy().astype(np.float32, copy=False))
             kept.extend(positions)

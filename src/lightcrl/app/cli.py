@@ -95,6 +95,9 @@ def embed(
     shard_size: int = typer.Option(2048, help="Items per shard (the unit of resume)"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: cores torch leaves free)"),
     device: str = typer.Option("auto"),
+    encoder_backend: str = typer.Option(
+        "auto", help="How the frozen encoder runs: auto (the measured-fastest: ONNX Runtime for "
+        "efficientnet-lite0 on CPU), eager (PyTorch as written) or onnx. Stores never mix backends."),
     strict: bool = typer.Option(False, help="Fail on the first bad input instead of skipping it"),
     overwrite: bool = typer.Option(False, help="Re-extract if OUT holds a store of other inputs"),
 ):
@@ -105,7 +108,7 @@ def embed(
 
     rank, world, _, dev = dist.init_distributed()
     opts = EmbedOptions(batch_size=batch_size, shard_size=shard_size, num_workers=workers, strict=strict,
-                        limit=limit, seed=seed, overwrite=overwrite,
+                        limit=limit, seed=seed, overwrite=overwrite, encoder_backend=encoder_backend,
                         device=str(dev) if world > 1 else device)
     try:
         store = run_embed(encoder, data, split, out, opts, rank=rank, world=world)

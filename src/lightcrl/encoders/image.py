@@ -48,7 +48,8 @@ class ImageTransform:
 
 
 def stack_images(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"pixels": torch.stack(items)}
+    # numpy's single-threaded copy: torch.stack's 2 OpenMP threads took 4-6x longer on 2 shared cores
+    return {"pixels": torch.from_numpy(np.stack([x.numpy() for x in items]))}
 
 
 class _ImageEncoder(FrozenEncoder):
