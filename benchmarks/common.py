@@ -270,6 +270,68 @@ def synthetic_config(epochs: int = 1, batch_size: int = 64, **model) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------- roofline
+
+_GEMM_PEAK: dict[int, float] = {}
+
+
+def gemm_gflops(n: int = 2048, rounds: int = 5) -> float:
+    """The machine's limit for these figures: sustained float32 GEMM GFLOP/s of torch (an n^3 matmul, median
+    of ``rounds``) on the threads torch uses now. Measured once per thread count and process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads not in _GEMM_PEAK:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up: thread pool and packing buffers
+        times = []
+        for _ in range(rounds):
+            with timer() as t:
+                a @ b
+            times.append(t[0])
+        _GEMM_PEAK[threads] = 2 * n**3 / float(np.median(times)) / 1e9
+    return _GEMM_PEAK[threads]
+
+
+def count_flops(fn, *args, **kwargs) -> float:
+    """FLOPs of one call of ``fn`` (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def encoder_flops_per_item(enc, batches: list[dict]) -> float:
+    """FLOPs per item of a frozen encoder's forward, counted on its eager module over ``batches`` (so
+    padding that the batches carry counts, as the forward computes it)."""
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    return sum(count_flops(enc._forward, enc.model, b) for b in batches) / n
+
+
+def roofline(items_per_s: float, flops_per_item: float) -> float:
+    """Fraction of the GEMM limit that ``items_per_s`` items of ``flops_per_item`` FLOPs each sustain."""
+    return items_per_s * flops_per_item / 1e9 / gemm_gflops()
+
+
+def print_roofline(label: str, items_per_s: float, flops_per_item: float, unit: str = "items") -> float:
+    frac = roofline(items_per_s, flops_per_item)
+    print(
+        f"{label}: {items_per_s:.1f} {unit}/s x {flops_per_item / 1e9:.3f} GFLOP = "
+        f"{items_per_s * flops_per_item / 1e9:.1f} GFLOP/s; GEMM limit {gemm_gflops():.0f} GFLOP/s "
+        f"({_threads()} threads): roofline_fraction={frac:.3f}",
+        flush=True,
+    )
+    return frac
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def headline(name: str, value: float, fmt: str = ".3g") -> None:
     """The last line of every benchmark: ``name=value``."""
     print(f"{name}={value:{fmt}}", flush=True)

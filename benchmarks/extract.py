@@ -1,18 +1,25 @@
-"""Extraction throughput: `lightcrl embed` end to end vs the encoder's forward pass alone.
+"""Extraction throughput: the default path vs the eager path, end to end, against the machine's limit.
 
     .venv/bin/python benchmarks/extract.py            # 1,000 CIFAR-10 test images, efficientnet-lite0
-    .venv/bin/python benchmarks/extract.py --limit 200 --max-load 99   # quick look on a busy machine
+    .venv/bin/python benchmarks/extract.py --encoder minilm-l6      # 1,000 Flickr8k dev captions
+    .venv/bin/python benchmarks/extract.py --encoder aisfx --limit 200   # ESC-10 clips
+    .venv/bin/python benchmarks/extract.py --limit 200 --max-load 99     # quick look on a busy machine
 
-In one run: the same images are decoded once into tensors (not timed) and pushed through
-``encoder.encode_batch`` batch by batch (forward only; one untimed pass first primes every batch shape).
-Then, ``--rounds`` times, ``lightcrl.embed.embed`` extracts them into a fresh store with a fresh cache
-(listing, decoding, forward, fp16 conversion, shard write, manifest), each embed run between two timed
-forward passes, so a change of machine load shows and each embed run is compared with the forward passes
-around it. The encoder weights are loaded once before timing (a fixed cost per process that `lightcrl
-embed` on the command line adds, printed).
+Paths compared, each ``lightcrl.embed.embed`` end to end into a fresh store with a fresh cache (listing,
+decoding, forward, fp16 conversion, shard write, manifest), same items, same batch size:
 
-ratio = embed images/s / forward-only images/s, the median over rounds (target >= 0.9). Last line:
-``ratio=...``.
+- ``default``: ``EmbedOptions()`` as shipped (``--encoder-backend auto``; text batches bucketed by length);
+- ``eager``: the path before encoder backends, ``encoder_backend="eager"`` and no length bucketing;
+- ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path (e.g. MiniLM), measured too.
+
+Also the default path's forward pass alone (``encoder.encode_batch`` on the same batches, decoded in
+advance). Every round times ``forward, default, eager[, onnx]``, and a last forward pass closes the run,
+so a change of machine load shows. One untimed pass per path first exports/loads what it needs.
+
+speedup = eager s / default s per round; ratio = default embed items/s / the mean of the forward passes
+around it; both the median over rounds. roofline_fraction = achieved GFLOP/s (FLOPs per item counted with
+torch.utils.flop_counter on the eager module) / sustained float32 GEMM GFLOP/s of torch on the same
+threads, measured in the same run. Last line: ``speedup=...``.
 """
 
 from __future__ import annotations
@@ -21,9 +28,16 @@ import argparse
 import os
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import common
+
+DEFAULT_DATA = {
+    "image": ("cifar10", "imagefolder", "test"),
+    "text": ("flickr8k", "flickr8k", "dev"),
+    "audio": ("esc10", "esc10", None),
+}
 
 
 def main(argv=None) -> None:
@@ -32,82 +46,116 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--data", default=None, help="dataset spec (default imagefolder:<data>/cifar10)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=1000, help="images (default 1000)")
     p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--data", default=None, help="dataset spec (default: one per modality, see the code)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--limit", type=int, default=1000, help="items (default 1000)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers for embed (default: embed's)"
-    )
-    p.add_argument("--rounds", type=int, default=2, help="embed runs, each between two forward passes")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: embed's)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of forward, default, eager (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     common.add_load_args(p)
     args = p.parse_args(argv)
 
     import torch
 
-    from lightcrl.embed import EmbedOptions, default_workers, embed, plan_store
+    from lightcrl.embed import EmbedOptions, default_workers, embed, plan_batches, plan_store
     from lightcrl.encoders import get_encoder
 
     common.quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = args.data or f"imagefolder:{common.data_root() / 'cifar10'}"
-    with tempfile.TemporaryDirectory(prefix="lightcrl-bench-extract-") as tmp:
-        os.environ["LIGHTCRL_CACHE"] = str(Path(tmp) / "cache")  # nothing reused from an earlier run
-        enc = get_encoder(args.encoder, device="cpu")
-        with common.timer() as t_load:
-            enc.model  # noqa: B018 -- load the weights once, outside the timings
-        opts = EmbedOptions(
-            limit=args.limit,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            progress=False,
-            device="cpu",
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="lightcrl-bench-extract-")
+    tmp = Path(tmp_ctx.name)
+    os.environ["LIGHTCRL_CACHE"] = str(tmp / "cache")  # nothing reused from an earlier run
+    fast = get_encoder(args.encoder, device="cpu")
+    folder, kind, split = DEFAULT_DATA[fast.modality]
+    spec = args.data or f"{kind}:{common.data_root() / folder}"
+    split = args.split or split
+    base = EmbedOptions(
+        limit=args.limit, batch_size=args.batch_size, num_workers=args.workers, progress=False, device="cpu"
+    )
+    paths = {
+        "default": (fast, base),
+        "eager": (
+            get_encoder(args.encoder, device="cpu", backend="eager"),
+            replace(base, encoder_backend="eager", bucket_by_length=False),
+        ),
+    }
+    if fast.backend != "onnx" and fast.graph_inputs:
+        paths["onnx"] = (
+            get_encoder(args.encoder, device="cpu", backend="onnx"),
+            replace(base, encoder_backend="onnx"),
         )
-        records = plan_store(enc, spec, args.split, opts)["records"]
-        items = [r["path"] if enc.modality != "text" else r["text"] for r in records]
-        bs = args.batch_size
-        batches = [
-            enc.collate([enc.transform(x) for x in items[i : i + bs]]) for i in range(0, len(items), bs)
-        ]
-        n = len(items)
 
-        def forward_only() -> float:
-            with common.timer() as t:
-                for b in batches:
-                    enc.encode_batch(b)
-            return t[0]
-
-        forward_only()  # warm-up: kernel selection for every batch shape
-        common.wait_for_quiet(args.max_load, args.wait)
-        # F E F E F ...: each embed run is compared with the forward passes just before and after it
-        fwd, emb = [forward_only()], []
-        for r in range(args.rounds):
-            with common.timer() as t_embed:
-                store = embed(enc, spec, args.split, Path(tmp) / f"store{r}", opts)
-            emb.append(t_embed[0])
-            fwd.append(forward_only())
-        common.report_load_after()
-        n_stored = len(store)
-        assert n_stored + len(store.skipped()) == n, (n_stored, n)
-        size_mb = common.store_bytes(store.dir) / 2**20
-
-    ratios = [(fwd[r] + fwd[r + 1]) / 2 / emb[r] for r in range(args.rounds)]
-    workers = opts.num_workers if opts.num_workers is not None else f"default ({default_workers(enc)})"
-    print(
-        f"encoder {args.encoder}, {n} images of {spec} [{args.split}], batch {bs}, "
-        f"torch threads {torch.get_num_threads()}, embed workers {workers}"
+    # The default path's batches, decoded in advance, for its forward pass alone.
+    plan = plan_store(fast, spec, split, base)
+    records = plan["records"]
+    items = [r["text"] if fast.modality == "text" else r["path"] for r in records]
+    lengths = [len(x) for x in items] if fast.modality == "text" else None
+    order = plan_batches(
+        list(range(plan["n_shards"])), plan["shard_size"], args.batch_size, len(items), lengths
     )
-    print(f"weights load (once per process, not timed): {t_load[0]:.2f} s")
-    print(f"forward only : {' / '.join(f'{t:.2f}' for t in fwd)} s -> {n * len(fwd) / sum(fwd):.1f} images/s")
-    print(
-        f"embed        : {' / '.join(f'{t:.2f}' for t in emb)} s -> {n * len(emb) / sum(emb):.1f} images/s "
-        f"({n_stored} stored, store {size_mb:.0f} MiB)"
+    batches = [fast.collate([fast.transform(items[i]) for i in b]) for b in order]
+    n = len(items)
+
+    def forward_only() -> float:
+        with common.timer() as t:
+            for b in batches:
+                fast.encode_batch(b)
+        return t[0]
+
+    def run(name: str, tag: str) -> float:
+        enc, opts = paths[name]
+        with common.timer() as t:
+            store = embed(enc, spec, split, tmp / f"{name}-{tag}", opts)
+        assert len(store) + len(store.skipped()) == n, (len(store), n)
+        return t[0]
+
+    with common.timer() as t_setup:  # weights, ONNX export (cached afterwards), kernel selection
+        forward_only()
+        for name in paths:
+            run(name, "warmup")
+    flops = common.encoder_flops_per_item(
+        paths["eager"][0], batches if fast.modality == "text" else batches[:1]
     )
-    print(f"ratio per round (embed vs the forward passes around it): {', '.join(f'{x:.3f}' for x in ratios)}")
-    common.headline("ratio", statistics.median(ratios), ".3f")
+    common.gemm_gflops()
+    common.wait_for_quiet(args.max_load, args.wait)
+    fwd, times = [forward_only()], {name: [] for name in paths}
+    for r in range(args.rounds):
+        for name in paths:
+            times[name].append(run(name, str(r)))
+        fwd.append(forward_only())
+    common.report_load_after()
+    store_mb = common.store_bytes(tmp / f"default-{args.rounds - 1}") / 2**20
+    tmp_ctx.cleanup()
+
+    workers = base.num_workers if base.num_workers is not None else f"default ({default_workers(fast)})"
+    unit = {"image": "images", "text": "captions", "audio": "clips"}[fast.modality]
+    print(
+        f"encoder {args.encoder}, {n} {unit} of {spec} [{split}], batch {args.batch_size}, torch threads "
+        f"{torch.get_num_threads()}, embed workers {workers}; default backend {fast.backend}"
+    )
+    print(f"set-up (weights, ONNX export, warm-up passes; not timed): {t_setup[0]:.1f} s")
+    rate = lambda ts: n * len(ts) / sum(ts)  # noqa: E731
+    print(
+        f"forward only ({fast.backend}): {' / '.join(f'{t:.2f}' for t in fwd)} s -> {rate(fwd):.1f} {unit}/s"
+    )
+    for name, ts in times.items():
+        print(f"embed {name:8s}: {' / '.join(f'{t:.2f}' for t in ts)} s -> {rate(ts):.1f} {unit}/s")
+    print(f"store {store_mb:.0f} MiB")
+    common.print_roofline(f"forward only ({fast.backend})", rate(fwd), flops, unit)
+    for name, ts in times.items():
+        common.print_roofline(f"embed {name}", rate(ts), flops, unit)
+    ratios = [(fwd[r] + fwd[r + 1]) / 2 / times["default"][r] for r in range(args.rounds)]
+    speedups = [times["eager"][r] / times["default"][r] for r in range(args.rounds)]
+    print(
+        "ratio per round (default embed vs the forward passes around it): "
+        + ", ".join(f"{x:.3f}" for x in ratios)
+    )
+    print(f"ratio={statistics.median(ratios):.3f}")
+    print(f"speedup per round (eager s / default s): {', '.join(f'{x:.2f}' for x in speedups)}")
+    common.headline("speedup", statistics.median(speedups), ".2f")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class EmbedOptions:
     # How the frozen encoder's forward runs (lightcrl.encoders.backends): auto (the measured-fastest),
     # eager (PyTorch as written) or onnx (ONNX Runtime). Used where the encoder is given by name.
     encoder_backend: str = "auto"
+    # Text: batch captions of similar length (less padding); the store keeps record order either way.
+    bucket_by_length: bool = True
 
 
 class _Items(Dataset):
@@ -300,8 +302,9 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     payloads = [r.text if enc.modality == "text" else r.path for r in records]
     paths = [r.path or r.id for r in records]
     # Text: batches of similar lengths, so dynamic padding pads little; flush() restores record order.
-    lengths = [len(p or "") for p in payloads] if enc.modality == "text" else None
-    batches = plan_batches(todo, size, bs, len(records), lengths)
+    bucketed = enc.modality == "text" and opts.bucket_by_length
+    text_lengths = [len(p or "") for p in payloads] if bucketed else None
+    batches = plan_batches(todo, size, bs, len(records), text_lengths)
     workers = opts.num_workers if opts.num_workers is not None else default_workers(enc)
     loader = DataLoader(
         _Items(payloads, paths, enc.transform),
