@@ -294,11 +294,11 @@ def gemm_gflops(n: int = 2048, rounds: int = 5) -> float:
 
 
 def count_flops(fn, *args, **kwargs) -> float:
-    """FLOPs of one call of ``fn`` (torch.utils.flop_counter: matmuls, convolutions, attention)."""
-    import torch
+    """FLOPs of one call of ``fn`` (torch.utils.flop_counter: matmuls, convolutions, attention; a
+    backward pass inside ``fn`` counts too)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return float(counter.get_total_flops())
 
@@ -306,8 +306,26 @@ def count_flops(fn, *args, **kwargs) -> float:
 def encoder_flops_per_item(enc, batches: list[dict]) -> float:
     """FLOPs per item of a frozen encoder's forward, counted on its eager module over ``batches`` (so
     padding that the batches carry counts, as the forward computes it)."""
+    import torch
+
     n = sum(len(next(iter(b.values()))) for b in batches)
-    return sum(count_flops(enc._forward, enc.model, b) for b in batches) / n
+    with torch.inference_mode():
+        return sum(count_flops(enc._forward, enc.model, b) for b in batches) / n
+
+
+def train_step_flops(image_dir: Path, text_dir: Path, batch_size: int = 64) -> float:
+    """FLOPs per pair of one training step (forward, loss, backward) of ``synthetic_config``'s model on
+    these stores, as the benchmarks' children run it (counted in this process; not timed)."""
+    import tempfile
+
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import Trainer
+
+    patch_stores(Path(image_dir), Path(text_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(validate_config(synthetic_config(batch_size=batch_size)), Path(tmp) / "run")
+        si, batch = trainer._schedule()[0]
+        return count_flops(trainer.train_step, si, batch) / len(batch)
 
 
 def roofline(items_per_s: float, flops_per_item: float) -> float:

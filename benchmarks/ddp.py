@@ -95,6 +95,7 @@ def main(argv=None) -> None:
             results[name] = read_run(run)
             print(f"# {name}: {results[name][1]:.1f} pairs/s", flush=True)
         common.report_load_after()
+        flops = common.train_step_flops(img, txt, args.batch_size)  # not timed
 
     ref_losses, ref_pps = results["1 proc"]
     print(
@@ -106,6 +107,8 @@ def main(argv=None) -> None:
         print(
             f"{name:18s} {pps:8.1f} pairs/s  x{pps / ref_pps:.2f}  loss max abs diff vs 1 proc {diff:.1e}"
         )
+    for name, (_, pps) in results.items():
+        common.print_roofline(name, pps, flops, "pairs")
     common.headline("speedup", results["torchrun x2"][1] / ref_pps, ".2f")
 
 

@@ -180,6 +180,7 @@ def main(argv=None) -> None:
             )
             wall = time.perf_counter() - t0
             common.report_load_after()
+            flops = common.train_step_flops(img, txt, args.batch_size)  # one step in this process, not timed
             stats = cg.stats() if cg is not None else {}
     finally:
         if cg is not None:
@@ -207,6 +208,7 @@ def main(argv=None) -> None:
             f"cgroup: peak charge {stats['peak_mb']:.0f} MiB (private memory + page cache; cap "
             f"{args.cap_mb} MiB), failcnt {stats['limit_hits']}; no OOM kill (the run completed)"
         )
+    common.print_roofline("epoch under the cap", res["pairs"] / res["epoch_s"], flops, "pairs")
     common.headline("store_over_cap", size / cap, ".2f")
 
 

@@ -110,6 +110,7 @@ def main(argv=None) -> None:
             rows.append(r)
             print(f"# {n} pairs: {r['epoch_s']:.2f} s", flush=True)
         common.report_load_after()
+        flops = common.train_step_flops(*stores[args.sizes[0]], args.batch_size)  # not timed
 
     print(
         f"{'pairs':>6} {'store MiB':>9} {'epoch s':>8} {'pairs/s':>8} {'ms/pair':>8} {'peak RSS':>9} "
@@ -121,6 +122,8 @@ def main(argv=None) -> None:
             f"{1000 * r['epoch_s'] / r['pairs']:8.3f} {r['peak_rss_mb']:8.0f}M {r['peak_anon_mb']:8.0f}M "
             f"{r['anon_before_epoch_mb']:8.0f}M"
         )
+    for r in rows:
+        common.print_roofline(f"{r['pairs']} pairs", r["pairs"] / r["epoch_s"], flops, "pairs")
     first, last = rows[0], rows[-1]
     lin = (last["epoch_s"] / last["pairs"]) / (first["epoch_s"] / first["pairs"])
     growth = last["pairs"] / first["pairs"]

@@ -134,6 +134,9 @@ def main(argv=None) -> None:
     s.batch = online_batch
     t_online = epoch()
     common.report_load_after()
+    s.batch = cached_batch
+    # FLOPs of one model step (forward + backward), counted after the timings (it also updates the model)
+    step_flops = common.count_flops(trainer.train_step, *schedule[0]) / len(schedule[0][1])
     tmp.cleanup()
 
     steps = len(schedule)
@@ -155,6 +158,7 @@ def main(argv=None) -> None:
         f"speed-up per epoch: {t_online / t_cached:.1f}x; bound by the model step alone: "
         f"{t_online / max(t_cached - t_read, 1e-9):.1f}x"
     )
+    common.print_roofline("cached epoch (model step)", n_pairs / t_cached, step_flops, "pairs")
     common.headline("ratio", t_online / t_cached, ".1f")
 
 
