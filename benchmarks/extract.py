@@ -10,7 +10,8 @@ decoding, forward, fp16 conversion, shard write, manifest), same items, same bat
 
 - ``default``: ``EmbedOptions()`` as shipped (``--encoder-backend auto``; text batches bucketed by length);
 - ``eager``: the path before encoder backends, ``encoder_backend="eager"`` and no length bucketing;
-- ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path (e.g. MiniLM), measured too.
+- ``eager+buckets`` (text): the eager backend with length bucketing, to separate the two gains;
+- ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path, measured too.
 
 Also the default path's forward pass alone (``encoder.encode_batch`` on the same batches, decoded in
 advance). Every round times ``forward, default, eager[, onnx]``, and a last forward pass closes the run,
@@ -82,6 +83,8 @@ def main(argv=None) -> None:
             replace(base, encoder_backend="eager", bucket_by_length=False),
         ),
     }
+    if fast.modality == "text":  # the eager backend with today's length bucketing, to tell the two apart
+        paths["eager+buckets"] = (paths["eager"][0], replace(base, encoder_backend="eager"))
     if fast.backend != "onnx" and fast.graph_inputs:
         paths["onnx"] = (
             get_encoder(args.encoder, device="cpu", backend="onnx"),
