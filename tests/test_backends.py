@@ -115,3 +115,16 @@ def test_bucketed_text_store_keeps_record_order(tmp_path):
     assert list(store.items.texts) == [f"{t} {i}" for i, t in enumerate(texts)]
     for i, text in enumerate(store.items.texts):  # each row holds its own caption's features
         np.testing.assert_allclose(store.pooled()[i], enc.encode([text]).pooled[0].numpy(), atol=2e-3)
+
+
+def test_prefetch_thread_keeps_order_and_raises_errors():
+    from lightcrl.embed import _prefetched
+
+    assert list(_prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(_prefetched(broken()))

@@ -342,7 +342,10 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
             },
         )
 
-    for positions, batch, skips in loader:
+    # ONNX Runtime releases the GIL and its threads sleep between operators: decode the next batch in a
+    # thread while this one runs (measured in benchmarks/extract.py); eager torch keeps them in turn.
+    overlap = PREFETCH_THREAD and workers == 0 and getattr(enc, "backend", "eager") == "onnx"
+    for positions, batch, skips in _prefetched(loader) if overlap else loader:
         first = positions[0] if positions else skips[0][0]
         if current is not None and shard_of(first) != current:
             flush()
@@ -363,6 +366,42 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     if current is not None:
         flush()
     bar.close()
+
+
+PREFETCH_THREAD = True
+
+
+def _prefetched(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead; its errors re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run():
+        try:
+            for x in iterable:
+                if stop.is_set():
+                    return
+                q.put(x)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, daemon=True, name="lightcrl-decode")
+    t.start()
+    try:
+        while (x := q.get()) is not done:
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()  # unblock a producer waiting on a full queue
 
 
 def plan_batches(
