@@ -315,6 +315,13 @@ def encoder_flops_per_item(enc, batches: list[dict]) -> float:
         return sum(count_flops(enc._forward, enc.model, b) for b in batches) / n
 
 
+def epoch_batches(trainer, epoch: int = 0) -> list:
+    """The (pair set, batch) steps of one epoch, as the Trainer's loop runs them."""
+    from lightcrl.app.train_data import epoch_schedule
+
+    return epoch_schedule(trainer.cfg, trainer.train_sets, epoch)
+
+
 def train_step_flops(image_dir: Path, text_dir: Path, batch_size: int = 64) -> float:
     """FLOPs per pair of one training step (forward, loss, backward) of ``synthetic_config``'s model on
     these stores, as the benchmarks' children run it (counted in this process; not timed)."""
@@ -326,7 +333,7 @@ def train_step_flops(image_dir: Path, text_dir: Path, batch_size: int = 64) -> f
     patch_stores(Path(image_dir), Path(text_dir))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(validate_config(synthetic_config(batch_size=batch_size)), Path(tmp) / "run")
-        si, batch = trainer._schedule()[0]
+        si, batch = epoch_batches(trainer)[0]
         return count_flops(trainer.train_step, si, batch) / len(batch)
 
 

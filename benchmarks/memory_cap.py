@@ -42,7 +42,7 @@ def child(image_dir: str, text_dir: str, batch_size: int) -> None:
     common.patch_stores(Path(image_dir), Path(text_dir))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(validate_config(common.synthetic_config(batch_size=batch_size)), Path(tmp) / "run")
-        schedule = trainer._schedule()
+        schedule = common.epoch_batches(trainer)
         with common.AnonPeak() as anon:
             t0 = time.perf_counter()
             for si, batch in schedule:

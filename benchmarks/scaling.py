@@ -41,7 +41,7 @@ def child(image_dir: str, text_dir: str, batch_size: int) -> None:
     common.patch_stores(Path(image_dir), Path(text_dir))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(validate_config(common.synthetic_config(batch_size=batch_size)), Path(tmp) / "run")
-        schedule = trainer._schedule()
+        schedule = common.epoch_batches(trainer)
         trainer.train_step(*schedule[0])  # warm-up
         anon_before = common.proc_status_mb("RssAnon")
         with common.AnonPeak() as anon:

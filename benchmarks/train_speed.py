@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     with common.timer() as t_extract:
         trainer = Trainer(cfg, Path(tmp.name) / "run")  # builds (extracts) both feature stores
     s = trainer.train_sets[0]
-    schedule = trainer._schedule()
+    schedule = common.epoch_batches(trainer)
     n_pairs = sum(len(b) for _, b in schedule)
 
     # the original design's batch: raw inputs -> frozen encoders -> tokens (same format as the stores')
