@@ -148,6 +148,7 @@ def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: 
             "limit": opts.limit,
             "seed": opts.seed,
             "fingerprint": ds.fingerprint(),
+            "view_of": getattr(ds, "view_of", None),  # the whole dataset's spec for a class selection
             "classnames": ds.classnames,
             "templates": ds.templates,
         },
@@ -465,4 +466,57 @@ def cached_store(
         except LightCRLError:
             pass
         shutil.rmtree(out, ignore_errors=True)
+    parent_spec = plan["dataset"].get("view_of")
+    if parent_spec and not opts.limit:
+        # a selection of a dataset's classes (or items): cut from the whole dataset's store, which one
+        # extraction serves for every selection (e.g. the 5 folds of a class-disjoint protocol)
+        parent = cached_store(enc, parent_spec, split, opts)
+        if cut_store(parent, plan, out):
+            return FeatureStore(out)
     return embed(enc, data_spec, split, out, opts)
+
+
+def cut_store(parent: FeatureStore, plan: dict, out: Path) -> bool:
+    """Write the store of ``plan`` into ``out`` from the rows of ``parent`` (a superset of its items).
+
+    Every planned record must be in the parent with the same id, and the same caption for text; items the
+    parent skipped are skipped again with the parent's reason. Labels come from the plan (a class selection
+    relabels). Returns False, writing nothing, when the parent does not cover the plan.
+    """
+    if parent.manifest["encoder"]["identity"] != plan["encoder"]["identity"]:
+        return False
+    records = [Record(**r) for r in plan["records"]]
+    parent_skips = {s["id"]: s for s in parent.skipped()}
+    rows: list[int | None] = []
+    for r in records:
+        if r.id in parent._index:
+            row = parent.index_of(r.id)
+            if r.text is not None and parent.items.texts[row] != r.text:
+                return False
+            rows.append(row)
+        elif r.id in parent_skips:
+            rows.append(None)
+        else:
+            return False
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(out)
+    write_json(out / "plan.json", plan, indent=None)
+    size = plan["shard_size"]
+    listing_skipped = {s["id"] for s in plan.get("listing_skipped", [])}
+    for s in range(plan["n_shards"]):
+        positions = range(s * size, min((s + 1) * size, len(records)))
+        kept = [p for p in positions if rows[p] is not None]
+        skipped = [
+            {k: v for k, v in parent_skips[records[p].id].items()}
+            for p in positions
+            if rows[p] is None and records[p].id not in listing_skipped
+        ]
+        tok = [parent.tokens([rows[p]])[0][0] for p in kept]
+        pooled = parent.pooled(np.asarray([rows[p] for p in kept], np.int64)) if kept else (
+            np.zeros((0, parent.dim), np.float32))
+        write_shard(out, s, tok, pooled, {"kept": kept, "skipped": skipped,
+                                          "tokens": int(sum(t.shape[0] for t in tok))})
+    manifest = finalize(out, plan)
+    _report_skipped(manifest)
+    log.info("cut feature store %s from %s (%d items)", out, parent.dir, manifest["count"])
+    return True

@@ -99,6 +99,11 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         ):
             metrics[prefix + k] = float(r[k])
         r1s.append((r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2)
+        if s.media.classnames and (s.media.items.labels[media_rows] >= 0).all():
+            # captions made from class names: zero-shot top-1 of the media, classifier = each class's
+            # unique captions (its templates), as lightcrl.metrics.zeroshot builds it
+            metrics[prefix + "zeroshot_top1"] = _caption_zeroshot(s, media_rows, pair_media, media_emb,
+                                                                  text_emb)
         # val loss: symmetric InfoNCE at the current temperature on fixed random-caption batches
         pairs = s.epoch_pairs(seed, 10**6, "random_caption")  # a fixed epoch id never trained on
         scale = raw.get_logit_scale().detach()
@@ -121,13 +126,29 @@ def _without_new_defaults(dump: dict) -> dict:
     out = dict(dump)
     if isinstance(out.get("data"), dict) and isinstance(out["data"].get("sources"), list):
         out["data"] = dict(out["data"], sources=[
-            {k: v for k, v in src.items() if not (k == "holdout" and v is None)}
+            {k: v for k, v in src.items() if not (k in ("holdout", "val_spec") and v is None)}
             for src in out["data"]["sources"]
         ])
     for section, defaults in _NEW_DEFAULTS.items():
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if not (k in defaults and v == defaults[k])}
     return out
+
+
+def _caption_zeroshot(s: PairSet, media_rows: np.ndarray, pair_media: np.ndarray, media_emb: np.ndarray,
+                      text_emb: np.ndarray) -> float:
+    """Top-1 (%) of classifying each media item by the mean embedding of each class's distinct captions.
+
+    ``media_emb`` rows are the store rows ``media_rows``; ``text_emb`` rows are the pairs."""
+    labels = s.media.items.labels[media_rows]
+    by_class: dict[int, dict[str, int]] = {}
+    for p, (row, ti) in enumerate(zip(pair_media.tolist(), s.text_index.tolist())):
+        by_class.setdefault(int(labels[row]), {}).setdefault(s.text.items.texts[ti], p)
+    classes = sorted(by_class)
+    weights = np.stack([text_emb[list(by_class[c].values())].mean(0) for c in classes])
+    weights /= np.linalg.norm(weights, axis=1, keepdims=True).clip(1e-12)
+    pred = np.asarray(classes)[np.argmax(media_emb @ weights.T, axis=1)]
+    return float(100.0 * np.mean(pred == labels))
 
 
 # -- the trainer ------------------------------------------------------------------------------------

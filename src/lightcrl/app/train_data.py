@@ -54,10 +54,11 @@ def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int 
         if split is None:
             continue
         limit = src.limit if split_kind == "train" or held_out else src.val_limit
+        spec = src.spec if split_kind == "train" or held_out else (src.val_spec or src.spec)
         opts = _embed_options(cfg, limit, rank, batch_size=cfg.data.embed_batch_size)
-        media = shared_store(src.media_encoder, src.spec, split, opts, rank, world)
+        media = shared_store(src.media_encoder, spec, split, opts, rank, world)
         # classification datasets become pairs through captions made from class names and templates
-        text_spec = f"labelcaptions:{src.spec}" if src.captions == "templates" else src.spec
+        text_spec = f"labelcaptions:{spec}" if src.captions == "templates" else spec
         text = shared_store(src.text_encoder, text_spec, split, opts, rank, world)
         kind = src.spec.split(":", 1)[0]
         name = f"{kind}{i}" if len(cfg.data.sources) > 1 else kind
@@ -67,7 +68,7 @@ def build_pairsets(cfg: TrainConfig, split_kind: str, rank: int = 0, world: int 
             ps = kept if split_kind == "train" else out
         sets.append(ps)
         if len(sets[-1]) == 0:
-            raise LightCRLError(f"no (media, caption) pairs in {src.spec} split {split}")
+            raise LightCRLError(f"no (media, caption) pairs in {spec} split {split}")
     return sets
 
 

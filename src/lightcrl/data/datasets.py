@@ -58,7 +58,7 @@ import stat
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -110,6 +110,8 @@ class Dataset:
         self._base = base  # relative paths in the fingerprint are taken from here
         self._stats = stats  # (size, mtime_ns) of every media file / container, taken at listing time
         self.sample: tuple[int, int] | None = None  # (n, seed) when made by subsample()
+        # the spec of the whole dataset when this one is a class selection of it (see select_classes)
+        self.view_of: str | None = None
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -181,14 +183,15 @@ class _Loader:
     fn: Callable[..., _Meta]
     options: frozenset[str]
     is_file: bool  # PATH names a file (csv) rather than a folder
+    selects: frozenset[str] = frozenset()  # options that only keep a subset of the items (and relabel)
 
 
 _LOADERS: dict[str, _Loader] = {}
 
 
-def _loader(kind: str, options: Iterable[str] = (), is_file: bool = False):
+def _loader(kind: str, options: Iterable[str] = (), is_file: bool = False, selects: Iterable[str] = ()):
     def register(fn):
-        _LOADERS[kind] = _Loader(fn, frozenset(options), is_file)
+        _LOADERS[kind] = _Loader(fn, frozenset(options), is_file, frozenset(selects))
         return fn
 
     return register
@@ -211,9 +214,9 @@ def _split_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
     if not path:
         raise LightCRLError(f"dataset spec {spec!r} has no path after '{kind}:'")
     options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = set(options) - _LOADERS[kind].options
+    unknown = set(options) - _LOADERS[kind].options - CLASS_OPTIONS
     if unknown:
-        accepted = ", ".join(sorted(_LOADERS[kind].options)) or "none"
+        accepted = ", ".join(sorted(_LOADERS[kind].options | CLASS_OPTIONS))
         raise LightCRLError(
             f"unknown option(s) {', '.join(sorted(unknown))} for {kind} (accepted: {accepted})"
         )
@@ -249,12 +252,13 @@ def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> D
     abs_path = Path(os.path.abspath(path))
     base = abs_path.parent if loader.is_file else abs_path
     lst = _Lister(base, strict)
+    selection = {k: options.pop(k) for k in list(options) if k in CLASS_OPTIONS}
     meta = loader.fn(lst, abs_path, split, options)
     if not lst.media:
         reasons = _count_reasons(lst.skipped)
         detail = f" ({len(lst.skipped)} skipped: {reasons})" if lst.skipped else ""
         raise LightCRLError(f"no usable items in {kind} split {meta.split!r} at {path}{detail}")
-    return Dataset(
+    ds = Dataset(
         spec=spec,
         kind=kind,
         root=path,
@@ -269,6 +273,11 @@ def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> D
         base=base,
         stats=lst.stats,
     )
+    if selection:
+        ds = select_classes(ds, selection)
+    if any(k in loader.selects for k in options) or selection:
+        ds.view_of = without_class_options(spec)
+    return ds
 
 
 # -------------------------------------------------------------------------------------- shared helpers
@@ -938,34 +947,6 @@ def _esc_folds(kind: str, split: str | None, folds: Iterable[int]) -> tuple[str,
     return split, chosen
 
 
-@_loader("esc50", options=("esc10",))
-def _load_esc50(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
-    csv_path = _require(root / "meta" / "esc50.csv", "esc50 metadata")
-    header, rows = _read_csv(csv_path, ",")
-    _require_columns(csv_path, header, ["filename", "fold", "target", "category", "esc10"])
-    only_esc10 = options.get("esc10", "0").lower() in ("1", "true", "yes")
-    clips, categories = [], {}
-    for n, row in rows:
-        try:
-            fold, target = int(row["fold"]), int(row["target"])  # row is None when too short
-        except (TypeError, ValueError):
-            lst.skip(f"line {n}", csv_path, "bad_row", f"line {n}: missing or non-integer fold/target")
-            continue
-        categories[target] = row["category"].replace("_", " ").strip()
-        if not only_esc10 or row["esc10"].strip().lower() == "true":
-            clips.append((row["filename"].strip(), fold, target))
-    split, folds = _esc_folds("esc50", split, (f for _, f, _ in clips))
-    targets = sorted({t for _, _, t in clips}) if only_esc10 else sorted(categories)
-    label_of = {t: i for i, t in enumerate(targets)}
-    for filename, fold, target in clips:
-        if fold in folds:
-            lst.add_file(root / "audio" / filename, label_of[target])
-    classnames = [categories[t] for t in targets]
-    return _Meta(
-        split, media="audio", classnames=classnames, templates=_templates(root, "audio_templates.txt")
-    )
-
-
 _ESC10_CLASS = re.compile(r"^(\d+)\s*-\s*(.+)$")  # "001 - Dog bark"
 _ESC10_CLIP = re.compile(r"^(\d+)-")  # "<fold>-<freesound id>-<take>.ogg"
 
@@ -992,6 +973,92 @@ def _load_esc10(lst: _Lister, root: Path, split: str | None, options: dict) -> _
     return _Meta(
         split, media="audio", classnames=classnames, templates=_templates(root, "audio_templates.txt")
     )
+
+
+_ESC10_CHOICE = {"1": "only", "true": "only", "yes": "only", "only": "only", "0": "all", "false": "all",
+                 "no": "all", "all": "all", "exclude": "exclude"}
+
+
+@_loader("esc50", options=("esc10",), selects=("esc10",))
+def _load_esc50(lst: _Lister, root: Path, split: str | None, options: dict) -> _Meta:
+    """ESC-50 in either official layout: the release's class folders ``"NNN - Class name"/<fold>-<id>-<take>``
+    (class names from the folders; a name may itself hold " - ") or the GitHub repository's flat
+    ``audio/<fold>-<id>-<take>-<target>.wav`` (class names from meta/esc50.csv). Query ``esc10=1`` keeps
+    the 10 ESC-10 classes (labels 0..9), ``esc10=exclude`` the other 40 (needs meta/esc50.csv)."""
+    choice = _ESC10_CHOICE.get(options.get("esc10", "all").strip().lower())
+    if choice is None:
+        raise LightCRLError(
+            f"esc50: esc10={options['esc10']!r}: expected 1 (only ESC-10), 0 (all) or exclude"
+        )
+    if (root / "audio").is_dir():
+        clips, names = _esc50_flat(lst, root)
+    else:
+        clips, names = _esc50_folders(lst, root, choice != "all")
+    if choice != "all":
+        clips = [c for c in clips if c[3] == (choice == "only")]
+    split, folds = _esc_folds("esc50", split, (c[1] for c in clips))
+    targets = sorted({c[2] for c in clips})
+    label_of = {t: i for i, t in enumerate(targets)}
+    for path, fold, target, _ in clips:
+        if fold in folds:
+            lst.add_file(path, label_of[target])
+    return _Meta(
+        split, media="audio", classnames=[names[t] for t in targets],
+        templates=_templates(root, "audio_templates.txt"),
+    )
+
+
+def _esc50_flat(lst: _Lister, root: Path) -> tuple[list[tuple[Path, int, int, bool]], dict[int, str]]:
+    """(path, fold, target, is_esc10) of every clip listed in meta/esc50.csv, and the class names."""
+    csv_path = _require(root / "meta" / "esc50.csv", "esc50 metadata")
+    header, rows = _read_csv(csv_path, ",")
+    _require_columns(csv_path, header, ["filename", "fold", "target", "category", "esc10"])
+    clips, names = [], {}
+    for n, row in rows:
+        try:
+            fold, target = int(row["fold"]), int(row["target"])  # row is None when too short
+        except (TypeError, ValueError):
+            lst.skip(f"line {n}", csv_path, "bad_row", f"line {n}: missing or non-integer fold/target")
+            continue
+        names[target] = row["category"].replace("_", " ").strip()
+        is_esc10 = row["esc10"].strip().lower() == "true"
+        clips.append((root / "audio" / row["filename"].strip(), fold, target, is_esc10))
+    return clips, names
+
+
+_ESC_CLIP_NAME = re.compile(r"^(\d+)-([^-]+)-([^-.]+)")  # "<fold>-<freesound id>-<take>[...]"
+
+
+def _esc50_folders(lst: _Lister, root: Path, need_meta: bool):
+    """The release layout: class folders in number order are targets 0..49 (101 - Dog = 0, ...)."""
+    matches = [(d, _ESC10_CLASS.match(d)) for d in _subdirs(root)]
+    classes = sorted((int(m.group(1)), d, m.group(2).strip().lower()) for d, m in matches if m)
+    if not classes:
+        raise LightCRLError(f"esc50: no audio/ folder and no class folders like '101 - Dog' in {root}")
+    esc10: dict[tuple[str, str, str], bool] = {}
+    csv_path = root / "meta" / "esc50.csv"
+    if csv_path.is_file():  # the official filename is <fold>-<src>-<take>-<target>.wav: match fold, src, take
+        header, rows = _read_csv(csv_path, ",")
+        _require_columns(csv_path, header, ["fold", "esc10", "src_file", "take"])
+        for _, row in rows:
+            if row is not None:
+                key = (row["fold"].strip(), row["src_file"].strip(), row["take"].strip())
+                esc10[key] = row["esc10"].strip().lower() == "true"
+    elif need_meta:
+        raise LightCRLError(f"esc50: the esc10 option needs {csv_path} (its esc10 column)")
+    clips = []
+    for target, (_, folder, _) in enumerate(classes):
+        for path in _walk_files(root / folder, AUDIO_EXTS):
+            m = _ESC_CLIP_NAME.match(path.name)
+            if not m:
+                lst.skip(lst.rel(path), path, "bad_row", "file name is not <fold>-<id>-<take>")
+                continue
+            key = (m.group(1), m.group(2), m.group(3))
+            if need_meta and key not in esc10:
+                lst.skip(lst.rel(path), path, "unknown_clip", "not listed in meta/esc50.csv")
+                continue
+            clips.append((path, int(m.group(1)), target, esc10.get(key, False)))
+    return clips, {t: name for t, (_, _, name) in enumerate(classes)}
 
 
 # -------------------------------------------------------------------------------------- labelcaptions
@@ -1032,7 +1099,7 @@ def _open_labelcaptions(spec: str, inner_spec: str, split: str | None, strict: b
             Record(id=f"{r.id}#{k}", text=t.replace("{c}", name), group=r.id)
             for k, t in enumerate(inner.templates)
         )
-    return Dataset(
+    ds = Dataset(
         spec=spec,
         kind=LABELCAPTIONS,  # in the fingerprint header: differs from the inner dataset's
         root=inner.root,
@@ -1047,3 +1114,110 @@ def _open_labelcaptions(spec: str, inner_spec: str, split: str | None, strict: b
         base=inner._base,
         stats=inner._stats,
     )
+    if inner.view_of is not None:
+        ds.view_of = f"{LABELCAPTIONS}:{inner.view_of}"
+    return ds
+
+
+# -------------------------------------------------------------------------------------- class selection
+#
+# Query options accepted by every classification kind, to build class-disjoint protocols (zero-shot on
+# classes never seen in training) from one dataset:
+#
+#   classgroup=2            keep the classes of group 2 (a comma list keeps several groups)
+#   exclude_classgroup=2,3  keep every class outside groups 2 and 3
+#   classgroups=5           the number of groups (default 5)
+#   groupseed=0             the seed of the split into groups (default 0)
+#   classes=dog|cat         keep these class names (``|``-separated, case-insensitive)
+#   exclude_classes=dog|cat drop these class names
+#
+# Groups (class_groups): the label indices 0..K-1 shuffled by random.Random(groupseed), then cut into
+# ``classgroups`` consecutive chunks (sizes differ by at most one), each listed in label order. They
+# depend only on K, the number of groups and the seed, never on the files. The kept classes are
+# relabelled 0..k-1 in their original order and ``classnames`` lists only them.
+
+CLASS_OPTIONS = frozenset({"classgroup", "exclude_classgroup", "classgroups", "groupseed", "classes",
+                           "exclude_classes"})
+
+
+def class_groups(n_classes: int, n_groups: int = 5, seed: int = 0) -> list[list[int]]:
+    """The seeded split of label indices 0..n_classes-1 into ``n_groups`` groups (see above)."""
+    if not 1 <= n_groups <= n_classes:
+        raise LightCRLError(f"classgroups={n_groups}: needs 1 <= groups <= {n_classes} classes")
+    order = list(range(n_classes))
+    random.Random(seed).shuffle(order)
+    bounds = [round(g * n_classes / n_groups) for g in range(n_groups + 1)]
+    return [sorted(order[bounds[g] : bounds[g + 1]]) for g in range(n_groups)]
+
+
+def _int_list(name: str, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise LightCRLError(f"{name}={value!r}: expected integers separated by commas") from None
+
+
+def _name_list(value: str) -> set[str]:
+    return {v.strip().lower() for v in value.split("|") if v.strip()}
+
+
+def without_class_options(spec: str) -> str:
+    """``spec`` without its class-selection options (and its loader's selecting ones): the whole dataset.
+
+    A selection's feature store is cut from the whole dataset's store (lightcrl.embed.cached_store)."""
+    inner = _labelcaptions_inner(spec)
+    if inner is not None:
+        return f"{LABELCAPTIONS}:{without_class_options(inner)}"
+    head, sep, query = spec.partition("?")
+    if not sep:
+        return spec
+    loader = _LOADERS.get(head.partition(":")[0].strip().lower())
+    drop = CLASS_OPTIONS | (loader.selects if loader else frozenset())
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in drop]
+    return head + ("?" + "&".join(f"{k}={v}" for k, v in kept) if kept else "")
+
+
+def select_classes(ds: Dataset, options: dict[str, str]) -> Dataset:
+    """The items of the classes chosen by the class-selection ``options`` (see above), relabelled."""
+    if ds.task != "classification" or not ds.classnames:
+        raise LightCRLError(f"{ds.spec}: class selection needs a classification dataset with class names")
+    n = len(ds.classnames)
+    n_groups = _int_list("classgroups", options.get("classgroups", "5"))
+    seed = _int_list("groupseed", options.get("groupseed", "0"))
+    if len(n_groups) != 1 or len(seed) != 1:
+        raise LightCRLError(f"{ds.spec}: classgroups and groupseed take one integer each")
+    uses_groups = "classgroup" in options or "exclude_classgroup" in options
+    groups = class_groups(n, n_groups[0], seed[0]) if uses_groups else []
+    keep = set(range(n))
+    lower = {name.strip().lower(): i for i, name in enumerate(ds.classnames)}
+    for key, include in (("classgroup", True), ("exclude_classgroup", False)):
+        if key in options:
+            chosen = _int_list(key, options[key])
+            bad = [g for g in chosen if not 0 <= g < len(groups)]
+            if bad or not chosen:
+                raise LightCRLError(f"{ds.spec}: {key}={options[key]!r}: groups are 0..{len(groups) - 1}")
+            labels = {label for g in chosen for label in groups[g]}
+            keep = keep & labels if include else keep - labels
+    for key, include in (("classes", True), ("exclude_classes", False)):
+        if key in options:
+            names = _name_list(options[key])
+            unknown = sorted(names - set(lower))
+            if unknown or not names:
+                raise LightCRLError(
+                    f"{ds.spec}: {key}: unknown class name(s) {', '.join(unknown) or '(none)'}; "
+                    f"classes: {', '.join(ds.classnames)}"
+                )
+            labels = {lower[name] for name in names}
+            keep = keep & labels if include else keep - labels
+    if not keep:
+        raise LightCRLError(f"{ds.spec}: the class selection keeps no class")
+    kept = sorted(keep)
+    new_label = {old: new for new, old in enumerate(kept)}
+    sub = copy.copy(ds)
+    sub._media = [replace(r, label=new_label[r.label]) for r in ds._media if r.label in new_label]
+    if not sub._media:
+        raise LightCRLError(f"{ds.spec}: no items of the selected classes in split {ds.split!r}")
+    sub.classnames = [ds.classnames[i] for i in kept]
+    sub.skipped = list(ds.skipped)
+    sub._fingerprint = None
+    return sub

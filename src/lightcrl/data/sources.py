@@ -22,6 +22,9 @@ class PairSource(_Strict):
     spec: str
     split: str = "train"
     val_split: str | None = None  # a held-out split of the same dataset for validation/model selection
+    # the validation data's spec when it is not ``spec`` (e.g. other classes of the same dataset:
+    # ``esc50:DIR?classgroup=3`` to validate zero-shot on classes held out of training)
+    val_spec: str | None = None
     media_encoder: str = "efficientnet-lite0"
     text_encoder: str = "minilm-l6"
     limit: int | None = None  # seeded sample of N media items (all their captions kept)

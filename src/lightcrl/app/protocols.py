@@ -1,0 +1,150 @@
+"""Evaluation protocols for sources whose captions are made from class names (``captions: templates``).
+
+Three protocols, named as in docs/audio.md; each says which classes the training captions may name:
+
+- ``class-disjoint`` (zero-shot): the dataset's classes are split into ``groups`` seeded groups
+  (:func:`lightcrl.data.datasets.class_groups`). Fold g tests on group g, validates (epoch selection) on
+  group g+1 (mod groups) and trains on the other groups' clips and captions: neither the test classes
+  nor the validation classes are ever seen in training, by name, caption or clip. The result is the
+  mean, spread and per-fold list of the zero-shot top-1 over the folds (chance = 1 / group size).
+- ``supervised-captions``: the old ESC-10 protocol. Train on folds 1..k-2, validate on fold k-1, test on
+  fold k, all on the same classes: the captions name every test class, so this is supervised
+  classification through captions, not zero-shot.
+- ``transfer``: train on one dataset (e.g. ESC-50 without ESC-10's classes, ``esc50:DIR?esc10=exclude``)
+  validating on a held-out class group of it, and test zero-shot on another (ESC-10).
+
+The trainer config and the source to replace (``source``: its index in ``data.sources``) come from a
+normal config; the protocol sets that source's spec, splits and validation data, and the early-stopping
+metric (validation zero-shot top-1 of that source).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from lightcrl.app.config import TrainConfig, validate_config
+from lightcrl.data.datasets import class_groups, open_dataset
+from lightcrl.errors import LightCRLError
+from lightcrl.io import write_json
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("class-disjoint", "supervised-captions", "transfer")
+
+
+def with_options(spec: str, **options) -> str:
+    """``spec`` with query options added (replacing ones of the same name)."""
+    head, _, query = spec.partition("?")
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in options]
+    kept += [(k, str(v)) for k, v in options.items()]
+    return head + ("?" + "&".join(f"{k}={v}" for k, v in kept) if kept else "")
+
+
+def class_disjoint_folds(spec: str, groups: int = 5, seed: int = 0) -> list[dict]:
+    """Per fold: the train, validation and test specs (all splits ``all``)."""
+    n = len(open_dataset(spec, "all").classnames or [])
+    class_groups(n, groups, seed)  # validates the numbers
+    extra = {} if (groups, seed) == (5, 0) else {"classgroups": groups, "groupseed": seed}
+    folds = []
+    for g in range(groups):
+        v = (g + 1) % groups
+        folds.append({
+            "fold": g,
+            "train": with_options(spec, exclude_classgroup=f"{g},{v}", **extra),
+            "val": with_options(spec, classgroup=v, **extra),
+            "test": with_options(spec, classgroup=g, **extra),
+        })
+    return folds
+
+
+def fold_config(cfg: TrainConfig, source: int, train: str, val: str | None, split: str = "all",
+                val_split: str = "all") -> TrainConfig:
+    """``cfg`` with source ``source`` trained on ``train`` and validated on ``val`` (zero-shot top-1)."""
+    raw = cfg.model_dump(mode="json")
+    if not 0 <= source < len(raw["data"]["sources"]):
+        raise LightCRLError(f"source {source}: the config has {len(raw['data']['sources'])} source(s)")
+    src = raw["data"]["sources"][source]
+    if src.get("captions") != "templates":
+        raise LightCRLError(f"source {source} ({src['spec']}) must have captions: templates")
+    src.update(spec=train, split=split, val_spec=val, val_split=val_split if val else None)
+    if val:
+        kind = train.split(":", 1)[0]
+        name = f"{kind}{source}" if len(raw["data"]["sources"]) > 1 else kind
+        prefix = f"val/{name}/" if _n_val_sets(raw) > 1 else "val/"
+        raw["early_stop"] = {"metric": prefix + "zeroshot_top1", "mode": "max", "patience": None}
+    return validate_config(raw, "protocol config")
+
+
+def _n_val_sets(raw: dict) -> int:
+    return sum(1 for s in raw["data"]["sources"] if s.get("val_split"))
+
+
+def _train_and_test(cfg: TrainConfig, run_dir: Path, test_spec: str, test_split: str) -> dict:
+    from lightcrl.app.evaluate import EvalRequest, EvalTarget, run_eval
+    from lightcrl.app.train import train
+
+    if not (run_dir / "train_summary.json").exists():
+        train(cfg, run_dir, overwrite=True)
+    target = EvalTarget.from_run_dir(run_dir, device=cfg.device)
+    res = run_eval(target, EvalRequest("zeroshot", test_spec, test_split, device=cfg.device))
+    m = res["metrics"]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    return {"test": test_spec, "split": test_split, "top1": m["top1"], "chance": m["chance"],
+            "n_classes": len(m["per_class_accuracy"]), "n": m["n"],
+            "best_epoch": summary.get("best_epoch"), "best_val": summary.get("best"),
+            "run": str(run_dir)}
+
+
+def run_protocol(cfg: TrainConfig, source: int, protocol: str, out: str | Path, *, spec: str | None = None,
+                 test_spec: str | None = None, groups: int = 5, group_seed: int = 0,
+                 folds: list[int] | None = None) -> dict:
+    """Train and test every fold of ``protocol``; writes and returns ``out/protocol.json``.
+
+    ``spec``: the training dataset (default: the source's spec without options). ``test_spec``: the
+    transfer protocol's test dataset (split ``all``).
+    """
+    out = Path(out)
+    spec = spec or cfg.data.sources[source].spec
+    rows = []
+    if protocol == "class-disjoint":
+        for f in class_disjoint_folds(spec, groups, group_seed):
+            if folds is not None and f["fold"] not in folds:
+                continue
+            fc = fold_config(cfg, source, f["train"], f["val"])
+            run_dir = out / f"fold{f['fold']}"
+            rows.append({"fold": f["fold"], **_train_and_test(fc, run_dir, f["test"], "all")})
+    elif protocol == "supervised-captions":
+        ds = open_dataset(spec, "all")
+        k = max(int(r.path.rsplit("/", 1)[-1].split("-", 1)[0]) for r in ds.media_records())
+        fc = fold_config(cfg, source, spec, spec, split=f"folds1-{k - 2}", val_split=f"fold{k - 1}")
+        rows.append({"fold": k, **_train_and_test(fc, out / "supervised", spec, f"fold{k}")})
+    elif protocol == "transfer":
+        if not test_spec:
+            raise LightCRLError("the transfer protocol needs a test dataset (test_spec)")
+        val_group = 0
+        train = with_options(spec, exclude_classgroup=val_group)
+        val = with_options(spec, classgroup=val_group)
+        fc = fold_config(cfg, source, train, val)
+        rows.append({"fold": 0, **_train_and_test(fc, out / "transfer", test_spec, "all")})
+    else:
+        raise LightCRLError(f"unknown protocol {protocol!r}: {', '.join(PROTOCOLS)}")
+    tops = [r["top1"] for r in rows]
+    result = {
+        "protocol": protocol,
+        "spec": spec,
+        "test_spec": test_spec,
+        "groups": groups if protocol == "class-disjoint" else None,
+        "group_seed": group_seed if protocol == "class-disjoint" else None,
+        "top1_mean": statistics.fmean(tops),
+        "top1_std": statistics.stdev(tops) if len(tops) > 1 else 0.0,
+        "top1_min": min(tops),
+        "top1_max": max(tops),
+        "chance": rows[0]["chance"],
+        "folds": rows,
+    }
+    write_json(out / "protocol.json", result)
+    return result

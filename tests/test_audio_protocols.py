@@ -1,0 +1,169 @@
+"""Class-disjoint protocols: ESC-50's release layout, class groups, class selection, store cuts."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from conftest import COLORS
+from PIL import Image
+
+from lightcrl.app.protocols import class_disjoint_folds, fold_config, with_options
+from lightcrl.data.datasets import class_groups, open_dataset, without_class_options
+from lightcrl.embed import EmbedOptions, cached_store
+from lightcrl.errors import LightCRLError
+
+# The documented split of ESC-50's 50 classes (docs/audio.md): classgroups=5, groupseed=0.
+ESC50_GROUPS = [
+    [0, 1, 7, 12, 14, 27, 28, 36, 43, 47],
+    [5, 11, 15, 20, 23, 33, 34, 38, 40, 49],
+    [3, 4, 9, 10, 17, 21, 39, 41, 42, 46],
+    [6, 8, 13, 18, 22, 29, 35, 37, 44, 45],
+    [2, 16, 19, 24, 25, 26, 30, 31, 32, 48],
+]
+
+
+def test_class_groups_are_the_documented_partition():
+    assert class_groups(50, 5, 0) == ESC50_GROUPS
+    for n, g in [(50, 5), (10, 3), (7, 7)]:
+        groups = class_groups(n, g, seed=1)
+        assert sorted(c for grp in groups for c in grp) == list(range(n))
+        assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    assert class_groups(50, 5, 1) != ESC50_GROUPS
+    with pytest.raises(LightCRLError, match="classgroups"):
+        class_groups(3, 4)
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " "
+
+
+def _mentions(text: str, name: str) -> bool:
+    """``name`` as whole words in ``text`` ("rain" is not in "train")."""
+    return _words(name) in _words(text)
+
+
+@pytest.fixture(scope="module")
+def esc50(shared_data):
+    root = shared_data / "esc50"
+    if not root.is_dir():
+        pytest.skip("esc50 not in the shared data")
+    return f"esc50:{root}"
+
+
+def test_esc50_release_layout(esc50):
+    ds = open_dataset(esc50, "all")
+    assert len(ds) == 2000 and len(ds.classnames) == 50 and not ds.skipped
+    assert ds.classnames[:2] == ["dog", "rooster"] and "drinking - sipping" in ds.classnames
+    assert np.bincount([r.label for r in ds.media_records()]).tolist() == [40] * 50
+    assert len(open_dataset(esc50, "fold5")) == 400
+    only = open_dataset(with_options(esc50, esc10=1), "all")
+    assert len(only) == 400 and len(only.classnames) == 10
+    rest = open_dataset(with_options(esc50, esc10="exclude"), "all")
+    assert len(rest) == 1600 and not set(rest.classnames) & set(only.classnames)
+    with pytest.raises(LightCRLError, match="esc10"):
+        open_dataset(with_options(esc50, esc10="maybe"), "all")
+
+
+def test_class_disjoint_folds_never_show_a_test_class_in_training(esc50):
+    """Real data: names, captions and clips of the test (and validation) classes stay out of training."""
+    folds = class_disjoint_folds(esc50)
+    assert len(folds) == 5
+    tested = []
+    for f in folds:
+        train = open_dataset(f"labelcaptions:{f['train']}", "all")
+        held = [open_dataset(f[k], "all") for k in ("test", "val")]
+        captions = {t.text for t in train.text_records()}
+        train_clips = {r.path for r in train.media_records()}
+        assert len(train.classnames) == 30 and len(train) == 30 * 40
+        for ds in held:
+            assert len(ds.classnames) == 10 and len(ds) == 400
+            assert not set(ds.classnames) & set(train.classnames)
+            assert not {r.path for r in ds.media_records()} & train_clips
+            for name in ds.classnames:
+                assert not any(_mentions(c, name) for c in captions), name
+        tested += held[0].classnames
+    assert sorted(tested) == sorted(open_dataset(esc50, "all").classnames)  # each class tested once
+
+
+def test_transfer_split_keeps_esc10_out_of_training(esc50, shared_data):
+    """ESC-50 minus ESC-10: no ESC-10 clip and no ESC-10 class name (either release's) in training."""
+    train = open_dataset(f"labelcaptions:{with_options(esc50, esc10='exclude')}", "all")
+    esc10 = open_dataset(f"esc10:{shared_data / 'esc10'}", "all")
+    esc10_in_50 = open_dataset(with_options(esc50, esc10=1), "all")
+    clip_key = lambda r: r.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]  # <fold>-<freesound id>-<take>
+    assert {clip_key(r) for r in esc10.media_records()} == {clip_key(r) for r in esc10_in_50.media_records()}
+    assert not {clip_key(r) for r in esc10.media_records()} & {clip_key(r) for r in train.media_records()}
+    captions = {t.text for t in train.text_records()}
+    for name in esc10.classnames + esc10_in_50.classnames:
+        assert not any(_mentions(c, name) for c in captions), name
+
+
+def test_class_selection_options(tmp_path):
+    root = _colour_folders(tmp_path)
+    spec = f"imagefolder:{root}"
+    ds = open_dataset(f"{spec}?classes=Red|blue", "all")
+    assert ds.classnames == ["blue", "red"] and sorted({r.label for r in ds.media_records()}) == [0, 1]
+    assert ds.view_of == spec and ds.fingerprint() != open_dataset(spec, "all").fingerprint()
+    ds = open_dataset(f"{spec}?exclude_classes=red&classgroups=2&classgroup=1", "all")
+    assert set(ds.classnames) <= {"blue", "green", "yellow"} and "red" not in ds.classnames
+    assert without_class_options(f"labelcaptions:{spec}?classgroup=1") == f"labelcaptions:{spec}"
+    for bad, msg in [("classes=purple", "unknown class"), ("classgroups=2&classgroup=9", "groups are"),
+                     ("classes=red&exclude_classes=red", "keeps no class"), ("classgroups=2&classgroup=x", "integers")]:
+        with pytest.raises(LightCRLError, match=msg):
+            open_dataset(f"{spec}?{bad}", "all")
+
+
+def _colour_folders(tmp_path, per_class: int = 3):
+    root = tmp_path / "colours"
+    for c, rgb in COLORS.items():
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), np.clip(np.array(rgb) + 5 * i, 0, 255), np.uint8)).save(
+                root / c / f"{i}.png")
+    return root
+
+
+def test_selection_store_is_cut_from_the_whole_store(tmp_path, monkeypatch):
+    """A class selection's store equals the rows of the whole dataset's store; nothing is re-extracted."""
+    import lightcrl.embed as embed_mod
+
+    spec = f"imagefolder:{_colour_folders(tmp_path)}"
+    opts = EmbedOptions(progress=False, num_workers=0)
+    whole = cached_store("toy-image", spec, "all", opts)
+    whole_text = cached_store("toy-text", f"labelcaptions:{spec}", "all", opts)
+    monkeypatch.setattr(embed_mod, "embed", lambda *a, **k: pytest.fail("re-extracted"))
+    sub = cached_store("toy-image", f"{spec}?classes=green|yellow", "all", opts)
+    assert sub.classnames == ["green", "yellow"] and len(sub) == 6
+    assert sub.items.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    rows = [whole.index_of(i) for i in sub.items.ids]
+    np.testing.assert_array_equal(sub.pooled(), whole.pooled(rows))
+    np.testing.assert_array_equal(sub.tokens(range(6))[0], whole.tokens(rows)[0])
+    text = cached_store("toy-text", f"labelcaptions:{spec}?classes=green|yellow", "all", opts)
+    assert all("green" in t or "yellow" in t for t in text.items.texts)
+    rows = [whole_text.index_of(i) for i in text.items.ids]
+    np.testing.assert_array_equal(text.pooled(), whole_text.pooled(rows))
+
+
+def test_protocol_fold_trains_with_zero_shot_validation(tmp_path):
+    """One class-disjoint fold end to end: validation zero-shot on held-out classes picks the epoch."""
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import train
+
+    spec = f"imagefolder:{_colour_folders(tmp_path, per_class=4)}"
+    base = validate_config({
+        "data": {"sources": [{"spec": spec, "media_encoder": "toy-image", "text_encoder": "toy-text",
+                              "captions": "templates"}]},
+        "model": {"width": 16, "depth": 1, "heads": 2},
+        "optim": {"epochs": 2, "batch_size": 8, "warmup_steps": 1},
+        "progress": False, "tensorboard": False,
+    })
+    folds = class_disjoint_folds(spec, groups=4)
+    cfg = fold_config(base, 0, folds[0]["train"], folds[0]["val"])
+    assert cfg.early_stop.metric == "val/zeroshot_top1"
+    summary = train(cfg, tmp_path / "run")
+    assert summary["metric"] == "val/zeroshot_top1" and 0 <= summary["best"] <= 100
+    with pytest.raises(LightCRLError, match="captions: templates"):
+        fold_config(base.model_copy(update={"data": base.data.model_copy(update={"sources": [
+            base.data.sources[0].model_copy(update={"captions": "dataset"})]})}), 0, spec, None)
