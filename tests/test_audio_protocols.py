@@ -110,7 +110,8 @@ def test_class_selection_options(tmp_path):
     assert set(ds.classnames) <= {"blue", "green", "yellow"} and "red" not in ds.classnames
     assert without_class_options(f"labelcaptions:{spec}?classgroup=1") == f"labelcaptions:{spec}"
     for bad, msg in [("classes=purple", "unknown class"), ("classgroups=2&classgroup=9", "groups are"),
-                     ("classes=red&exclude_classes=red", "keeps no class"), ("classgroups=2&classgroup=x", "integers")]:
+                     ("classes=red&exclude_classes=red", "keeps no class"),
+                     ("classgroups=2&classgroup=x", "integers")]:
         with pytest.raises(LightCRLError, match=msg):
             open_dataset(f"{spec}?{bad}", "all")
 
@@ -167,3 +168,20 @@ def test_protocol_fold_trains_with_zero_shot_validation(tmp_path):
     with pytest.raises(LightCRLError, match="captions: templates"):
         fold_config(base.model_copy(update={"data": base.data.model_copy(update={"sources": [
             base.data.sources[0].model_copy(update={"captions": "dataset"})]})}), 0, spec, None)
+
+
+def test_templates_option_many_templates_and_class_descriptions(shared_data, tmp_path):
+    spec = f"esc10:{shared_data / 'esc10'}"
+    plain = open_dataset(f"labelcaptions:{spec}", "fold5")
+    many = open_dataset(f"labelcaptions:{spec}?templates=audio_templates_many.txt", "fold5")
+    assert len(many.templates) == 20 and len(many.text_records()) == 20 * len(many)
+    assert many.fingerprint() != plain.fingerprint() and many.view_of == f"labelcaptions:{spec}"
+    desc = open_dataset(f"labelcaptions:{spec}?templates=esc50_descriptions.json&classes=dog bark", "fold5")
+    assert desc.classnames == ["dog bark"] and "a dog barking." in {t.text for t in desc.text_records()}
+    assert set(desc.templates) == {"dog bark"}
+    (tmp_path / "bad.txt").write_text("no slot here\n")
+    (tmp_path / "few.json").write_text('{"dog bark": ["woof"]}')
+    for option, msg in [(tmp_path / "bad.txt", "slot"), (tmp_path / "few.json", "no prompts for class"),
+                        ("nothing.txt", "not found")]:
+        with pytest.raises(LightCRLError, match=msg):
+            open_dataset(f"{spec}?templates={option}", "fold5")

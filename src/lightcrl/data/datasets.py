@@ -112,6 +112,7 @@ class Dataset:
         self.sample: tuple[int, int] | None = None  # (n, seed) when made by subsample()
         # the spec of the whole dataset when this one is a class selection of it (see select_classes)
         self.view_of: str | None = None
+        self.templates_option: str | None = None  # the ``templates=`` query option, when given
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -142,6 +143,8 @@ class Dataset:
         if self._fingerprint is None:
             h = hashlib.sha256()
             header = [self.kind, self.split, self.task, self.media, self.classnames]
+            if self.templates_option is not None:  # (only then: older fingerprints stay valid)
+                header.append(self.templates)
             h.update(json.dumps(header).encode() + b"\n")
             stamps: dict[str, str] = {}
             for r in self._media:
@@ -214,9 +217,9 @@ def _split_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
     if not path:
         raise LightCRLError(f"dataset spec {spec!r} has no path after '{kind}:'")
     options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = set(options) - _LOADERS[kind].options - CLASS_OPTIONS
+    unknown = set(options) - _LOADERS[kind].options - CLASS_OPTIONS - {"templates"}
     if unknown:
-        accepted = ", ".join(sorted(_LOADERS[kind].options | CLASS_OPTIONS))
+        accepted = ", ".join(sorted(_LOADERS[kind].options | CLASS_OPTIONS | {"templates"}))
         raise LightCRLError(
             f"unknown option(s) {', '.join(sorted(unknown))} for {kind} (accepted: {accepted})"
         )
@@ -253,6 +256,7 @@ def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> D
     base = abs_path.parent if loader.is_file else abs_path
     lst = _Lister(base, strict)
     selection = {k: options.pop(k) for k in list(options) if k in CLASS_OPTIONS}
+    templates_option = options.pop("templates", None)
     meta = loader.fn(lst, abs_path, split, options)
     if not lst.media:
         reasons = _count_reasons(lst.skipped)
@@ -275,9 +279,43 @@ def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> D
     )
     if selection:
         ds = select_classes(ds, selection)
-    if any(k in loader.selects for k in options) or selection:
+    if templates_option is not None:
+        if ds.task != "classification" or not ds.classnames:
+            raise LightCRLError(f"{spec}: templates= needs a classification dataset with class names")
+        ds.templates = read_templates(templates_option, ds.classnames)
+        ds.templates_option = templates_option
+    if any(k in loader.selects for k in options) or selection or templates_option is not None:
         ds.view_of = without_class_options(spec)
     return ds
+
+
+def read_templates(name: str, classnames: list[str]) -> list[str] | dict[str, list[str]]:
+    """The ``templates=`` option: a ``.txt`` file of templates with a ``{c}`` slot, one a line, or a
+    ``.json`` file ``{class name: [prompt, ...]}`` of per-class prompts (class descriptions; every class
+    of the dataset must be there, keys matched case-insensitively). A name that is not a file is looked
+    up in ``lightcrl/resources/templates`` (e.g. ``templates=esc50_descriptions.json``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
+        try:
+            text = resources.files("lightcrl").joinpath("resources", "templates", name).read_text("utf-8")
+        except (FileNotFoundError, IsADirectoryError, OSError):
+            raise LightCRLError(f"templates file not found: {name} (nor a shipped resource)") from None
+    if name.endswith(".json"):
+        try:
+            table = {k.strip().lower(): v for k, v in json.loads(text).items()}
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise LightCRLError(f"templates {name}: expected a JSON object class -> [prompts]: {e}") from None
+        missing = [c for c in classnames if not table.get(c.strip().lower())]
+        if missing:
+            raise LightCRLError(f"templates {name}: no prompts for class(es) {', '.join(missing)}")
+        return {c: [str(p) for p in table[c.strip().lower()]] for c in classnames}
+    templates = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = [t for t in templates if "{c}" not in t]
+    if bad or not templates:
+        raise LightCRLError(f"templates {name}: every line needs a {{c}} slot: {bad[:1] or 'empty file'}")
+    return templates
 
 
 # -------------------------------------------------------------------------------------- shared helpers
@@ -1094,11 +1132,11 @@ def _open_labelcaptions(spec: str, inner_spec: str, split: str | None, strict: b
         if not 0 <= r.label < len(inner.classnames):
             raise LightCRLError(f"labelcaptions: {r.id} has label {r.label}, outside the class names")
         name = inner.classnames[r.label]
-        # replace, not format: a template may hold other braces
-        texts.extend(
-            Record(id=f"{r.id}#{k}", text=t.replace("{c}", name), group=r.id)
-            for k, t in enumerate(inner.templates)
-        )
+        if isinstance(inner.templates, dict):  # per-class prompts (templates=FILE.json)
+            prompts = inner.templates[name]
+        else:  # replace, not format: a template may hold other braces
+            prompts = [t.replace("{c}", name) for t in inner.templates]
+        texts.extend(Record(id=f"{r.id}#{k}", text=t, group=r.id) for k, t in enumerate(prompts))
     ds = Dataset(
         spec=spec,
         kind=LABELCAPTIONS,  # in the fingerprint header: differs from the inner dataset's
@@ -1116,6 +1154,7 @@ def _open_labelcaptions(spec: str, inner_spec: str, split: str | None, strict: b
     )
     if inner.view_of is not None:
         ds.view_of = f"{LABELCAPTIONS}:{inner.view_of}"
+    ds.templates_option = inner.templates_option
     return ds
 
 
@@ -1172,7 +1211,7 @@ def without_class_options(spec: str) -> str:
     if not sep:
         return spec
     loader = _LOADERS.get(head.partition(":")[0].strip().lower())
-    drop = CLASS_OPTIONS | (loader.selects if loader else frozenset())
+    drop = CLASS_OPTIONS | {"templates"} | (loader.selects if loader else frozenset())
     kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in drop]
     return head + ("?" + "&".join(f"{k}={v}" for k, v in kept) if kept else "")
 
