@@ -112,3 +112,17 @@ __all__ = [
     "masked_mean",
     "register",
 ]
+
+
+@register("efficientnet-lite2")
+def _effnet_lite2(device="auto", **kw):
+    from lightcrl.encoders.lite2 import EfficientNetLite2
+
+    return EfficientNetLite2(device=device)
+
+
+@register("mpnet-base")
+def _mpnet(device="auto", **kw):
+    from lightcrl.encoders.mpnet import MPNetBase
+
+    return MPNetBase(device=device, **kw)
