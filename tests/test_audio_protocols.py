@@ -185,3 +185,25 @@ def test_templates_option_many_templates_and_class_descriptions(shared_data, tmp
                         ("nothing.txt", "not found")]:
         with pytest.raises(LightCRLError, match=msg):
             open_dataset(f"{spec}?templates={option}", "fold5")
+
+
+def test_three_modalities_config_is_a_transfer_protocol(esc50, shared_data):
+    """The committed config trains on ESC-50 without ESC-10 and validates on classes it never trains on."""
+    from pathlib import Path
+
+    from lightcrl.app.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "three_modalities.yaml")
+    src = cfg.data.sources[1]
+    fix = lambda spec: spec.replace("../shared/data", str(shared_data))
+    train = open_dataset(f"labelcaptions:{fix(src.spec)}", src.split)
+    val = open_dataset(fix(src.val_spec), src.val_split)
+    esc10 = open_dataset(f"esc10:{shared_data / 'esc10'}", "all")
+    assert len(train.classnames) == 32 and len(val.classnames) == 8
+    assert not set(val.classnames) & set(train.classnames)
+    key = lambda r: r.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    assert not {key(r) for r in esc10.media_records()} & {key(r) for r in train.media_records()}
+    captions = {t.text for t in train.text_records()}
+    for name in esc10.classnames + open_dataset(with_options(esc50, esc10=1), "all").classnames:
+        assert not any(_mentions(c, name) for c in captions), name
+    assert cfg.early_stop.metric == "val/esc501/zeroshot_top1"
