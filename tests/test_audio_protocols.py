@@ -207,3 +207,29 @@ def test_three_modalities_config_is_a_transfer_protocol(esc50, shared_data):
     for name in esc10.classnames + open_dataset(with_options(esc50, esc10=1), "all").classnames:
         assert not any(_mentions(c, name) for c in captions), name
     assert cfg.early_stop.metric == "val/esc501/zeroshot_top1"
+
+
+def test_esc50_flat_layout_matches_the_release_layout(esc50, shared_data, tmp_path):
+    """The GitHub layout (audio/*.wav + meta/esc50.csv), built from real clips: same classes, folds, flags."""
+    import csv
+    import os
+
+    root = shared_data / "esc50"
+    rows = list(csv.DictReader(open(root / "meta" / "esc50.csv")))
+    keep = [r for r in rows if r["target"] in ("0", "1", "14")][::8]  # dog, rooster, chirping birds
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "meta").mkdir()
+    number = lambda d: int(d.split(" - ", 1)[0])  # NNN: category * 100 + index, 101..510 = targets 0..49
+    dirs = [d for d in os.listdir(root) if d[:1].isdigit()]
+    folder = {(number(d) // 100 - 1) * 10 + number(d) % 100 - 1: d for d in dirs}
+    for r in keep:
+        src = next((root / folder[int(r["target"])]).glob(f"{r['fold']}-{r['src_file']}-{r['take']}.*"))
+        os.symlink(src, tmp_path / "audio" / r["filename"])
+    with open(tmp_path / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    flat = open_dataset(f"esc50:{tmp_path}", "all")
+    assert flat.classnames == ["dog", "rooster", "chirping birds"] and len(flat) == len(keep)
+    assert len(open_dataset(f"esc50:{tmp_path}?esc10=1", "all").classnames) == 2
+    assert open_dataset(f"esc50:{tmp_path}?esc10=exclude", "all").classnames == ["chirping birds"]
