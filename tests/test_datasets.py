@@ -213,7 +213,7 @@ def test_missing_root_and_annotations(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LightCRLError, match="Flickr_8k"):
         open_dataset(f"flickr8k:{tmp_path / 'empty'}")
-    with pytest.raises(LightCRLError, match=r"esc50\.csv"):
+    with pytest.raises(LightCRLError, match=r"no audio/ folder and no class folders"):
         open_dataset(f"esc50:{tmp_path / 'empty'}")
 
 
