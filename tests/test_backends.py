@@ -43,7 +43,7 @@ def test_text_encoder_onnx_equals_eager():
     texts = ["a dog", "two children are playing football on a sandy beach near the sea", "x"]
     diff, cos = _compare("minilm-l6", texts)
     assert diff < TOKENS_ATOL and cos > MIN_COSINE
-    assert get_encoder("minilm-l6", device="cpu").backend == "onnx"  # measured faster on shared CPUs
+    assert get_encoder("minilm-l6", device="cpu").backend == "eager"  # with bucketing, faster when quiet
 
 
 def test_backend_choices_are_checked():

