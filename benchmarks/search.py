@@ -9,7 +9,8 @@ little isotropic noise (real embeddings have a low intrinsic dimension; ``--unif
 vectors instead, the worst case for any approximate index). Queries come from the same distribution and
 are not in the collection. Per size and structure (exact numpy; HNSW; IVF-PQ with exact re-ranking, the
 memory-bounded fallback), through :class:`lightcrl.app.index.SearchIndex`, the class the server uses:
-build time, peak private memory while building (RssAnon), the structure's size, p50/p99 latency of
+build time and rate (vectors/s), peak private memory while building (RssAnon), the structure's size,
+p50/p99 latency of
 single queries (one at a time, as a server sees them) and recall@10 against exact search.
 Last line: ``recall10_1m=X p99_ms_1m=Y`` for the structure ``lightcrl index`` picks at 1M by default
 (IVF-PQ).
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.threads)
                 r.update(n=n, name=name, picked=name == picked)
                 rows.append(r)
-                print(f"{n:>9,} {name:6s} build {r['build_s']:7.1f} s  peak +{r['peak_mb']:7.0f} MiB  "
+                rate = f"{n / r['build_s']:9,.0f} vec/s" if r["build_s"] else " " * 15
+                print(f"{n:>9,} {name:6s} build {r['build_s']:7.1f} s {rate}  peak +{r['peak_mb']:7.0f} MiB  "
                       f"size {r['size_mb']:7.0f} MiB  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                       f"recall@10 {r['recall10']:.3f}{'  <- lightcrl index default' if r['picked'] else ''}",
                       flush=True)
@@ -166,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             emb_path.unlink(missing_ok=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print("\n| N | structure | build s | peak build MiB | size MiB | p50 ms | p99 ms | recall@10 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| N | structure | build s | build vectors/s | peak build MiB | size MiB | p50 ms | p99 ms | "
+          "recall@10 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mark = " (default)" if r["picked"] else ""
-        print(f"| {r['n']:,} | {r['name']}{mark} | {r['build_s']:.1f} | {r['peak_mb']:.0f} | "
+        rate = f"{r['n'] / r['build_s']:,.0f}" if r["build_s"] else "-"
+        print(f"| {r['n']:,} | {r['name']}{mark} | {r['build_s']:.1f} | {rate} | {r['peak_mb']:.0f} | "
               f"{r['size_mb']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['recall10']:.3f} |")
     common.report_load_after()
     if headline is not None:

@@ -447,9 +447,18 @@ def _report_skipped(manifest: dict) -> None:
 
 
 def cached_store(
-    encoder: str | FrozenEncoder, data_spec: str, split: str | None, opts: EmbedOptions | None = None
+    encoder: str | FrozenEncoder,
+    data_spec: str,
+    split: str | None,
+    opts: EmbedOptions | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> FeatureStore:
-    """The store for these inputs in the implicit cache ($LIGHTCRL_CACHE/stores), built on first use."""
+    """The store for these inputs in the implicit cache ($LIGHTCRL_CACHE/stores), built on first use.
+
+    Under torchrun every rank calls it: a missing store is extracted as :func:`embed` does (rank r takes
+    the shards s with s % world == r), a selection is cut from its parent by rank 0 alone.
+    """
     opts = opts or EmbedOptions()
     enc = _encoder(encoder, opts)
     plan = plan_store(enc, data_spec, split, opts)
@@ -470,10 +479,15 @@ def cached_store(
     if parent_spec and not opts.limit:
         # a selection of a dataset's classes (or items): cut from the whole dataset's store, which one
         # extraction serves for every selection (e.g. the 5 folds of a class-disjoint protocol)
-        parent = cached_store(enc, parent_spec, split, opts)
-        if cut_store(parent, plan, out):
+        parent = cached_store(enc, parent_spec, split, opts, rank, world)
+        cut = cut_store(parent, plan, out) if rank == 0 else None
+        if world > 1:
+            agreed = [cut]
+            torch.distributed.broadcast_object_list(agreed, src=0)
+            cut = agreed[0]
+        if cut:
             return FeatureStore(out)
-    return embed(enc, data_spec, split, out, opts)
+    return embed(enc, data_spec, split, out, opts, rank=rank, world=world)
 
 
 def cut_store(parent: FeatureStore, plan: dict, out: Path) -> bool:

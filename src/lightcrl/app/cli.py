@@ -20,6 +20,7 @@ from lightcrl.errors import LightCRLError
 #: What to do after Ctrl-C, per command: one line printed with "interrupted" (exit code 130).
 RESUME_HINTS = {
     "embed": "run the same command again to resume (finished shards are kept)",
+    "index": "run the same command again to resume (finished shards and chunks are kept)",
     "train": "run the same command again to resume from the last checkpoint",
     "experiment": "run the same command again to continue (finished cells are kept)",
     "quickstart": "run the same command again (the feature stores already built are reused)",
@@ -249,7 +250,8 @@ def search(
 
 @app.command("index", cls=_Command)
 def index_(
-    run: Path = typer.Option(..., help="Run directory"),
+    # torchrun's argument parser takes "--run" for an abbreviation of its own --run-path: write --run-dir
+    run: Path = typer.Option(..., "--run", "--run-dir", help="Run directory (under torchrun: --run-dir)"),
     data: str = typer.Option(..., help="Dataset spec KIND:PATH (e.g. flickr8k:DIR) or a folder of "
                              "images or audio clips"),
     out: Path = typer.Option(..., help="Index directory"),
@@ -265,14 +267,29 @@ def index_(
                                       "up to it, an HNSW graph must fit in it"),
     export: Optional[tuple[str, Path]] = typer.Option(None, help="Also write another tool's layout: "
                                                       "clip-retrieval DIR", show_default=False),
+    chunk_size: int = typer.Option(8192, help="Items per chunk through the run's model (the unit of "
+                                   "resume and of the split across torchrun ranks)"),
+    shard_size: Optional[int] = typer.Option(None, help="Items per feature-store shard when the frozen "
+                                             "features are extracted (default 2048; split across ranks)"),
     device: str = typer.Option("auto"),
 ):
-    """Embed a collection through a run into a searchable index (exact, or FAISS HNSW / IVF-PQ)."""
+    """Embed a collection through a run into a searchable index (exact, or FAISS HNSW / IVF-PQ).
+
+    Under torchrun each rank embeds its part (resumable), the approximate index is trained once."""
+    from lightcrl import distributed as dist
     from lightcrl.app.index import build_index
 
-    res = build_index(run, data, out, split=split, modality=modality, limit=limit, seed=seed,
-                      exact_max=exact_max, memory_mb=max_memory_mb, device=device, progress=True,
-                      export=export if export and export[0] else None, structure=structure)
+    rank, world, _, dev = dist.init_distributed()
+    try:
+        res = build_index(run, data, out, split=split, modality=modality, limit=limit, seed=seed,
+                          exact_max=exact_max, memory_mb=max_memory_mb,
+                          device=str(dev) if world > 1 else device, progress=True,
+                          export=export if export and export[0] else None, structure=structure,
+                          chunk=chunk_size, rank=rank, world=world, shard_size=shard_size)
+    finally:
+        dist.cleanup()
+    if rank != 0:
+        return
     typer.echo(f"indexed {res.count} {res.modality} items ({res.structure} search) in {res.dir}")
     if res.export:
         typer.echo(f"clip-retrieval layout: {res.export}")
@@ -281,18 +298,20 @@ def index_(
 
 @app.command(cls=_Command)
 def serve(
-    index: Path = typer.Argument(..., help="Index directory (made by `lightcrl index`)"),
+    index: list[Path] = typer.Argument(..., help="Index directory (made by `lightcrl index`); several: the "
+                                       "parts of a collection, searched as one"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (default: this machine only)"),
     port: int = typer.Option(8000),
     device: str = typer.Option("auto"),
     max_k: int = typer.Option(100, help="Largest k a request may ask for"),
     max_upload_mb: float = typer.Option(16.0, help="Largest request body (uploads), in MB"),
 ):
-    """Serve an index over HTTP: a search page, a JSON API (text or query by example) and its media."""
+    """Serve an index (or its parts) over HTTP: a search page, a JSON API (text or query by example) and
+    its media."""
     from lightcrl.app.serve import Limits
     from lightcrl.app.serve import serve as run_serve
 
-    run_serve(index, host=host, port=port, device=device,
+    run_serve(list(index), host=host, port=port, device=device,
               limits=Limits(max_k=max_k, max_body_bytes=int(max_upload_mb * 2**20)))
 
 

@@ -43,10 +43,13 @@ comparable across shards, so the merged exact top-k equals the global one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -95,6 +98,14 @@ class IndexDir:
     @property
     def faiss(self) -> Path:
         return self.path / "faiss.index"
+
+    @property
+    def parts(self) -> Path:
+        """Scratch of an unfinished build (what a killed run resumes from); removed when it completes."""
+        return self.path / ".parts"
+
+    def part(self, chunk: int) -> Path:
+        return self.parts / f"emb_{chunk:06d}.npy"
 
 
 @dataclass
@@ -148,50 +159,131 @@ def ivfpq_params(n: int, dim: int) -> dict[str, Any]:
 
 
 def build_structure(emb: np.ndarray, params: dict[str, Any], path: Path, progress: bool = True,
-                    seed: int = 0, threads: int | None = None) -> None:
+                    seed: int = 0, threads: int | None = None, rank: int = 0, world: int = 1,
+                    scratch: Path | None = None, chunk: int = CHUNK) -> None:
     """Build the approximate structure over ``emb`` (may be a memmap) and write it to ``path``.
 
-    ``threads``: OpenMP threads for faiss (None: the cores other processes leave idle; at load 10 on 2
-    cores a 10k IVF-PQ build took 233 s with two threads, 101 s with one).
+    ``threads``: OpenMP threads for faiss (None: the cores other processes leave idle, shared by the
+    ranks of this machine; at load 10 on 2 cores a 10k IVF-PQ build took 233 s with two threads, 101 s
+    with one). Under torchrun (``world`` > 1, every rank calls it with the same ``emb``, ``scratch`` a
+    folder they share): IVF-PQ is trained once, by rank 0, then each rank adds its block of rows
+    (:func:`rank_rows`) to a copy and rank 0 merges the copies in rank order, which puts every inverted
+    list in row order: the same structure as one process builds. An HNSW graph is built by rank 0 alone.
+    ``scratch`` also keeps the trained quantiser, so a killed build does not train again.
     """
     import faiss
 
     from lightcrl.app.quickstart import auto_threads
 
+    if threads is None:
+        threads = max(1, auto_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads or auto_threads())
+    faiss.omp_set_num_threads(threads)
     try:
-        _build(faiss, emb, params, path, progress, seed)
+        _build(faiss, emb, params, path, progress and rank == 0, seed, rank, world, scratch, chunk)
     finally:
         faiss.omp_set_num_threads(previous)
 
 
-def _build(faiss, emb: np.ndarray, params: dict[str, Any], path: Path, progress: bool, seed: int) -> None:
-    from tqdm.auto import tqdm
-
+def _build(faiss, emb: np.ndarray, params: dict[str, Any], path: Path, progress: bool, seed: int, rank: int,
+           world: int, scratch: Path | None, chunk: int) -> None:
     n, dim = emb.shape
     kind = params["kind"]
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params["ef_construction"]
-    elif kind == "ivfpq":
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
-                                 faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = KMEANS_ITERATIONS  # coarse centroids: 10 rounds of k-means are plenty
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(n, params["train"]), replace=False))
-        index.train(np.ascontiguousarray(emb[sample], np.float32))
-    else:
+        if rank == 0:
+            index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params["ef_construction"]
+            _add(index, emb, 0, n, kind, progress, with_ids=False, step=chunk)
+            _write_faiss(faiss, index, path)
+        _barrier(world)
+        return
+    if kind != "ivfpq":
         raise LightCRLError(f"unknown index structure {kind!r}")
-    bar = tqdm(total=n, desc=f"build {kind}", unit="vec", disable=not progress, dynamic_ncols=True)
-    for s in range(0, n, CHUNK):
-        index.add(np.ascontiguousarray(emb[s : s + CHUNK], np.float32))
-        bar.update(min(CHUNK, n - s))
+    trained = None
+    if scratch is not None:
+        tag = hashlib.sha256(json.dumps([params, seed, n, dim], sort_keys=True).encode()).hexdigest()[:12]
+        trained = scratch / f"trained-{tag}.faiss"
+    if rank == 0:
+        if trained is not None and trained.is_file():
+            log.info("reusing the trained quantiser %s", trained)
+            index = faiss.read_index(str(trained))
+        else:
+            index = _train_ivfpq(faiss, emb, params, seed)
+            if trained is not None:
+                _write_faiss(faiss, index, trained)
+    if world > 1:
+        if trained is None:
+            raise LightCRLError("a distributed IVF-PQ build needs a scratch folder shared by the ranks")
+        _barrier(world)
+        if rank != 0:
+            index = faiss.read_index(str(trained))
+    a, b = rank_rows(n, chunk, rank, world)
+    _add(index, emb, a, b, kind, progress, with_ids=True, step=chunk)
+    if world > 1:
+        mine = scratch / f"added-{rank}.faiss"
+        if rank != 0:
+            _write_faiss(faiss, index, mine)
+        _barrier(world)
+        if rank == 0:
+            for r in range(1, world):
+                index.merge_from(faiss.read_index(str(scratch / f"added-{r}.faiss")), 0)  # keeps the ids
+    if rank == 0:
+        if index.ntotal != n:
+            raise LightCRLError(f"the ranks added {index.ntotal:,} vectors, the collection has {n:,}")
+        _write_faiss(faiss, index, path)
+    _barrier(world)
+
+
+def _train_ivfpq(faiss, emb: np.ndarray, params: dict[str, Any], seed: int):
+    """An empty IVF-PQ index trained on a seeded sample of ``emb``."""
+    n, dim = emb.shape
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
+                             faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = KMEANS_ITERATIONS  # coarse centroids: 10 rounds of k-means are plenty
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, params["train"]), replace=False))
+    index.train(np.ascontiguousarray(emb[sample], np.float32))
+    return index
+
+
+def _add(index, emb: np.ndarray, a: int, b: int, kind: str, progress: bool, with_ids: bool,
+         step: int = CHUNK) -> None:
+    """Rows [a, b) of ``emb`` into ``index`` in chunks of ``step`` (ids = rows), under a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=b - a, desc=f"build {kind}", unit="vec", disable=not progress, dynamic_ncols=True)
+    for s in range(a, b, step):
+        x = np.ascontiguousarray(emb[s : min(s + step, b)], np.float32)
+        if with_ids:
+            index.add_with_ids(x, np.arange(s, s + len(x), dtype=np.int64))
+        else:
+            index.add(x)
+        bar.update(len(x))
     bar.close()
+
+
+def _write_faiss(faiss, index, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()
+
+
+def rank_rows(n: int, chunk: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows [a, b) of N: a contiguous block of whole chunks (the first ranks take one more
+    chunk when they do not divide evenly), so the blocks in rank order are the collection in order."""
+    chunks = -(-n // chunk)
+    per, extra = divmod(chunks, world)
+    first = rank * per + min(rank, extra)
+    last = first + per + (rank < extra)
+    return min(n, first * chunk), min(n, last * chunk)
 
 
 # -- what gets indexed ------------------------------------------------------------------------------------
@@ -205,6 +297,9 @@ class _Collection:
     source: dict[str, Any]
     embed_rows: Any  # (start, stop) -> np.ndarray [stop - start, d]
     captions_for_export: list[str | None]
+    # what the embeddings depend on besides the run: finished chunks of a killed build with the same
+    # fingerprint are reused (None: never reused)
+    fingerprint: str | None = None
 
 
 def _is_spec(data: str) -> bool:
@@ -224,7 +319,8 @@ def _file_size(path: str | None) -> int | None:
 
 
 def _spec_collection(pipe, data: str, split: str | None, modality: str | None, limit: int | None,
-                     seed: int, device: str) -> _Collection:
+                     seed: int, device: str, rank: int = 0, world: int = 1,
+                     shard_size: int | None = None) -> _Collection:
     from lightcrl.data.datasets import open_dataset
     from lightcrl.data.media import split_container
     from lightcrl.embed import EmbedOptions, cached_store
@@ -240,7 +336,10 @@ def _spec_collection(pipe, data: str, split: str | None, modality: str | None, l
     encoder = pipe.encoder_names.get(modality)
     if encoder is None:
         raise LightCRLError(f"the run has no {modality} encoder (it has: {', '.join(pipe.encoder_names)})")
-    store = cached_store(encoder, data, split, EmbedOptions(limit=limit, seed=seed, device=device))
+    opts = EmbedOptions(limit=limit, seed=seed, device=device, progress=rank == 0)
+    if shard_size is not None:
+        opts.shard_size = shard_size
+    store = cached_store(encoder, data, split, opts, rank=rank, world=world)
     records = {r.id: r for r in (ds.text_records() if modality == "text" else ds.media_records())}
     first_caption: dict[str, str] = {}
     for t in ds.text_records():
@@ -262,7 +361,8 @@ def _spec_collection(pipe, data: str, split: str | None, modality: str | None, l
         modality, items, root,
         {"data": data, "split": ds.split, "limit": limit, "seed": seed, "store": str(store.dir)},
         lambda a, b: pipe.encode_store(store, indices=np.arange(a, b)),
-        [i.caption for i in items] if modality != "text" else [None] * len(items))
+        [i.caption for i in items] if modality != "text" else [None] * len(items),
+        fingerprint=f"{store.fingerprint}:{modality}")
 
 
 def _folder_modality(pipe, folder: Path) -> str:
@@ -325,8 +425,15 @@ def build_index(run: str | Path, data: str, out: str | Path, split: str | None =
                 modality: str | None = None, limit: int | None = None, seed: int = 0,
                 exact_max: int = EXACT_MAX, memory_mb: int = DEFAULT_MEMORY_MB, device: str = "auto",
                 progress: bool = True, export: tuple[str, Path] | None = None,
-                structure: str = "auto") -> IndexSummary:
-    """Embed ``data`` through ``run`` into the index directory ``out`` (see the module docstring)."""
+                structure: str = "auto", chunk: int = CHUNK, rank: int = 0, world: int = 1,
+                shard_size: int | None = None) -> IndexSummary:
+    """Embed ``data`` through ``run`` into the index directory ``out`` (see the module docstring).
+
+    Under torchrun every rank calls it with its ``rank`` and the ``world`` size (see "Under torchrun" in
+    the module docstring). ``chunk`` items are the unit of resume and of the split across ranks of the
+    run's model and the structure; ``shard_size`` those of a feature store extracted on the way (None:
+    :class:`lightcrl.embed.EmbedOptions`' default; a store already in the cache is reused as it is).
+    """
     from lightcrl.rundir import load_pipeline
 
     if modality is not None and modality not in MODALITIES:
@@ -334,12 +441,18 @@ def build_index(run: str | Path, data: str, out: str | Path, split: str | None =
     choose_structure(0, 1, kind=structure)  # a typo fails now, not after embedding
     if export is not None and export[0] != "clip-retrieval":
         raise LightCRLError(f"unknown export format {export[0]!r}: only clip-retrieval is supported")
+    if chunk < 1:
+        raise LightCRLError(f"the chunk size must be at least 1, got {chunk}")
     pipe = load_pipeline(run, device=device)
     if pipe is None:
         raise LightCRLError(f"{run} holds the raw frozen encoders: there is no shared space to index")
     if _is_spec(data):
-        col = _spec_collection(pipe, data, split, modality, limit, seed, device)
+        col = _spec_collection(pipe, data, split, modality, limit, seed, device, rank, world, shard_size)
     elif Path(data).expanduser().is_dir():
+        if world > 1:
+            raise LightCRLError("a plain folder is indexed by one process (its incremental index is not "
+                                "split across ranks): run `lightcrl index` without torchrun, or index a "
+                                "dataset spec")
         col = _folder_collection(pipe, Path(data).expanduser(), modality, device, progress)
     else:
         raise LightCRLError(f"--data {data!r} is neither a dataset spec (KIND:PATH) nor a folder")
@@ -347,45 +460,92 @@ def build_index(run: str | Path, data: str, out: str | Path, split: str | None =
         raise LightCRLError(f"{data} has no readable {col.modality} items to index")
 
     d = IndexDir(out)
-    d.path.mkdir(parents=True, exist_ok=True)
-    d.info.unlink(missing_ok=True)  # the index is not usable until index.json is written again
     n = len(col.items)
-    emb = _write_embeddings(d.embeddings, col, n, progress)
-    _write_items(d.items, col.items)
+    key = None if col.fingerprint is None else {"run_key": run_key(run), "data": col.fingerprint, "count": n,
+                                                 "chunk": chunk}
+    _prepare_parts(d, key, rank, world)
+    _embed_parts(d, col, n, chunk, rank, world, progress and rank == 0)
+    if rank == 0:
+        _assemble_embeddings(d, n, chunk)
+        _write_items(d.items, col.items)
+    _barrier(world)
+    emb = np.load(d.embeddings, mmap_mode="r")
     dim = int(emb.shape[1])
     params = choose_structure(n, dim, exact_max, memory_mb, kind=structure)
     if params["kind"] == "exact":
-        d.faiss.unlink(missing_ok=True)
+        if rank == 0:
+            d.faiss.unlink(missing_ok=True)
     else:
-        build_structure(emb, params, d.faiss, progress=progress, seed=seed)
-    info = {"version": INDEX_VERSION, "run": str(Path(run).resolve()), "run_key": run_key(run),
-            "modality": col.modality, "count": n, "dim": dim, "structure": params,
-            "root": str(col.root) if col.root else None, "source": col.source}
+        build_structure(emb, params, d.faiss, progress=progress, seed=seed, rank=rank, world=world,
+                        scratch=d.parts, chunk=chunk)
     summary = IndexSummary(d.path, n, col.modality, params["kind"])
-    if export is not None:
-        summary.export = export_clip_retrieval(pipe, d, col, Path(export[1]))
-    write_json(d.info, info)  # last: the index is complete
+    if rank == 0:
+        info = {"version": INDEX_VERSION, "run": str(Path(run).resolve()), "run_key": run_key(run),
+                "modality": col.modality, "count": n, "dim": dim, "structure": params,
+                "root": str(col.root) if col.root else None, "source": col.source}
+        if export is not None:
+            summary.export = export_clip_retrieval(pipe, d, col, Path(export[1]))
+        write_json(d.info, info)  # last: the index is complete
+        shutil.rmtree(d.parts, ignore_errors=True)
+    _barrier(world)
     return summary
 
 
-def _write_embeddings(path: Path, col: _Collection, n: int, progress: bool) -> np.ndarray:
-    """Embeddings into a memmapped .npy, chunk by chunk (bounded memory); returns it read-only."""
+def _prepare_parts(d: IndexDir, key: dict[str, Any] | None, rank: int, world: int) -> None:
+    """Rank 0 marks the index unfinished and keeps the scratch folder's finished chunks when ``key`` (what
+    they were computed from) is unchanged, else empties it; the other ranks wait."""
+    if rank == 0:
+        d.path.mkdir(parents=True, exist_ok=True)
+        d.info.unlink(missing_ok=True)  # the index is not usable until index.json is written again
+        old = None
+        with contextlib.suppress(OSError, ValueError):
+            old = read_json(d.parts / "key.json")
+        if key is None or old != key:
+            shutil.rmtree(d.parts, ignore_errors=True)
+        elif any(d.parts.glob("emb_*.npy")):
+            log.info("resuming: %d embedded chunks kept in %s", len(list(d.parts.glob("emb_*.npy"))), d.parts)
+        for p in d.parts.glob(".*.tmp"):  # left by a killed run
+            p.unlink(missing_ok=True)
+        d.parts.mkdir(parents=True, exist_ok=True)
+        write_json(d.parts / "key.json", key)
+    _barrier(world)
+
+
+def _embed_parts(d: IndexDir, col: _Collection, n: int, chunk: int, rank: int, world: int,
+                 progress: bool) -> None:
+    """This rank's block of rows through the run, one ``emb_<chunk>.npy`` a chunk (missing ones only)."""
     from tqdm.auto import tqdm
 
-    first = np.asarray(col.embed_rows(0, min(CHUNK, n)), np.float32)
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, first.shape[1]))
-    out[: len(first)] = first
-    bar = tqdm(total=n, initial=len(first), desc=f"embed {col.modality}", unit="item",
-               disable=not progress or n <= CHUNK, dynamic_ncols=True)
-    for s in range(len(first), n, CHUNK):
-        out[s : s + CHUNK] = col.embed_rows(s, min(s + CHUNK, n))
-        bar.update(min(CHUNK, n - s))
+    from lightcrl.io import save_npy
+
+    a, b = rank_rows(n, chunk, rank, world)
+    todo = [s for s in range(a, b, chunk) if not d.part(s // chunk).is_file()]
+    done = b - a - sum(min(chunk, b - s) for s in todo)
+    bar = tqdm(total=b - a, initial=done, desc=f"embed {col.modality}", unit="item",
+               disable=not progress or n <= chunk, dynamic_ncols=True)
+    for s in todo:
+        stop = min(s + chunk, b)
+        save_npy(d.part(s // chunk), np.asarray(col.embed_rows(s, stop), np.float32))
+        bar.update(stop - s)
     bar.close()
+    _barrier(world)
+
+
+def _assemble_embeddings(d: IndexDir, n: int, chunk: int) -> None:
+    """The chunks into one memmapped .npy (bounded memory: one chunk at a time), replaced atomically."""
+    first = np.load(d.part(0), mmap_mode="r")
+    tmp = d.embeddings.with_name(f".{d.embeddings.name}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, first.shape[1]))
+    for c in range(-(-n // chunk)):
+        part = np.load(d.part(c), mmap_mode="r")
+        rows = min(chunk, n - c * chunk)
+        if part.shape != (rows, first.shape[1]):
+            raise LightCRLError(f"{d.part(c)} holds {part.shape[0]} rows, expected {rows}: delete {d.parts} "
+                                "and run `lightcrl index` again")
+        out[c * chunk : c * chunk + len(part)] = part
     out.flush()
     del out
-    os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")
+    os.replace(tmp, d.embeddings)
 
 
 def _write_items(path: Path, items: Sequence[Item]) -> None:
@@ -524,3 +684,99 @@ class SearchIndex:
     def item(self, item_id: int) -> Item | None:
         found = self.items([item_id]) if 0 <= item_id < len(self) else []
         return found[0] if found else None
+
+    def root_of(self, item_id: int) -> Path | None:
+        """The folder under which item ``item_id``'s media may be served (the collection's root)."""
+        return self.root
+
+
+class ShardedIndex:
+    """Several index directories searched as one: the parts of a collection, built with the same run.
+
+    Part i's rows come after those of parts 0..i-1 (global id = offset + row), so parts made from the
+    consecutive pieces of a collection number its items as one index over the whole would. A query runs
+    on every part and their top-k lists are merged by score, ties to the lower global id: the merged
+    exact top-k is the one index's (inner products of unit vectors compare across parts). Same interface
+    as :class:`SearchIndex`.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], memory_mb: int = DEFAULT_MEMORY_MB) -> None:
+        resolved = [Path(p).resolve() for p in paths]
+        if len(set(resolved)) != len(resolved):
+            raise LightCRLError("the same index directory is given twice")
+        self.parts = [SearchIndex(p, memory_mb // max(1, len(paths))) for p in paths]
+        first = self.parts[0].info
+        for p in self.parts[1:]:
+            for field in ("run_key", "modality", "dim"):
+                if p.info.get(field) != first.get(field):
+                    raise LightCRLError(f"{p.dir.path} and {self.parts[0].dir.path} differ in {field} "
+                                        f"({p.info.get(field)} != {first.get(field)}): only indexes built "
+                                        "with the same run over the same modality are searched together")
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        kinds = {p.structure["kind"] for p in self.parts}
+        self.structure = {"kind": kinds.pop() if len(kinds) == 1 else "mixed",
+                          "parts": [p.structure for p in self.parts]}
+        self.info: dict[str, Any] = {**first, "count": int(self.offsets[-1]), "structure": self.structure,
+                                     "root": None, "parts": [str(p.dir.path) for p in self.parts]}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def modality(self) -> str:
+        return self.info["modality"]
+
+    @property
+    def root(self) -> Path | None:
+        return None
+
+    def _locate(self, item_id: int) -> tuple[int, int] | None:
+        if not 0 <= item_id < len(self):
+            return None
+        part = int(np.searchsorted(self.offsets, item_id, side="right")) - 1
+        return part, item_id - int(self.offsets[part])
+
+    def root_of(self, item_id: int) -> Path | None:
+        where = self._locate(int(item_id))
+        return None if where is None else self.parts[where[0]].root
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` global ids for a unit query vector [d]: (ids, scores), best first."""
+        k = max(1, min(int(k), len(self)))
+        found = [p.search(query, k) for p in self.parts]
+        ids = np.concatenate([f[0] + off for f, off in zip(found, self.offsets)])
+        scores = np.concatenate([f[1] for f in found]).astype(np.float32)
+        order = np.lexsort((ids, -scores))[:k]  # by score, then the lower global id
+        return ids[order], scores[order]
+
+    def items(self, ids: Sequence[int]) -> list[Item]:
+        """Metadata of the given global ids, in that order (``Item.id`` is the global id)."""
+        located = [(int(i), self._locate(int(i))) for i in ids]
+        by_part: dict[int, list[int]] = {}
+        for _, where in located:
+            if where is not None:
+                by_part.setdefault(where[0], []).append(where[1])
+        found = {}
+        for part, rows in by_part.items():
+            for item in self.parts[part].items(rows):
+                found[(part, item.id)] = item
+        out = []
+        for gid, where in located:
+            item = found.get(where) if where is not None else None
+            if item is not None:
+                out.append(Item(gid, item.key, item.path, item.caption, item.label, item.size))
+        return out
+
+    def item(self, item_id: int) -> Item | None:
+        found = self.items([item_id])
+        return found[0] if found else None
+
+
+def open_index(paths: str | Path | Sequence[str | Path],
+               memory_mb: int = DEFAULT_MEMORY_MB) -> SearchIndex | ShardedIndex:
+    """One index directory, or several searched together (:class:`ShardedIndex`)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise LightCRLError("no index directory given")
+    return SearchIndex(paths[0], memory_mb) if len(paths) == 1 else ShardedIndex(paths, memory_mb)

@@ -1,6 +1,8 @@
-"""`lightcrl serve INDEX_DIR`: an HTTP search service over a `lightcrl index` directory.
+"""`lightcrl serve INDEX_DIR [INDEX_DIR...]`: an HTTP search service over `lightcrl index` directories.
 
-The run and the index are loaded once at start. Endpoints::
+The run and the index are loaded once at start. Several directories (the parts of a collection, built
+with the same run) are searched as one (:class:`lightcrl.app.index.ShardedIndex`: top-k merged by
+score, ids numbered across the parts in the order given). Endpoints::
 
     GET  /                      the search page (search box, thumbnail grid, scores, upload-to-search)
     GET  /api/search?q=TEXT&k=K  -> {"query", "k", "modality", "count", "results": [{"id", "key", "path",
@@ -39,7 +41,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lightcrl.app.index import Item, SearchIndex, run_key
+from lightcrl.app.index import Item, open_index, run_key
 from lightcrl.errors import LightCRLError, SkipItem
 
 log = logging.getLogger(__name__)
@@ -87,18 +89,17 @@ def single_query_threads() -> None:
 class SearchService:
     """The index, the run's pipeline and the request logic (the FastAPI app is a thin layer on it)."""
 
-    def __init__(self, index_dir: str | Path, device: str = "auto", limits: Limits | None = None,
-                 run: str | Path | None = None):
+    def __init__(self, index_dir: str | Path | list[str | Path], device: str = "auto",
+                 limits: Limits | None = None, run: str | Path | None = None):
         from lightcrl.rundir import load_pipeline
 
         self.limits = limits or Limits()
-        self.index = SearchIndex(index_dir)
+        self.index = open_index(index_dir)  # one directory, or the parts of a collection
         run_dir = Path(run or self.index.info["run"])
         if run_key(run_dir) != self.index.info["run_key"]:
             raise LightCRLError(f"the run {run_dir} changed since {index_dir} was built: run "
                                 "`lightcrl index` again (its embeddings would not match the queries)")
         self.pipe = load_pipeline(run_dir, device=device)
-        self.root = self.index.root.resolve() if self.index.root else None
         self._model_lock = threading.Lock()
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
@@ -206,22 +207,28 @@ class SearchService:
                 "count": len(self.index), "results": results}
 
     def _result(self, item: Item, score: float) -> dict[str, Any]:
-        return {"id": item.id, "key": item.key, "path": self._rel(item.path), "score": round(score, 6),
+        return {"id": item.id, "key": item.key, "path": self._rel(item), "score": round(score, 6),
                 "caption": item.caption, "label": item.label,
                 "media": f"/media/{item.id}" if item.path else None}
 
-    def _rel(self, path: str | None) -> str | None:
-        if path is None or self.root is None:
-            return path
+    def _root(self, item_id: int) -> Path | None:
+        root = self.index.root_of(item_id)
+        return root.resolve() if root else None
+
+    def _rel(self, item: Item) -> str | None:
+        root = self._root(item.id)
+        if item.path is None or root is None:
+            return item.path
         try:
-            return Path(path).relative_to(self.root).as_posix()
+            return Path(item.path).relative_to(root).as_posix()
         except ValueError:
-            return Path(path).name
+            return Path(item.path).name
 
     def describe(self) -> dict[str, Any]:
         info = self.index.info
         return {"count": info["count"], "modality": info["modality"], "dim": info["dim"],
-                "structure": info["structure"]["kind"], "encoders": sorted(self.pipe.encoder_names),
+                "structure": info["structure"]["kind"], "parts": len(info.get("parts", [])) or 1,
+                "encoders": sorted(self.pipe.encoder_names),
                 "max_k": self.limits.max_k, "max_upload_bytes": self.limits.max_body_bytes}
 
     # -- media ----------------------------------------------------------------------------------------
@@ -232,11 +239,12 @@ class SearchService:
         if not _ID.fullmatch(raw_id):
             raise BadRequest(404, "no such item")
         item = self.index.item(int(raw_id))
-        if item is None or item.path is None or self.root is None:
+        root = self._root(item.id) if item is not None else None
+        if item is None or item.path is None or root is None:
             raise BadRequest(404, "no such item")
         container, member = split_container(item.path)
         real = Path(container).resolve()
-        if not real.is_relative_to(self.root) or not real.is_file():
+        if not real.is_relative_to(root) or not real.is_file():
             raise BadRequest(404, "no such item")
         return item, (real if member is None else None)
 
@@ -430,9 +438,9 @@ def create_app(service: SearchService):
     return BodyLimit(api, limits.max_body_bytes)
 
 
-def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None) -> None:
-    """Load the index and run the server until interrupted."""
+def serve(index_dir: str | Path | list[str | Path], host: str = "127.0.0.1", port: int = 8000,
+          device: str = "auto", limits: Limits | None = None) -> None:
+    """Load the index (or the parts of one) and run the server until interrupted."""
     import uvicorn
 
     service = SearchService(index_dir, device=device, limits=limits)
