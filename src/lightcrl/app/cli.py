@@ -298,8 +298,9 @@ def index_(
 
 @app.command(cls=_Command)
 def serve(
-    index: list[Path] = typer.Argument(..., help="Index directory (made by `lightcrl index`); several: the "
-                                       "parts of a collection, searched as one"),
+    index: list[Path] = typer.Argument(..., metavar="INDEX_DIR...", help="Index directory (made by "
+                                       "`lightcrl index`); several: the parts of a collection, searched "
+                                       "as one"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (default: this machine only)"),
     port: int = typer.Option(8000),
     device: str = typer.Option("auto"),

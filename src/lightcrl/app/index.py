@@ -33,12 +33,29 @@ links per node, efConstruction = 40 and, at query time, efSearch = max(256, 2k);
 Vectors are added in chunks under a progress bar, so memory while building stays at one chunk plus the
 structure itself.
 
-Scaling out (not built): embedding is the expensive step and already splits by shard under torchrun
-(``torchrun -m lightcrl embed``: every rank extracts its shards into one feature store), after which
-``lightcrl index`` over the store only runs the small trainable model. Past one machine, shard the
-collection (e.g. by hash of the key), build one index directory per shard, and let a front server fan
-each query out to the shard servers and merge their top-k by score: inner products of unit vectors are
-comparable across shards, so the merged exact top-k equals the global one.
+Resume: the run's embeddings are written one chunk (``--chunk-size``, 8,192 items) at a time into
+``.parts/`` beside the index, keyed by the run, the feature store and the chunking; a killed build
+reuses the finished chunks (and the feature store its finished shards, and an IVF-PQ build its trained
+quantiser) and ``.parts/`` is removed once ``index.json`` is written. Every file is replaced atomically.
+
+Under torchrun (``torchrun --nproc_per_node R -m lightcrl index --run-dir RUN ...``; ``--run-dir``
+because torchrun's own parser takes ``--run`` for its ``--run-path``): every rank extracts the feature
+store's shards s with s % world == rank (:func:`lightcrl.embed.embed`), then embeds through the run a
+contiguous block of whole chunks (:func:`rank_rows`); rank 0 assembles the embeddings and writes the
+metadata, trains IVF-PQ once on the seeded sample, every rank adds its block of rows to a copy of the
+trained index and rank 0 merges the copies in rank order (an HNSW graph is built by rank 0 alone). The
+result is the index one process builds from the same collection: same rows, same embeddings, the same
+quantiser and inverted lists. Ranks on several machines need the index directory and the feature-store
+cache on a file system they share.
+
+Past one machine without a shared file system, or when one index would not fit one machine: index the
+parts of the collection separately (its own folder, csv or wds split per machine, each with the same
+run) and search them together, ``lightcrl serve DIR1 DIR2 ...`` (:class:`ShardedIndex`): each part
+answers its top-k, merged by score (inner products of unit vectors compare across parts), ties to the
+lower global id; ids are numbered across the parts in the order given, so parts made from consecutive
+pieces of a collection return what one exact index over the union returns (ties included, when the
+scores are equal to the bit: BLAS may round one inner product differently by an ulp depending on the
+block of rows it is computed in, within one index as across parts).
 """
 
 from __future__ import annotations
