@@ -65,21 +65,26 @@ def test_rank_rows_are_consecutive_blocks_of_whole_chunks():
 @pytest.mark.slow
 def test_torchrun_index_equals_one_process(toy, tmp_path):
     """2 ranks (gloo, CPU) extract the store, embed and add their rows: the same index as 1 process."""
+    import torch
+
+    out = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (OMP_NUM_THREADS=1), faiss included
+    try:
+        build_index(toy["run"], toy["spec"], out["one"], structure="ivfpq", chunk=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     # --run-dir: torchrun's parser would take --run for its --run-path
     args = ["index", "--run-dir", str(toy["run"]), "--data", toy["spec"], "--structure", "ivfpq",
-            "--chunk-size", "8", "--shard-size", "8"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = {}
-    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node=2",
-                                               "--master_port=29547"])):
-        out[name] = tmp_path / name
-        # own feature-store caches: each run extracts its store (the two ranks split its 5 shards)
-        run_env = {**env, "LIGHTCRL_CACHE": str(tmp_path / f"cache-{name}")}
-        done = subprocess.run([sys.executable, *launch, str(TESTS / "toy_cli.py"), *args, "--out",
-                               str(out[name])], env=run_env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("indexed 40 image items (ivfpq search)") == 1  # rank 0 alone reports
-        assert not (out[name] / ".parts").exists()
+            "--chunk-size", "8", "--shard-size", "8", "--out", str(out["two"])]
+    # its own feature-store cache: the two ranks extract the store (its 5 shards split between them)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIGHTCRL_CACHE": str(tmp_path / "cache-two")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29547", str(TESTS / "toy_cli.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("indexed 40 image items (ivfpq search)") == 1  # rank 0 alone reports
+    assert not (out["two"] / ".parts").exists()
     stores = list((tmp_path / "cache-two" / "stores").glob("toy-image-*"))
     assert len(stores) == 1 and len(list(stores[0].glob("shard_*.npy"))) >= 5
     one, two = SearchIndex(out["one"]), SearchIndex(out["two"])
