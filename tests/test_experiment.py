@@ -271,6 +271,8 @@ def test_seed_summary_gives_mean_and_half_range_per_cell():
              "zs/top1": v, "status": "done"} for s, v in ((0, 30.0), (1, 34.0), (2, 32.0))]
     rows.append({"cell": "asif", "kind": "asif", "seed": "", "trainable_params": 0, "zs/top1": 40.0,
                  "status": "done"})
+    rows.append({"cell": "v-clip-s3", "kind": "train", "seed": "3", "trainable_params": 10, "zs/top1": None,
+                 "status": "partial"})  # not finished: left out
     (row,) = seed_summary(rows)  # cells run once (no seed) are not summarised
     assert row["cell"] == "v-clip" and row["seeds"] == 3
     assert row["zs/top1"] == "32.00 ± 2.00" and row["trainable_params"] == 10

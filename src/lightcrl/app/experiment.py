@@ -656,11 +656,11 @@ def best_val_metrics(cell: Cell, cell_dir: Path, names: list[str]) -> dict[str, 
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of the cells run for several seeds, grouped by cell name without ``-s<seed>``: every numeric
-    column as ``mean ± spread`` (spread = half the range, max - min over 2), and the seeds counted."""
+    """Rows of the FINISHED cells run for several seeds, grouped by cell name without ``-s<seed>``: every
+    numeric column as ``mean ± spread`` (spread = half the range, max - min over 2), and the seeds counted."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("seed", "") == "":
+        if r.get("seed", "") == "" or r.get("status") != "done":
             continue
         groups.setdefault(r["cell"].removesuffix(f"-s{r['seed']}"), []).append(r)
     out = []
