@@ -181,7 +181,7 @@ def test_only_selects_cells_and_cli(tmp_path, toy_run, capsys):
     assert "dfe-add-lightcrl" in listing and "todo" in listing and "asif" in listing
 
 
-@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 44), ("paper", 20)])
+@pytest.mark.parametrize("name,n_cells", [("offline_smoke", 3), ("offline", 46), ("paper", 20)])
 def test_shipped_experiment_configs_validate(name, n_cells):
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert len(exp.cells) == n_cells
@@ -215,15 +215,25 @@ def test_shipped_experiment_configs_validate(name, n_cells):
         for cell in exp.cells:
             if cell.name.startswith("keep-"):
                 validate_config(cell.spec)
+        assert exp.cell("csa").kind == "csa" and exp.cell("csa").spec["tune"]["reg"]
+        unpaired = exp.cell("keep-structure-unpaired").spec["loss"]["structure"]["unpaired"]
+        assert {u["modality"] for u in unpaired} == {"text"}
 
 
 def test_methods_experiment_validates_on_training_data_only():
     exp = load_experiment(REPO / "configs" / "experiments" / "methods.yaml")
-    assert len(exp.cells) == 6
+    assert len(exp.cells) == 11
     for cell in exp.cells:
+        if cell.kind != "train":  # training-free: fitted without the held-out items, scored on them
+            assert cell.spec["holdout"] == 0.1 and cell.spec["split"] == "train"
+            continue
         cfg = validate_config(cell.spec)
         assert cfg.data.sources[0].holdout == 0.1 and cfg.data.sources[0].val_split is None
     assert [(e.task, e.split) for e in exp.cfg.evals] == [("zeroshot", "train")]
+    seeds = load_experiment(REPO / "configs" / "experiments" / "methods_seeds.yaml")
+    assert {c.labels["seed"] for c in seeds.cells} == {"0", "1", "2"}
+    assert all(c.spec["seed"] == int(c.labels["seed"]) for c in seeds.cells)
+    assert {(e.task, e.split) for e in seeds.cfg.evals} == {("zeroshot", "train")}
 
 
 def test_overrides_replace_nodes_and_bad_configs(tmp_path):
@@ -252,3 +262,17 @@ def test_overrides_replace_nodes_and_bad_configs(tmp_path):
     with pytest.raises(LightCRLError, match="config file not found"):
         missing = {"kind": "train", "name": "b", "config": "nope.yaml"}
         load_experiment({"base": base, "baselines": [missing]}, root=tmp_path)
+
+
+def test_seed_summary_gives_mean_and_half_range_per_cell():
+    from lightcrl.app.experiment import seed_summary
+
+    rows = [{"cell": f"v-clip-s{s}", "kind": "train", "seed": str(s), "trainable_params": 10,
+             "zs/top1": v, "status": "done"} for s, v in ((0, 30.0), (1, 34.0), (2, 32.0))]
+    rows.append({"cell": "asif", "kind": "asif", "seed": "", "trainable_params": 0, "zs/top1": 40.0,
+                 "status": "done"})
+    rows.append({"cell": "v-clip-s3", "kind": "train", "seed": "3", "trainable_params": 10, "zs/top1": None,
+                 "status": "partial"})  # not finished: left out
+    (row,) = seed_summary(rows)  # cells run once (no seed) are not summarised
+    assert row["cell"] == "v-clip" and row["seeds"] == 3
+    assert row["zs/top1"] == "32.00 ± 2.00" and row["trainable_params"] == 10

@@ -230,6 +230,12 @@ class StructureLoss(_Loss):
     then over the two modalities. It is 0 when the aligned embeddings have the frozen features' cosine
     geometry (e.g. are a rotation of them) and only the aligned side gets gradients.
 
+    ``unpaired``: sources of unpaired items of one modality (:class:`lightcrl.data.sources.UnpairedSource`,
+    TRAINING splits only). The trainer draws ``per_batch`` of them per step and passes their frozen
+    features and aligned embeddings as ``unpaired=``; they join that modality's walk (the batch's items
+    and the unpaired ones are one neighbourhood), so the term also keeps the structure of data that has
+    no partner. They enter no contrastive term.
+
     ``warmup_steps`` ramps the term in linearly: at optimizer step ``t`` (passed by the trainer as
     ``step=``, 0-based) it is multiplied by ``min(1, (t + 1) / warmup_steps)``, so the contrastive loss
     shapes the space before the regulariser pulls on it; the weight applied is logged as ``ramp``.
@@ -239,7 +245,8 @@ class StructureLoss(_Loss):
     needs_logit_scale: ClassVar[bool] = False
     wants_step: ClassVar[bool] = True
 
-    def __init__(self, gather: bool = True, tau: float = 0.05, levels: int = 1, warmup_steps: int = 0):
+    def __init__(self, gather: bool = True, tau: float = 0.05, levels: int = 1, warmup_steps: int = 0,
+                 unpaired: list[Mapping[str, Any]] | None = None):
         super().__init__(gather)
         if tau <= 0 or levels < 1 or warmup_steps < 0:
             raise ValueError(f"structure needs tau > 0, levels >= 1, warmup_steps >= 0; got {tau}, {levels}, "
@@ -248,6 +255,19 @@ class StructureLoss(_Loss):
         self.levels = int(levels)
         self.warmup_steps = int(warmup_steps)
         self.wants_frozen = True
+        from pydantic import ValidationError
+
+        from lightcrl.data.sources import UnpairedSource
+
+        self.unpaired: list[UnpairedSource] = []
+        for i, src in enumerate(unpaired or []):
+            try:
+                self.unpaired.append(UnpairedSource.model_validate(dict(src)))
+            except (ValidationError, TypeError) as e:
+                msgs = e.errors() if isinstance(e, ValidationError) else [{"msg": str(e), "loc": ()}]
+                detail = "; ".join(f"{'.'.join(map(str, m['loc'])) or 'entry'}: {m['msg']}" for m in msgs)
+                raise ValueError(f"structure.unpaired[{i}]: {detail}") from None
+        self.wants_unpaired = bool(self.unpaired)
 
     def uses_logit_scale(self) -> bool:
         return False
@@ -279,8 +299,11 @@ class StructureLoss(_Loss):
         logit_bias: Tensor | None = None,
         frozen: tuple[Tensor, Tensor] | None = None,
         step: int | None = None,
+        unpaired: tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None] | None = None,
     ) -> dict[str, Tensor]:
-        """``logit_scale``/``logit_bias`` are accepted for a uniform interface and unused."""
+        """``logit_scale``/``logit_bias`` are accepted for a uniform interface and unused. ``unpaired``:
+        per side (a, b), None or (frozen features, aligned embeddings) of unpaired items of that modality,
+        appended to the side's walk."""
         if frozen is None:
             raise ValueError("structure needs frozen=(fa, fb), the frozen encoders' pooled features")
         a, b = self._gather(a, b)
@@ -288,6 +311,16 @@ class StructureLoss(_Loss):
         if fa.shape[0] != a.shape[0] or fb.shape[0] != b.shape[0]:
             raise ValueError(f"frozen features ({fa.shape[0]}, {fb.shape[0]} rows) do not match the batch "
                              f"({a.shape[0]}, {b.shape[0]} rows)")
+        if self.unpaired and unpaired is None:
+            raise ValueError("structure has unpaired sources: pass unpaired=(side a, side b)")
+        for side, extra in enumerate(unpaired or (None, None)):
+            if extra is None:
+                continue
+            fu, zu = self._gather(*extra)
+            if side == 0:
+                fa, a = torch.cat([fa, fu.to(fa.dtype)]), torch.cat([a, zu.to(a.dtype)])
+            else:
+                fb, b = torch.cat([fb, fu.to(fb.dtype)]), torch.cat([b, zu.to(b.dtype)])
         js_a, js_b = self.divergence(fa, a), self.divergence(fb, b)
         ramp = self.ramp(step)
         return {"loss": ramp * (js_a + js_b) / 2, "js_a": js_a.detach(), "js_b": js_b.detach(),
@@ -456,13 +489,19 @@ class CombinedLoss(nn.Module):
         """Whether a member loss needs the media item of every pair (``groups=``, multi-positive losses)."""
         return any(loss.wants_groups for loss in self.losses.values())
 
+    def unpaired_sources(self) -> list:
+        """Every member's unpaired sources (``structure: {unpaired: [...]}``), in member order."""
+        return [src for loss in self.losses.values() for src in getattr(loss, "unpaired", [])]
+
     def required_inputs(self) -> set[str]:
         """What a call must provide: ``"pair"``, ``"text_views"``, ``"nli"``, ``"frozen"`` (the frozen
-        encoders' pooled features) and ``"groups"`` (the media item of every pair). The trainer prepares
-        exactly this, never guessing from loss names. ``step=`` (the optimizer step, for ramped terms) is
-        always passed by the trainer and needs no preparation."""
+        encoders' pooled features), ``"groups"`` (the media item of every pair) and ``"unpaired"`` (items
+        of :meth:`unpaired_sources`). The trainer prepares exactly this, never guessing from loss names.
+        ``step=`` (the optimizer step, for ramped terms) is always passed by the trainer and needs no
+        preparation."""
         needed = {loss.inputs for loss in self.losses.values()}
         needed |= {"frozen"} if self.wants_frozen() else set()
+        needed |= {"unpaired"} if self.unpaired_sources() else set()
         return needed | ({"groups"} if self.wants_groups() else set())
 
     def forward(
@@ -476,7 +515,9 @@ class CombinedLoss(nn.Module):
         frozen: tuple[Tensor, Tensor] | None = None,
         groups: Tensor | None = None,
         step: int | None = None,
+        unpaired: tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None] | None = None,
     ) -> dict[str, Tensor]:
+        """``unpaired``: per side (a, b), the (frozen, aligned) unpaired items of the structure terms."""
         provided = {"pair": (a, b) if a is not None and b is not None else None, "text_views": text_views}
         provided["nli"] = nli
         for name, loss in self.losses.items():
@@ -508,6 +549,8 @@ class CombinedLoss(nn.Module):
                     extra["groups"] = groups
                 if loss.wants_step:
                     extra["step"] = step
+                if getattr(loss, "wants_unpaired", False):
+                    extra["unpaired"] = unpaired
                 terms = loss(*inputs["pair"], logit_scale, logit_bias, **extra)
             else:
                 terms = loss(*inputs[loss.inputs])

@@ -44,7 +44,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # "anchors": the anchor space alone, no trained head (ASIF, see ``baselines/asif.py``)
-    arch: Literal["dfe", "two_tower", "anchors"] = "dfe"
+    # "csa": one fixed linear map per modality of the centred, normalised pooled feature into ``width``
+    # canonical dimensions, nothing trained (CSA, see ``baselines/csa.py``)
+    arch: Literal["dfe", "two_tower", "anchors", "csa"] = "dfe"
     width: int = Field(256, ge=1)
     depth: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
@@ -76,7 +78,7 @@ class ModelConfig(BaseModel):
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.arch == "anchors" and self.anchors is None:
             raise ValueError("arch 'anchors' is the anchor space alone: it needs model.anchors")
-        if self.arch == "anchors" and (self.locked or self.head != "plain"):
+        if self.arch in ("anchors", "csa") and (self.locked or self.head != "plain"):
             raise ValueError("model.locked and model.head apply to the trained heads (dfe, two_tower)")
         return self
 
@@ -143,7 +145,11 @@ class LightCRLModel(nn.Module):
             raise ValueError(f"model.locked names {unknown}, not modalities of this model {self.modalities}")
         width = cfg.width
         hidden = cfg.proj_hidden or width
-        trained = [m for m in self.input_dims if m not in cfg.locked] if cfg.arch != "anchors" else []
+        fixed = cfg.arch in ("anchors", "csa")  # training-free: no head at all
+        trained = [m for m in self.input_dims if m not in cfg.locked] if not fixed else []
+        for m in self.input_dims if cfg.arch == "csa" else []:  # set by lightcrl.baselines.csa
+            self.register_buffer(f"csa_mean_{m}", torch.zeros(self.input_dims[m]))
+            self.register_buffer(f"csa_map_{m}", torch.zeros(self.input_dims[m], width))
         self.projections = nn.ModuleDict(
             {
                 m: ProjectionHead(
@@ -241,6 +247,9 @@ class LightCRLModel(nn.Module):
         tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
         if self.cfg.arch == "anchors":
             return self.anchors.embed(modality, masked_mean(tokens, mask), exclude)
+        if self.cfg.arch == "csa":
+            x = F.normalize(masked_mean(tokens, mask), dim=-1) - getattr(self, f"csa_mean_{modality}")
+            return F.normalize(x @ getattr(self, f"csa_map_{modality}"), dim=-1)
         z = self._encode_tokens(modality, tokens, mask)
         if self.anchors is None:
             return z

@@ -17,7 +17,7 @@
       convirt.safetensors  (ConVIRT runs) the end-to-end baseline's trained layers
 
 ``model.json``'s ``kind`` says which pipeline loads the run: ``lightcrl`` (the default: a DFE or two-tower
-model over cached features, also ASIF's anchor space), ``asif``, ``convirt`` or ``raw`` (the frozen
+model over cached features, also ASIF's anchor space), ``asif``, ``csa``, ``convirt`` or ``raw`` (the frozen
 encoders alone, no shared space). :func:`load_pipeline` is the only place that dispatches on it.
 """
 
@@ -51,6 +51,7 @@ CONVIRT_WEIGHTS = "convirt.safetensors"
 KINDS = {
     "lightcrl": "a trained model over cached frozen features (DFE or two-tower heads)",
     "asif": "ASIF: the anchor space alone, no training",
+    "csa": "CSA: canonical correlation maps of the frozen features, no training",
     "convirt": "ConVIRT: encoders fine-tuned end to end",
     "raw": "the frozen encoders alone (no shared space)",
 }

@@ -267,9 +267,15 @@ def task_geometry(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     from lightcrl.app import plots
     from lightcrl.metrics import geometry
 
-    media_emb, text_emb, text_to_media, _ = _pair_embeddings(t, r)
+    media_emb, text_emb, text_to_media, (ms, ts) = _pair_embeddings(t, r)
     a, b = media_emb[text_to_media], text_emb
     m = geometry.evaluate(a, b, seed=r.seed)
+    # how much of each frozen encoder's neighbourhood structure the shared space keeps, per modality
+    k = int(r.options.get("knn", 10))
+    media_ids = set(ms.items.ids)
+    keep = np.array([g in media_ids for g in ts.items.groups])
+    m[f"knn_overlap_a@{k}"] = geometry.knn_overlap(raw_pooled(ms), media_emb, k, seed=r.seed)
+    m[f"knn_overlap_b@{k}"] = geometry.knn_overlap(raw_pooled(ts)[keep], text_emb, k, seed=r.seed)
     png = plots_dir / f"{r.options.get('_stem', _slug(r))}-geometry.png"
     plots.cosine_histogram(a, b, png, title=f"matched vs unmatched cosine, {r.data}")
     return m, [png]
@@ -323,7 +329,7 @@ def _sts_pair_embeddings(store: FeatureStore, sets, emb: np.ndarray) -> dict:
     return out
 
 
-_SHARED_SPACE = frozenset({"lightcrl", "asif", "convirt"})
+_SHARED_SPACE = frozenset({"lightcrl", "asif", "csa", "convirt"})
 _RETRIEVAL = tuple(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
 
 #: Every evaluation task, declared once (see :class:`lightcrl.app.tasks.Task`).
@@ -345,7 +351,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("geometry", task_geometry, "alignment, uniformity and modality gap of paired embeddings",
          headline="alignment", higher_is_better=False,
          printed=("alignment", "uniformity_a", "uniformity_b", "modality_gap", "matched_cosine_mean",
-                  "unmatched_cosine_mean"),
+                  "unmatched_cosine_mean", "knn_overlap_a@10", "knn_overlap_b@10"),
          columns=("alignment", "uniformity_a", "uniformity_b", "modality_gap"), run_kinds=_SHARED_SPACE),
     Task("sts", task_sts, "semantic textual similarity: Spearman of cosine vs gold scores",
          headline="spearman", higher_is_better=True,

@@ -9,8 +9,10 @@ An experiment YAML (see ``configs/experiments/``) names
   the node at its key (``loss: {clip: 1.0}`` drops the base's loss terms rather than adding to them);
   ``data.sources.0.limit`` addresses list items;
 * ``baselines``: more cells: ``kind: train`` (a training run with overrides, e.g. two-tower heads),
-  ``kind: asif`` (training-free, anchors from the base config's training pairs) and ``kind: convirt``
-  (end-to-end, raw images);
+  ``kind: asif`` (training-free, anchors from the base config's training pairs), ``kind: csa``
+  (training-free canonical correlation maps of the same pairs) and ``kind: convirt`` (end-to-end, raw
+  images). The training-free kinds honour the source's ``holdout``: they are fitted without the held-out
+  items and scored on them (``val/*`` in their metrics.jsonl, as a trained cell);
 * ``evals``: the evaluation tasks of :mod:`lightcrl.app.evaluate` with per-eval ``limit``/``options`` and the
   metrics shown in the table.
 
@@ -58,7 +60,7 @@ SHORT = {
     "uniformity_b": "unif_text",
 }
 #: The run kind (lightcrl.rundir.KINDS) of each kind of cell: which tasks apply comes from TASKS.
-RUN_KIND = {"train": "lightcrl", "asif": "asif", "convirt": "convirt", "raw": "raw"}
+RUN_KIND = {"train": "lightcrl", "asif": "asif", "csa": "csa", "convirt": "convirt", "raw": "raw"}
 
 
 # -- the experiment file ---------------------------------------------------------------------------------
@@ -111,6 +113,27 @@ class ASIFBaseline(_Strict):
     tune: ASIFTune | None = None  # chosen on held-out training pairs, never on an evaluation split
 
 
+class CSATune(_Strict):
+    dims: list[int]
+    exponent: list[float]
+    reg: list[float]
+    val_fraction: float = 0.2
+
+
+class CSABaseline(_Strict):
+    """CSA (lightcrl.baselines.csa) on the training pairs of the base config's ``source``."""
+
+    kind: Literal["csa"]
+    name: str = "csa"
+    dims: int = 128
+    exponent: float = 1.0
+    reg: float = 1e-2
+    pairs: Literal["random_caption", "all_pairs", "mean_caption"] = "all_pairs"
+    source: int = 0
+    limit: int | None = None
+    tune: CSATune | None = None  # chosen on held-out training pairs, never on an evaluation split
+
+
 class ConVIRTBaseline(_Strict):
     """``config``: a ConVIRT YAML (relative to the experiment file) or inline fields; ``data`` defaults to
     the base config's first source. ``set``: dotted overrides on top."""
@@ -132,7 +155,7 @@ class RawBaseline(_Strict):
 
 
 Baseline = Annotated[
-    TrainBaseline | ASIFBaseline | ConVIRTBaseline | RawBaseline, Field(discriminator="kind")
+    TrainBaseline | ASIFBaseline | CSABaseline | ConVIRTBaseline | RawBaseline, Field(discriminator="kind")
 ]
 
 
@@ -166,6 +189,12 @@ class ExperimentConfig(_Strict):
     baselines: list[Baseline] = Field(default_factory=list)
     evals: list[EvalSpec] = Field(default_factory=list)
     seed: int = 0  # evaluation sampling seed
+    # training seeds: every cell is repeated once per seed (named <cell>-s<seed>, its config's `seed` set),
+    # and results.md gets a mean ± spread table over them. None: each cell once, with its config's seed.
+    seeds: list[int] | None = None
+    # columns read from each training cell's metrics.jsonl at its best epoch (the early-stop metric),
+    # e.g. the held-out validation retrieval of data.sources[].holdout: ["val/mean_recall@1"]
+    val_metrics: list[str] = Field(default_factory=list)
     device: str = "auto"
     notes: str | None = None  # a markdown file (relative to the experiment file) appended to results.md
 
@@ -176,7 +205,7 @@ class Cell:
     """One row of the table: what to build (``spec``) and which axis values it stands for."""
 
     name: str
-    kind: str  # "train" | "asif" | "convirt"
+    kind: str  # a key of RUN_KIND
     spec: dict[str, Any]
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -300,7 +329,15 @@ def load_experiment(path: str | Path | dict, root: str | Path | None = None) -> 
         raise LightCRLError(f"experiment {source}: notes file not found: {base_dir / cfg.notes}")
     base = _expand_data_root(_read_yaml(base_dir / cfg.base)) if isinstance(cfg.base, str) else cfg.base
     base = apply_overrides(base, cfg.set)
-    cells = _grid_cells(cfg, base) + [_baseline_cell(b, cfg, base, base_dir) for b in cfg.baselines]
+    cells = []
+    for seed in cfg.seeds if cfg.seeds else [None]:
+        seeded = base if seed is None else dict(base, seed=seed)
+        group = _grid_cells(cfg, seeded)
+        group += [_baseline_cell(b, cfg, seeded, base_dir, seed) for b in cfg.baselines]
+        if seed is not None:
+            group = [Cell(f"{c.name}-s{seed}", c.kind, c.spec, {**c.labels, "seed": str(seed)})
+                     for c in group]
+        cells += group
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -335,16 +372,17 @@ def _grid_cells(cfg: ExperimentConfig, base: dict) -> list[Cell]:
     return cells
 
 
-def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -> Cell:
+def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path,
+                   seed: int | None = None) -> Cell:
     if isinstance(b, TrainBaseline):
         start = _expand_data_root(_read_yaml(root / b.config)) if b.config else base
-        return _train_cell(b.name, start, b.set, {})
+        return _train_cell(b.name, start if seed is None else dict(start, seed=seed), b.set, {})
     if isinstance(b, RawBaseline):
         return Cell(b.name, "raw", b.model_dump(exclude={"kind", "name"}))
     train_cfg = validate_config(dict(base, name=b.name), source=f"cell {b.name}")
-    if isinstance(b, ASIFBaseline):
+    if isinstance(b, (ASIFBaseline, CSABaseline)):
         if b.source >= len(train_cfg.data.sources):
-            raise LightCRLError(f"asif: the base config has no data source {b.source}")
+            raise LightCRLError(f"{b.kind}: the base config has no data source {b.source}")
         src = train_cfg.data.sources[b.source]
         spec = {
             "data": src.spec,
@@ -353,13 +391,11 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -
             "seed": train_cfg.seed,
             "media_encoder": src.media_encoder,
             "text_encoder": src.text_encoder,
-            "pairs": b.pairs,
-            "k": b.k,
-            "p": b.p,
-            "center": b.center,
+            "holdout": src.holdout,  # fitted without the held-out items, scored on them
+            **b.model_dump(exclude={"kind", "name", "source", "limit", "tune"}),
             "tune": b.tune.model_dump() if b.tune else None,
         }
-        return Cell(b.name, "asif", spec)
+        return Cell(b.name, b.kind, spec)
     from lightcrl.baselines.convirt import load_config as load_convirt
 
     raw = _expand_data_root(_read_yaml(root / b.config)) if isinstance(b.config, str) else dict(b.config)
@@ -432,14 +468,38 @@ def _build(cell: Cell, cell_dir: Path, device: str) -> None:
             encoders = {k.removesuffix("_encoder"): v for k, v in cell.spec.items()}
             run.write_info({"kind": "raw", "encoders": encoders, "parameter_counts": {"total_trainable": 0}})
             write_json(run.train_summary, {"train_time_s": 0.0})
-    elif not RunDir(cell_dir).model_info.exists():  # asif: no training, only the anchors
-        from lightcrl.baselines.asif import build_pipeline, save_run
+    elif not RunDir(cell_dir).model_info.exists():  # asif, csa: no training, a fit of the training pairs
+        _build_training_free(cell, cell_dir, device)
 
-        pipe = build_pipeline(cell.spec, device)
-        save_run(pipe, cell_dir)
-        info, a = pipe.info, pipe.info["asif"]
-        write_json(RunDir(cell_dir).train_summary, {"train_time_s": info["build_time_s"],
-                                                    "n_anchors": info["n_anchors"], "k": a["k"], "p": a["p"]})
+
+def _build_training_free(cell: Cell, cell_dir: Path, device: str) -> None:
+    """An ASIF or CSA run from the training pairs; with a ``holdout``, its ``val/*`` retrieval on the held-out
+    items (the trainer's validation, on the same items) is the one row of its metrics.jsonl."""
+    from lightcrl.baselines import asif, csa
+
+    module = asif if cell.kind == "asif" else csa
+    pipe = module.build_pipeline(cell.spec, device)
+    chosen = {k: pipe.info[cell.kind][k] for k in (("k", "p") if cell.kind == "asif" else ("dims", "exponent",
+                                                                                         "reg"))}
+    run = RunDir(cell_dir)
+    if cell.spec.get("holdout"):
+        from lightcrl.app.train import validate
+        from lightcrl.embed import EmbedOptions, cached_store
+        from lightcrl.features import FeatureAdapter
+        from lightcrl.pairs import PairSet
+
+        s = cell.spec
+        opts = EmbedOptions(limit=s.get("limit"), seed=s["seed"], device=device, progress=False)
+        media = cached_store(s["media_encoder"], s["data"], s["split"], opts)
+        text = cached_store(s["text_encoder"], s["data"], s["split"], opts)
+        pairs = PairSet.link("val", media, text, adapter=FeatureAdapter.from_info(pipe.info))
+        held_out = pairs.split_media(s["holdout"], s["seed"])[1]
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.append_metrics({"step": 0, "epoch": 0, **validate(pipe.model, [held_out], pipe.device, 512,
+                                                               s["seed"])})
+    n_pairs = pipe.info.get("n_anchors", pipe.info.get("n_pairs"))
+    module.save_run(pipe, cell_dir)
+    write_json(run.train_summary, {"train_time_s": pipe.info["build_time_s"], "n_pairs": n_pairs, **chosen})
 
 
 def _target(cell: Cell, cell_dir: Path, device: str) -> EvalTarget:
@@ -559,8 +619,12 @@ def collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {"cell": cell.name, "kind": cell.kind}
         row.update({axis: cell.labels.get(axis, "") for axis in exp.cfg.axes})
+        if exp.cfg.seeds:
+            row["seed"] = cell.labels.get("seed", "")
         row["trainable_params"] = state.get("trainable_params")
         row["train_time_s"] = state.get("train_time_s")
+        if exp.cfg.val_metrics:
+            row.update(best_val_metrics(cell, cell_dir, exp.cfg.val_metrics))
         for e in exp.cfg.evals:
             applies = e in exp.evals_for(cell)
             path = RunDir(cell_dir).results / f"{e.name}.json"
@@ -573,6 +637,48 @@ def collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
         row["status"] = "failed" if state.get("error") else cell_status(exp, cell, out)
         rows.append(row)
     return rows
+
+
+def best_val_metrics(cell: Cell, cell_dir: Path, names: list[str]) -> dict[str, Any]:
+    """``names`` from the metrics.jsonl row of the cell's best epoch (by its early-stop metric; the
+    training-free kinds write one such row when they are built); "n/a" for kinds without one."""
+    run = RunDir(cell_dir)
+    metric, direction = "val/mean_recall@1", "max"
+    if cell.kind == "train":
+        stop = validate_config(cell.spec, source=f"cell {cell.name}").early_stop
+        metric, direction = stop.metric, stop.direction
+    scored = [r for r in run.iter_metrics() if isinstance(r.get(metric), (int, float))]
+    if not scored:
+        return {n: None if cell.kind in ("train", "asif", "csa") else "n/a" for n in names}
+    sign = 1.0 if direction == "max" else -1.0
+    best = max(scored, key=lambda r: sign * r[metric])
+    return {n: best.get(n) for n in names}
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the FINISHED cells run for several seeds, grouped by cell name without ``-s<seed>``: every
+    numeric column as ``mean ± spread`` (spread = half the range, max - min over 2), and the seeds counted."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("seed", "") == "" or r.get("status") != "done":
+            continue
+        groups.setdefault(r["cell"].removesuffix(f"-s{r['seed']}"), []).append(r)
+    out = []
+    skip = {"cell", "kind", "seed", "status"}
+    for name, members in groups.items():
+        summary: dict[str, Any] = {"cell": name, "kind": members[0]["kind"], "seeds": len(members)}
+        for col in members[0]:
+            if col in skip:
+                continue
+            vals = [m.get(col) for m in members]
+            nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(nums) != len(vals) or not nums or len(set(nums)) == 1:  # text, missing or one value
+                summary[col] = vals[0] if len(set(map(str, vals))) == 1 else ""
+                continue
+            mean, spread = sum(nums) / len(nums), (max(nums) - min(nums)) / 2
+            summary[col] = f"{_fmt(mean)} ± {_fmt(spread)}"
+        out.append(summary)
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -677,9 +783,15 @@ def _markdown(
     notes = ""
     if exp.cfg.notes:  # the reading of the table, kept beside the experiment config
         notes = "\n" + (exp.root / exp.cfg.notes).read_text().strip() + "\n"
+    seeds = ""
+    summary = seed_summary(rows)
+    if summary:
+        seeds = ("\n## Mean ± spread over seeds\n\nSpread = half the range (max - min) / 2 over the seeds "
+                 "finished so far (`seeds`).\n\n" + markdown_table(summary))
     return (
         "\n".join(head)
         + markdown_table(rows)
+        + seeds
         + notes
         + "\n## Evaluations\n\n"
         + "\n".join(evals)

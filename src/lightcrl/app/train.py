@@ -25,6 +25,7 @@ from lightcrl.api import encode_store
 from lightcrl.app.config import TrainConfig, dump_config
 from lightcrl.app.train_data import (
     NliBatches,
+    UnpairedBatches,
     build_pairsets,
     epoch_schedule,
     feature_adapter,
@@ -182,6 +183,10 @@ class Trainer:
         if "nli" in self.loss_inputs:
             needed_by = [n for n, loss in self.loss_fn.losses.items() if loss.inputs == "nli"]
             self.nli = NliBatches(cfg, needed_by, self.rank, self.world)
+        self.unpaired = None
+        if "unpaired" in self.loss_inputs:
+            self.unpaired = UnpairedBatches(cfg, self.loss_fn.unpaired_sources(), self.train_sets, self.dims,
+                                            self.rank, self.world)
         self.fingerprint = self._fingerprint()
 
         self.optimizer = torch.optim.AdamW(
@@ -223,6 +228,20 @@ class Trainer:
         """This step's NLI triplets encoded through the trainable text path."""
         return tuple(self.model.encode("text", t.to(self.device), m.to(self.device))
                      for t, m in self.nli.inputs(self.state["step"]))
+
+    def _unpaired_batch(self, media: str):
+        """This step's unpaired items: per side of the pair (media, text), None or (frozen pooled features,
+        embeddings through the trainable path), the sources of one modality concatenated."""
+        sides: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]
+        for modality, tokens, mask in self.unpaired.inputs(self.state["step"]):
+            side = 0 if modality == media else 1 if modality == "text" else None
+            if side is None:  # another pair's modality (multi-source runs): not in this batch's walks
+                continue
+            tokens, mask = tokens.to(self.device), mask.to(self.device)
+            frozen = self.train_sets[0].adapter.frozen_pooled(tokens, mask)
+            sides[side].append((frozen, self.model.encode(modality, tokens, mask)))
+        return tuple((torch.cat([f for f, _ in s]), torch.cat([z for _, z in s])) if s else None
+                     for s in sides)
 
     def _build_anchors(self):
         """model.anchors: anchor pairs from the first training source; the model config gets their count."""
@@ -371,6 +390,8 @@ class Trainer:
                 extra["frozen"] = tuple(s.adapter.frozen_pooled(*inputs[m]) for m in (media, "text"))
             if groups is not None:
                 extra["groups"] = groups
+            if self.unpaired is not None:
+                extra["unpaired"] = self._unpaired_batch(media)
             losses = self.loss_fn(out[media], out["text"], out["logit_scale"], out.get("logit_bias"),
                                   step=self.state["step"], **extra)
         loss = losses["loss"]

@@ -17,8 +17,8 @@ from lightcrl.features import FeatureAdapter
 from lightcrl.pairs import PairSet, epoch_batches, rank_slice
 from lightcrl.store import FeatureStore
 
-__all__ = ["NliBatches", "build_pairsets", "epoch_schedule", "feature_adapter", "input_dims", "shared_store",
-           "steps_per_epoch"]
+__all__ = ["NliBatches", "UnpairedBatches", "build_pairsets", "epoch_schedule", "feature_adapter",
+           "input_dims", "shared_store", "steps_per_epoch"]
 
 
 def feature_adapter(cfg: TrainConfig) -> FeatureAdapter:
@@ -145,3 +145,56 @@ class NliBatches:
         pick = rng.choice(len(self.rows), min(self.batch_size, len(self.rows)), replace=False)
         rows = self.rows[rank_slice(pick, self.rank, self.world)]
         return [self.adapter.from_store(self.store, rows[:, col]) for col in range(3)]
+
+
+# -- unpaired items for the structure term -----------------------------------------------------------------
+class UnpairedBatches:
+    """Unpaired items of one modality per source (``structure: {unpaired: [...]}``): a seeded draw per step.
+
+    A source whose store is also a training source's store (e.g. Flickr8k train images) only draws the
+    items that source trains on, so a ``holdout`` stays unseen.
+    """
+
+    def __init__(self, cfg: TrainConfig, sources: list, train_sets: list[PairSet], dims: dict[str, int],
+                 rank: int = 0, world: int = 1) -> None:
+        self.sources, self.stores, self.rows = list(sources), [], []
+        first = cfg.data.sources[0]
+        for i, src in enumerate(self.sources):
+            trained_on = any(src.spec == t.spec and src.split == t.split for t in cfg.data.sources)
+            if src.split != "train" and not trained_on:
+                raise LightCRLError(
+                    f"structure.unpaired[{i}] ({src.spec}): split {src.split!r} is not a training split; "
+                    "unpaired items may only come from training data (split: train, or the split a "
+                    "data.sources entry trains on), never from an evaluation set"
+                )
+            if src.modality not in dims:
+                raise LightCRLError(f"structure.unpaired[{i}] ({src.spec}): modality {src.modality!r} is "
+                                    f"not a modality of this model ({', '.join(dims)})")
+            encoder = src.encoder or (first.text_encoder if src.modality == "text" else first.media_encoder)
+            opts = _embed_options(cfg, src.limit, rank)
+            store = shared_store(encoder, src.spec, src.split, opts, rank, world)
+            if store.modality != src.modality or store.dim != dims[src.modality]:
+                raise LightCRLError(f"structure.unpaired[{i}] ({src.spec}): a {store.modality} store of "
+                                    f"width {store.dim}, the model's {src.modality} inputs have width "
+                                    f"{dims[src.modality]}")
+            rows = np.arange(len(store))
+            for s in train_sets:  # the training items of that store only (never a held-out one)
+                if store.dir == s.media.dir:
+                    rows = np.unique(s.media_index)
+                elif store.dir == s.text.dir:
+                    rows = np.unique(s.text_index)
+            self.stores.append(store)
+            self.rows.append(rows)
+        self.seed, self.rank, self.world = cfg.seed, rank, world
+        self.adapter = feature_adapter(cfg)
+
+    def inputs(self, step: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(modality, tokens, mask) of this rank's share of step ``step``'s draw from every source."""
+        out = []
+        for i, (src, store, rows) in enumerate(zip(self.sources, self.stores, self.rows)):
+            rng = np.random.default_rng([self.seed, step, i, 611953])
+            pick = np.sort(rng.choice(rows, min(src.per_batch, len(rows)), replace=False))
+            tokens, mask = self.adapter.from_store(store, pick[rank_slice(np.arange(len(pick)), self.rank,
+                                                                         self.world)])
+            out.append((src.modality, tokens, mask))
+        return out

@@ -30,8 +30,8 @@ from lightcrl.errors import LightCRLError
 from lightcrl.model import LightCRLModel, create_model
 from lightcrl.store import FeatureStore
 
-__all__ = ["anchor_features", "anchor_pairs", "asif_model", "build_pipeline", "encode_pooled", "save_run",
-           "tune"]
+__all__ = ["anchor_features", "anchor_pairs", "asif_model", "build_pipeline", "encode_pooled", "linked_pairs",
+           "save_run", "tune"]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -68,32 +68,35 @@ def encode_pooled(model: LightCRLModel, modality: str, pooled: np.ndarray, chunk
     return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
 
 
-def anchor_pairs(media: FeatureStore, text: FeatureStore, pairs: str = "random_caption",
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(media rows, text rows) of the anchor pairs of a training split: one random caption per media item
-    (seeded), or every (media, caption) pair."""
+def linked_pairs(media: FeatureStore, text: FeatureStore, holdout: float | None = None, seed: int = 0):
+    """The (media, caption) PairSet of a training split; with ``holdout``, the part the trainer trains on
+    (the same seeded media items are held out as by ``data.sources[].holdout`` with that seed)."""
     from lightcrl.pairs import PairSet
 
     ps = PairSet.link("anchors", media, text)
     if len(ps) == 0:
         raise LightCRLError(f"no (media, caption) pairs between {media.dir} and {text.dir}")
+    return ps.split_media(holdout, seed)[0] if holdout else ps
+
+
+def anchor_pairs(media: FeatureStore, text: FeatureStore, pairs: str = "random_caption",
+                 seed: int = 0, holdout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(media rows, text rows) of the anchor pairs of a training split: one random caption per media item
+    (seeded), or every (media, caption) pair; ``holdout``: without the held-out media items."""
+    ps = linked_pairs(media, text, holdout, seed)
     pick = np.sort(ps.epoch_pairs(seed, 0, pairs))
     return ps.media_index[pick], ps.text_index[pick]
 
 
 def anchor_features(media: FeatureStore, text: FeatureStore, pairs: str = "random_caption",
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                    seed: int = 0, holdout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled (media, text) features of the anchor pairs, row i of each = pair i. ``mean_caption``: one
     anchor per media item whose text is the mean of its L2-normalised captions (steadier than one
-    random caption); otherwise the pairs of :func:`anchor_pairs`."""
+    random caption); otherwise the pairs of :func:`anchor_pairs`. ``holdout``: see :func:`linked_pairs`."""
     if pairs != "mean_caption":
-        mi, ti = anchor_pairs(media, text, pairs, seed)
+        mi, ti = anchor_pairs(media, text, pairs, seed, holdout)
         return media.pooled(mi), text.pooled(ti)
-    from lightcrl.pairs import PairSet
-
-    ps = PairSet.link("anchors", media, text)
-    if len(ps) == 0:
-        raise LightCRLError(f"no (media, caption) pairs between {media.dir} and {text.dir}")
+    ps = linked_pairs(media, text, holdout, seed)
     rows, anchor_of_pair = np.unique(ps.media_index, return_inverse=True)
     order = np.argsort(ps.text_index)  # read the text store in order
     caps = _normalize(text.pooled(ps.text_index[order]))
@@ -135,7 +138,8 @@ def tune(media: np.ndarray, text: np.ndarray, ks: Sequence[int], ps: Sequence[fl
 def build_pipeline(spec: dict, device: str = "auto", progress: bool = False):
     """An ASIF model with its frozen encoders, as a :class:`lightcrl.api.LightCRLPipeline`.
 
-    ``spec``: data, split, limit, seed, media_encoder, text_encoder, pairs, k, p, center[, tune]. The anchor
+    ``spec``: data, split, limit, seed, media_encoder, text_encoder, pairs, k, p, center[, tune, holdout]
+    (``holdout``: leave the training source's held-out media items out of the anchors). The anchor
     features come from the feature-store cache, so building one costs nothing once the training stores
     exist. The pipeline's ``info`` is the run's model.json (kind "asif").
     """
@@ -147,7 +151,8 @@ def build_pipeline(spec: dict, device: str = "auto", progress: bool = False):
     opts = EmbedOptions(limit=spec.get("limit"), seed=spec.get("seed", 0), device=device, progress=progress)
     media = cached_store(spec["media_encoder"], spec["data"], spec["split"], opts)
     text = cached_store(spec["text_encoder"], spec["data"], spec["split"], opts)
-    m_feat, t_feat = anchor_features(media, text, spec.get("pairs", "random_caption"), spec.get("seed", 0))
+    m_feat, t_feat = anchor_features(media, text, spec.get("pairs", "random_caption"), spec.get("seed", 0),
+                                     spec.get("holdout"))
     k, p, center = spec.get("k", 800), spec.get("p", 8.0), spec.get("center", False)
     asif_spec = {key: v for key, v in spec.items() if key != "tuning"}
     if spec.get("tune"):

@@ -5,11 +5,13 @@ A source names a dataset spec, its splits and sample sizes, and the frozen encod
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["NliSource", "PairSource"]
+__all__ = ["NliSource", "PairSource", "UnpairedSource"]
 
 
 class _Strict(BaseModel):
@@ -45,3 +47,40 @@ class NliSource(_Strict):
     limit: int | None = None  # seeded sample of N triplets
     text_encoder: str | None = None  # default: the first source's text encoder
     batch_size: int | None = None  # default: optim.batch_size
+
+
+#: words in a file name that mark an evaluation split (for specs that name one file, e.g. sick-nli:FILE)
+_EVAL_FILE = re.compile(r"(^|[^a-z])(test|dev|val|valid|validation|trial)([^a-z]|$)")
+
+
+class UnpairedSource(_Strict):
+    """Unpaired items of ONE modality for the neighbour-structure term only (``structure: {unpaired:
+    [...]}``), e.g. NLI sentences (``sick-nli:.../SICK_train.txt``) or Flickr8k train images.
+
+    Only a TRAINING split is accepted: evaluation data must never shape the model, even without labels.
+    Here an evaluation split name (test, dev, val, ...) or a spec naming an evaluation file
+    (``sick-nli:.../SICK_trial.txt``) is refused; the trainer also refuses any split other than ``train``
+    unless it is the split a training source trains on (e.g. ``all`` of a ``csv:`` pairs file).
+    """
+
+    spec: str
+    split: str = "train"
+    modality: str  # "text", "image", "audio": the side of the batch the items join
+    per_batch: int = Field(128, ge=2)  # items drawn (seeded) per training step
+    encoder: str | None = None  # default: the encoder of that modality in the first data source
+    limit: int | None = Field(None, ge=1)  # seeded sample of N items
+
+    @model_validator(mode="after")
+    def _training_split_only(self) -> UnpairedSource:
+        if _EVAL_FILE.search(self.split.lower()):
+            raise ValueError(
+                f"unpaired source {self.spec!r}: split {self.split!r} is not a training split; unpaired "
+                "items may only come from training data (split: train), never from an evaluation set"
+            )
+        name = PurePath(self.spec.partition(":")[2].split("?")[0]).name.lower()
+        if _EVAL_FILE.search(name):
+            raise ValueError(
+                f"unpaired source {self.spec!r}: the file {name!r} looks like an evaluation split; unpaired "
+                "items may only come from training data (e.g. sick-nli:.../SICK_train.txt)"
+            )
+        return self

@@ -109,3 +109,27 @@ def sample_cosines(
     j = (i + rng.integers(1, n, size=k)) % n  # uniform over j != i
     unmatched = np.einsum("ij,ij->i", a_n[i], b_n[j])
     return matched, unmatched
+
+
+def knn_overlap(before: Any, after: Any, k: int = 10, max_points: int = 5000, seed: int = 0) -> float:
+    """Neighbourhood preservation: the mean fraction of each item's ``k`` nearest neighbours (cosine, the
+    item itself excluded) in ``before`` (e.g. the frozen encoder's features) that are still among its ``k``
+    nearest in ``after`` (e.g. the aligned embeddings of the same items). 1 = every neighbourhood kept,
+    about k/n = chance. Above ``max_points`` rows, a seeded subsample is compared (neighbours among it)."""
+    x, y = l2_normalize(before), l2_normalize(after)
+    if len(x) != len(y):
+        raise ValueError(f"knn_overlap needs the same items before and after, got {len(x)} and {len(y)} rows")
+    if not 1 <= k < len(x):
+        raise ValueError(f"knn_overlap needs 1 <= k < n items, got k={k} for {len(x)} items")
+    if len(x) > max_points:
+        rows = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
+        x, y = x[rows], y[rows]
+        k = min(k, len(x) - 1)
+
+    def knn(z: np.ndarray) -> np.ndarray:
+        sim = z @ z.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argpartition(-sim, k, axis=1)[:, :k]
+
+    nx, ny = knn(x), knn(y)
+    return float(np.mean([len(np.intersect1d(a, b, assume_unique=True)) / k for a, b in zip(nx, ny)]))
