@@ -259,7 +259,9 @@ def test_encoder_pair_grids_change_only_the_encoders():
     pairs = {("efficientnet-lite0", "minilm-l6"), ("efficientnet-lite0", "mpnet-base"),
              ("efficientnet-lite2", "minilm-l6"), ("efficientnet-lite2", "mpnet-base")}
     exp = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs.yaml")
-    specs = [validate_config(c.spec) for c in exp.cells]
+    specs = [validate_config(c.spec) for c in exp.cells if c.kind == "train"]
+    asif = {(c.spec["media_encoder"], c.spec["text_encoder"]) for c in exp.cells if c.kind == "asif"}
+    assert asif == pairs and exp.cell("asif-lite0-minilm").spec["k"] == 200
     assert {(s.data.sources[0].media_encoder, s.data.sources[0].text_encoder) for s in specs} == pairs
     ref = specs[0].model_dump(mode="json")
     for s in specs:

@@ -109,6 +109,8 @@ class ASIFBaseline(_Strict):
     source: int = 0
     limit: int | None = None
     tune: ASIFTune | None = None  # chosen on held-out training pairs, never on an evaluation split
+    media_encoder: str | None = None  # None: the source's encoders (e.g. to compare encoder pairs)
+    text_encoder: str | None = None
 
 
 class ConVIRTBaseline(_Strict):
@@ -351,8 +353,8 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path) -
             "split": src.split,
             "limit": b.limit or src.limit,
             "seed": train_cfg.seed,
-            "media_encoder": src.media_encoder,
-            "text_encoder": src.text_encoder,
+            "media_encoder": b.media_encoder or src.media_encoder,
+            "text_encoder": b.text_encoder or src.text_encoder,
             "pairs": b.pairs,
             "k": b.k,
             "p": b.p,
