@@ -276,3 +276,27 @@ def test_seed_summary_gives_mean_and_half_range_per_cell():
     (row,) = seed_summary(rows)  # cells run once (no seed) are not summarised
     assert row["cell"] == "v-clip" and row["seeds"] == 3
     assert row["zs/top1"] == "32.00 ± 2.00" and row["trainable_params"] == 10
+
+
+def test_encoder_pair_grids_change_only_the_encoders():
+    """Issue 15's table: 4 encoder pairs of one method; the val twin reads training data only."""
+    pairs = {("efficientnet-lite0", "minilm-l6"), ("efficientnet-lite0", "mpnet-base"),
+             ("efficientnet-lite2", "minilm-l6"), ("efficientnet-lite2", "mpnet-base")}
+    exp = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs.yaml")
+    specs = [validate_config(c.spec) for c in exp.cells if c.kind == "train"]
+    asif = {(c.spec["media_encoder"], c.spec["text_encoder"]) for c in exp.cells if c.kind == "asif"}
+    assert asif == pairs and exp.cell("asif-lite0-minilm").spec["k"] == 200
+    assert {(s.data.sources[0].media_encoder, s.data.sources[0].text_encoder) for s in specs} == pairs
+    ref = specs[0].model_dump(mode="json")
+    for s in specs:
+        d = s.model_dump(mode="json")
+        assert (d["model"], d["loss"], d["optim"], d["seed"]) == (ref["model"], ref["loss"], ref["optim"], 0)
+        assert d["model"]["anchors"] is not None
+    # the pair is chosen on a TRAIN split only; the test sets are the same seeded sample for every pair
+    assert [e.name for e in exp.cfg.evals if e.split == "train"] == ["zs-cifar10-val"]
+    assert {e.limit for e in exp.cfg.evals if e.task == "zeroshot"} == {2000}
+    val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
+    assert len(val.cells) == 12
+    for cell in val.cells:
+        assert validate_config(cell.spec).data.sources[0].holdout == 0.1
+    assert [(e.task, e.split) for e in val.cfg.evals] == [("zeroshot", "train")]

@@ -111,6 +111,8 @@ class ASIFBaseline(_Strict):
     source: int = 0
     limit: int | None = None
     tune: ASIFTune | None = None  # chosen on held-out training pairs, never on an evaluation split
+    media_encoder: str | None = None  # None: the source's encoders (e.g. to compare encoder pairs)
+    text_encoder: str | None = None
 
 
 class CSATune(_Strict):
@@ -389,10 +391,11 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path,
             "split": src.split,
             "limit": b.limit or src.limit,
             "seed": train_cfg.seed,
-            "media_encoder": src.media_encoder,
-            "text_encoder": src.text_encoder,
+            "media_encoder": getattr(b, "media_encoder", None) or src.media_encoder,
+            "text_encoder": getattr(b, "text_encoder", None) or src.text_encoder,
             "holdout": src.holdout,  # fitted without the held-out items, scored on them
-            **b.model_dump(exclude={"kind", "name", "source", "limit", "tune"}),
+            **b.model_dump(exclude={"kind", "name", "source", "limit", "tune", "media_encoder",
+                                    "text_encoder"}),
             "tune": b.tune.model_dump() if b.tune else None,
         }
         return Cell(b.name, b.kind, spec)
