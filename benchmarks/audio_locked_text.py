@@ -10,6 +10,8 @@ validation group g+1, test 10-way on group g; lightcrl.app.protocols.class_disjo
   softmax over the training classes' prompt embeddings at temperature ``tau``; the epoch (every 5, up to
   60) is chosen on validation;
 - ``ridge``: the closed-form least-squares map onto each clip's class prompt embedding (ridge ``lam``);
+  ``ridge-centred``: the same onto class embeddings minus the training classes' mean (what all prompts
+  share), renormalised; test class embeddings are centred with the same training mean;
 - ``relative``: relative representations against text anchors (the training classes' prompt
   embeddings): a softmax classifier over the training classes gives each clip a distribution over them;
   a class name is represented by its softmax similarity (temperature 0.05) to the same anchors; a clip
@@ -43,8 +45,8 @@ torch.set_num_threads(1)
 _p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 _p.add_argument("--data", default="../shared/data")
 _p.add_argument("--study", choices=["levers", "grid", "supervised"], default="levers")
-_p.add_argument("--heads", default="linear,mlp,ridge,relative,conse")
-_p.add_argument("--prompts", default="t6,many,desc,desc+many")
+_p.add_argument("--heads", default="ridge,linear,relative,conse")
+_p.add_argument("--prompts", default="t6,desc,desc+many")
 _p.add_argument("--seed", type=int, default=0)
 _p.add_argument("--json", help="also write the rows here")
 ARGS = _p.parse_args()
@@ -153,9 +155,12 @@ def head_map(Ct, g, v, tau=0.05, hidden=0, lr=1e-2, wd=1e-3, epochs=60):
     return best[1], best[2], {"epoch": best[0]}
 
 
-def head_ridge(Ct, g, v, lam=1.0):
+def head_ridge(Ct, g, v, lam=1.0, center=False):
     tr = _train_classes(g, v)
     m = np.isin(y, tr)
+    if center:  # remove the training classes' mean prompt embedding (what every prompt shares)
+        Ct = Ct - Ct[tr].mean(0)
+        Ct = Ct / np.linalg.norm(Ct, axis=1, keepdims=True)
     A, T = Xn[m].astype(np.float64), Ct[y[m]].astype(np.float64)
     W = np.linalg.solve(A.T @ A + lam * len(A) * np.eye(A.shape[1]), A.T @ T)
 
@@ -196,13 +201,15 @@ def head_anchor(Ct, g, v, mode="relative", tau_r=0.05, wd=1e-3, lr=1e-2, epochs=
 
 
 GRIDS = {
-    "linear": [dict(tau=t) for t in (0.03, 0.05, 0.1, 0.2)],
+    "linear": [dict(tau=t) for t in (0.05, 0.1)],
     "mlp": [dict(tau=t, hidden=256) for t in (0.05, 0.1)],
     "ridge": [dict(lam=lam) for lam in (0.1, 1.0, 10.0, 100.0)],
-    "relative": [dict(mode="relative", tau_r=t) for t in (0.02, 0.05, 0.1)],
+    "ridge-centred": [dict(lam=lam, center=True) for lam in (0.1, 1.0, 10.0, 100.0)],
+    "relative": [dict(mode="relative", tau_r=t) for t in (0.05, 0.1)],
     "conse": [dict(mode="conse")],
 }
-HEADS = {"linear": head_map, "mlp": head_map, "ridge": head_ridge, "relative": head_anchor,
+HEADS = {"linear": head_map, "mlp": head_map, "ridge": head_ridge, "ridge-centred": head_ridge,
+         "relative": head_anchor,
          "conse": head_anchor}
 
 
