@@ -48,6 +48,7 @@ _p.add_argument("--study", choices=["levers", "grid", "supervised"], default="le
 _p.add_argument("--heads", default="ridge,linear,relative,conse")
 _p.add_argument("--prompts", default="t6,desc,desc+many")
 _p.add_argument("--seed", type=int, default=0)
+_p.add_argument("--transfer", action="store_true", help="the transfer split (-> ESC-10), not the 5 folds")
 _p.add_argument("--json", help="also write the rows here")
 ARGS = _p.parse_args()
 E = f"esc50:{Path(ARGS.data) / 'esc50'}"
@@ -98,16 +99,25 @@ def C(pname):
 mu, sd = X.mean(0), X.std(0) + 1e-6
 Xn = ((X - mu) / sd).astype(np.float32)
 groups = class_groups(50)
-FOLDS = [(g, (g + 1) % 5) for g in range(5)]
+# (training, validation, test) classes of the 5 class-disjoint folds: test group g, validate on g + 1
+FOLDS = [([c for k in range(5) if k not in (g, (g + 1) % 5) for c in groups[k]], groups[(g + 1) % 5],
+          groups[g]) for g in range(5)]
 
 
-def _train_classes(g, v):
-    return [c for k in range(5) if k not in (g, v) for c in groups[k]]
+def transfer_fold():
+    """ESC-50 without ESC-10's classes: group 0 (of 5, seed 0) of the 40 validates, the other 32 train;
+    the test is ESC-10's 10 classes (the protocol's transfer split, lightcrl.app.protocols)."""
+    from lightcrl.data.datasets import open_dataset
+
+    esc10 = set(open_dataset(E + "?esc10=1", "all").classnames)
+    rest = [i for i, n in enumerate(names) if n not in esc10]
+    val = [rest[i] for i in class_groups(len(rest))[0]]
+    return [c for c in rest if c not in val], val, [i for i, n in enumerate(names) if n in esc10]
 
 
-def _acc(scores, grp):
-    m = np.isin(y, groups[grp])
-    return 100 * float(np.mean(np.asarray(groups[grp])[scores(Xn[m], grp).argmax(1)] == y[m]))
+def _acc(scores, classes):
+    m = np.isin(y, classes)
+    return 100 * float(np.mean(np.asarray(classes)[scores(Xn[m], classes).argmax(1)] == y[m]))
 
 
 def _sgd(model, Xt, yt, epochs, lr, wd, step_loss, every=5, evaluate=None):
@@ -129,9 +139,8 @@ def _sgd(model, Xt, yt, epochs, lr, wd, step_loss, every=5, evaluate=None):
     return res
 
 
-def head_map(Ct, g, v, tau=0.05, hidden=0, lr=1e-2, wd=1e-3, epochs=60):
+def head_map(Ct, tr, v, g, tau=0.05, hidden=0, lr=1e-2, wd=1e-3, epochs=60):
     """linear / mlp: the map into the frozen text space, softmax over training classes. -> (val, test)"""
-    tr = _train_classes(g, v)
     m = np.isin(y, tr)
     Xt, yt = torch.tensor(Xn[m]), torch.tensor([tr.index(c) for c in y[m]])
     Ctr = torch.tensor(Ct[tr])
@@ -145,7 +154,7 @@ def head_map(Ct, g, v, tau=0.05, hidden=0, lr=1e-2, wd=1e-3, epochs=60):
     def scores(x, grp):
         with torch.no_grad():
             z = torch.nn.functional.normalize(W(torch.tensor(x)), dim=-1)
-        return (z @ torch.tensor(Ct[groups[grp]]).T).numpy()
+        return (z @ torch.tensor(Ct[grp]).T).numpy()
 
     res = _sgd(W, Xt, yt, epochs, lr, wd,
                lambda out, t: torch.nn.functional.cross_entropy(
@@ -155,8 +164,7 @@ def head_map(Ct, g, v, tau=0.05, hidden=0, lr=1e-2, wd=1e-3, epochs=60):
     return best[1], best[2], {"epoch": best[0]}
 
 
-def head_ridge(Ct, g, v, lam=1.0, center=False):
-    tr = _train_classes(g, v)
+def head_ridge(Ct, tr, v, g, lam=1.0, center=False):
     m = np.isin(y, tr)
     if center:  # remove the training classes' mean prompt embedding (what every prompt shares)
         Ct = Ct - Ct[tr].mean(0)
@@ -167,14 +175,13 @@ def head_ridge(Ct, g, v, lam=1.0, center=False):
     def scores(x, grp):
         z = x @ W
         z /= np.linalg.norm(z, axis=1, keepdims=True)
-        return z @ Ct[groups[grp]].T
+        return z @ Ct[grp].T
 
     return _acc(scores, v), _acc(scores, g), {}
 
 
-def head_anchor(Ct, g, v, mode="relative", tau_r=0.05, wd=1e-3, lr=1e-2, epochs=60):
+def head_anchor(Ct, tr, v, g, mode="relative", tau_r=0.05, wd=1e-3, lr=1e-2, epochs=60):
     """relative / conse: a softmax classifier over the training classes (the text anchors)."""
-    tr = _train_classes(g, v)
     m = np.isin(y, tr)
     Xt, yt = torch.tensor(Xn[m]), torch.tensor([tr.index(c) for c in y[m]])
     A = Ct[tr]  # anchors: the training classes' text embeddings
@@ -184,7 +191,7 @@ def head_anchor(Ct, g, v, mode="relative", tau_r=0.05, wd=1e-3, lr=1e-2, epochs=
     def scores(x, grp):
         with torch.no_grad():
             p = clf(torch.tensor(x)).softmax(-1).numpy()
-        U = Ct[groups[grp]]
+        U = Ct[grp]
         if mode == "conse":
             z = p @ A
             z /= np.linalg.norm(z, axis=1, keepdims=True)
@@ -215,12 +222,13 @@ HEADS = {"linear": head_map, "mlp": head_map, "ridge": head_ridge, "ridge-centre
 
 def run_setting(head, pname, kw):
     vals, tests = [], []
-    for g, v in FOLDS:
-        a, b, _ = HEADS[head](C(pname), g, v, **kw)
+    for tr, v, g in FOLDS if not ARGS.transfer else [transfer_fold()]:
+        a, b, _ = HEADS[head](C(pname), tr, v, g, **kw)
         vals.append(a)
         tests.append(b)
     return {"head": head, "prompts": pname, "setting": kw, "val": float(np.mean(vals)),
-            "test_mean": float(np.mean(tests)), "test_std": float(np.std(tests, ddof=1)),
+            "test_mean": float(np.mean(tests)),
+            "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0,
             "test": [round(t, 2) for t in tests], "val_folds": [round(t, 2) for t in vals]}
 
 
