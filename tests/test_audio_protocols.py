@@ -233,3 +233,52 @@ def test_esc50_flat_layout_matches_the_release_layout(esc50, shared_data, tmp_pa
     assert flat.classnames == ["dog", "rooster", "chirping birds"] and len(flat) == len(keep)
     assert len(open_dataset(f"esc50:{tmp_path}?esc10=1", "all").classnames) == 2
     assert open_dataset(f"esc50:{tmp_path}?esc10=exclude", "all").classnames == ["chirping birds"]
+
+
+def test_transfer_refuses_a_test_set_that_overlaps_training(esc50, shared_data):
+    """Real data: ESC-10 against all of ESC-50 is refused (shared clips), against ESC-50 minus ESC-10 it is
+    not; the split the protocol derives from the committed config's spec is the config's own split."""
+    from lightcrl.app.protocols import check_transfer, transfer_split
+
+    esc10 = f"esc10:{shared_data / 'esc10'}"
+    with pytest.raises(LightCRLError, match=r"shares 400 clip\(s\).*training.*esc10=exclude"):
+        check_transfer(esc50, esc10)
+    with pytest.raises(LightCRLError, match="class name.*validation"):  # same names: ESC-10 inside ESC-50
+        check_transfer(with_options(esc50, esc10="exclude"), with_options(esc50, esc10=1),
+                       val_spec=with_options(esc50, classes="dog"))
+    split = transfer_split(with_options(esc50, esc10="exclude", exclude_classgroup=3))
+    assert split == {"train": with_options(esc50, esc10="exclude", exclude_classgroup=0),
+                     "val": with_options(esc50, esc10="exclude", classgroup=0)}
+    check_transfer(split["train"], esc10, split["val"])  # no overlap: passes
+
+
+def test_protocol_command_runs_folds_per_seed(tmp_path, capsys):
+    """`lightcrl protocol`: one run per (fold, seed), protocol.json with the seeds, clear errors."""
+    import json
+
+    import yaml
+
+    from lightcrl.app.cli import main
+
+    spec = f"imagefolder:{_colour_folders(tmp_path, per_class=4)}"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"sources": [{"spec": spec, "media_encoder": "toy-image", "text_encoder": "toy-text",
+                              "captions": "templates"}]},
+        "model": {"width": 16, "depth": 1, "heads": 2},
+        "optim": {"epochs": 1, "batch_size": 8, "warmup_steps": 1},
+        "progress": False, "tensorboard": False,
+    }))
+    out = tmp_path / "proto"
+    args = ["protocol", "class-disjoint", "--config", str(cfg), "--out", str(out), "--groups", "4"]
+    assert main([*args, "--fold", "1", "--seed", "3", "--seed", "4"]) == 0
+    res = json.loads((out / "protocol.json").read_text())
+    assert [(r["fold"], r["seed"]) for r in res["folds"]] == [(1, 3), (1, 4)] and res["seeds"] == [3, 4]
+    assert (out / "fold1-s3" / "train_summary.json").is_file() and (out / "fold1-s4").is_dir()
+    tops = [r["top1"] for r in res["folds"]]
+    assert res["top1_mean"] == pytest.approx(sum(tops) / 2) and res["folds"][0]["n_classes"] == 1
+    assert "class-disjoint: top1" in capsys.readouterr().out
+    assert main(["protocol", "zero-shot", "--config", str(cfg), "--out", str(out)]) == 2
+    assert main(["protocol", "transfer", "--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown protocol 'zero-shot'" in err and "needs a test dataset" in err

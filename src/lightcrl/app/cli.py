@@ -176,6 +176,36 @@ def eval_(
 
 
 @app.command(cls=_Command)
+def protocol(
+    name: str = typer.Argument(..., help="class-disjoint | supervised-captions | transfer (docs/audio.md)"),
+    config: Path = typer.Option(..., help="YAML config with a `captions: templates` source"),
+    out: Path = typer.Option(..., help="Output folder: one run directory per fold and seed + protocol.json"),
+    source: int = typer.Option(0, help="Index of the templates-captions source in data.sources"),
+    spec: Optional[str] = typer.Option(None, help="Training dataset (default: the source's spec)"),
+    test: Optional[str] = typer.Option(None, help="transfer: the test dataset, e.g. esc10:DIR"),
+    groups: int = typer.Option(5, help="class-disjoint: number of class groups"),
+    group_seed: int = typer.Option(0, help="class-disjoint: seed of the class groups"),
+    fold: Optional[list[int]] = typer.Option(None, "--fold", help="class-disjoint: only this fold "
+                                             "(repeatable)"),
+    seed: Optional[list[int]] = typer.Option(None, "--seed", help="Train every fold once per seed "
+                                             "(repeatable; default: the config's seed)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override: key.path=value (repeatable)"),
+):
+    """Run an evaluation protocol for captions made from class names: train each fold, test zero-shot."""
+    from lightcrl.app.config import load_config
+    from lightcrl.app.protocols import PROTOCOLS, protocol_lines, run_protocol
+
+    if name not in PROTOCOLS:
+        raise LightCRLError(f"unknown protocol {name!r}: {' | '.join(PROTOCOLS)}")
+    cfg = load_config(config, set_)
+    res = run_protocol(cfg, source, name, out, spec=spec, test_spec=test, groups=groups,
+                       group_seed=group_seed, folds=fold or None, seeds=seed or None)
+    for line in protocol_lines(res):
+        typer.echo(line)
+    typer.echo(f"results: {out / 'protocol.json'}")
+
+
+@app.command(cls=_Command)
 def report(run_dir: Path = typer.Argument(..., help="Run directory")):
     """Gather a run's curves and results files into report.md and a self-contained report.html."""
     from lightcrl.app.report import build_report
