@@ -119,7 +119,7 @@ def export_module(module: torch.nn.Module, encoder: FrozenEncoder, sample: dict[
         name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.items()}
         for name, axes in encoder.graph_inputs.items()
     }
-    args = tuple(sample[name].cpu() for name in encoder.graph_inputs)
+    args = tuple(_widened(sample[name].cpu(), axes) for name, axes in encoder.graph_inputs.items())
     with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
@@ -130,6 +130,15 @@ def export_module(module: torch.nn.Module, encoder: FrozenEncoder, sample: dict[
     with atomic_open(path, "wb") as f:
         f.write(program.model_proto.SerializeToString())
     return path
+
+
+def _widened(x: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
+    """The sample with every dynamic axis of size 1 repeated to 2: torch.export specialises size-1 axes, so
+    a first batch of one item (``encode_image(["one.jpg"])`` on a fresh cache) would fix the batch at 1."""
+    for axis in axes:
+        if x.shape[axis] == 1:
+            x = torch.cat([x, x], dim=axis)
+    return x
 
 
 @contextlib.contextmanager
