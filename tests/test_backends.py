@@ -87,6 +87,31 @@ def test_cache_keeps_one_store_per_backend_and_one_graph(tmp_path, pairs_csv):
     assert graph.stat().st_size > 100 and out.tokens.shape == (1, 4, 16)
 
 
+@needs_onnx
+def test_graph_exported_from_a_one_item_batch_keeps_the_batch_dynamic(tmp_path, monkeypatch):
+    """torch.export specialises a size-1 axis: EfficientNet-Lite0 exported from a first batch of ONE image
+    (``encode_image(["one.jpg"])`` on a fresh cache) failed with "Constraints violated (batch)". The sample
+    the exporter gets has every dynamic axis at 2 or more (the toy's export alone would not fail)."""
+    import lightcrl.encoders.backends as backends
+
+    seen = []
+    real_export = torch.onnx.export
+
+    def spy(module, args, *a, **kw):
+        seen.append([tuple(x.shape) for x in args])
+        return real_export(module, args, *a, **kw)
+
+    monkeypatch.setattr(backends.torch.onnx, "export", spy)
+    monkeypatch.setenv("LIGHTCRL_CACHE", str(tmp_path / "cache"))  # no graph yet: this batch exports it
+    enc = ToyImage(device="cpu", backend="onnx")
+    one = enc.encode([_png(tmp_path)])
+    assert seen == [[(2, 4, 3)]]
+    three = enc.encode([_png(tmp_path)] * 3)
+    assert one.tokens.shape == (1, 4, 16) and three.tokens.shape == (3, 4, 16)
+    eager = ToyImage(device="cpu", backend="eager").encode([_png(tmp_path)])
+    torch.testing.assert_close(one.tokens, eager.tokens, atol=1e-5, rtol=0)
+
+
 def _png(tmp_path):
     from PIL import Image
 

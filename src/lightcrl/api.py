@@ -31,8 +31,10 @@ from lightcrl.store import FeatureStore
 class LightCRLPipeline:
     """Frozen encoders + the trained projections/DFE, as one object."""
 
-    def __init__(self, model: torch.nn.Module, info: dict, device: str = "auto", run_dir: Path | None = None):
+    def __init__(self, model: torch.nn.Module, info: dict, device: str = "auto", run_dir: Path | None = None,
+                 encoder_backend: str = "auto"):
         self.device = resolve_device(device)
+        self.encoder_backend = encoder_backend  # how the frozen encoders run (lightcrl.encoders.backends)
         self.model = model.to(self.device).eval()
         self.info = info
         self.run_dir = run_dir
@@ -49,6 +51,7 @@ class LightCRLPipeline:
         checkpoint: str | None = None,
         untrained: bool = False,
         seed: int = 0,
+        encoder_backend: str = "auto",
     ) -> LightCRLPipeline:
         run = RunDir(run_dir)
         info = run.info()
@@ -71,7 +74,7 @@ class LightCRLPipeline:
                 raise LightCRLError(
                     f"{weights} does not match the model described in {run.model_info.name}: {e}"
                 ) from e
-        return cls(model, info, device, run.path)
+        return cls(model, info, device, run.path, encoder_backend)
 
     def encoder(self, modality: str):
         if modality not in self.encoder_names:
@@ -79,7 +82,8 @@ class LightCRLPipeline:
                 f"this model has no {modality} encoder (it has: {', '.join(self.encoder_names)})"
             )
         if modality not in self._encoders:
-            self._encoders[modality] = get_encoder(self.encoder_names[modality], device=self.device)
+            self._encoders[modality] = get_encoder(self.encoder_names[modality], device=self.device,
+                                                   backend=self.encoder_backend)
         return self._encoders[modality]
 
     # -- features -> embeddings -----------------------------------------------------------------

@@ -12,7 +12,8 @@
       checkpoints/         <tag>-<step>/ folders and <tag>.json pointers (lightcrl.checkpoint)
       tensorboard/         event files
       results/             one JSON per evaluation, plots/ beside them
-      export/              ONNX graphs and export.json
+      export/              ONNX graphs and export.json; export/full/: `export --full` (graphs, tokenizer,
+                           pipeline.json)
       report.md, report.html
       convirt.safetensors  (ConVIRT runs) the end-to-end baseline's trained layers
 

@@ -351,15 +351,29 @@ def export(
     run: Path = typer.Option(..., help="Run directory"),
     format: str = typer.Option("onnx", help="Export format (onnx)"),
     out: Optional[Path] = typer.Option(None, help="FILE.onnx (-> FILE.<modality>.onnx) or a folder "
-                                       "(default: RUN/export/<modality>.onnx)"),
+                                       "(default: RUN/export/<modality>.onnx; with --full a folder, "
+                                       "default RUN/export/full)"),
     modality: Optional[list[str]] = typer.Option(None, help="Modality to export (repeatable; default all)"),
     atol: float = typer.Option(1e-4, help="Largest accepted |ONNX - PyTorch| difference"),
+    full: bool = typer.Option(False, "--full", help="The whole pipeline: frozen encoder + trained model in "
+                              "one graph per modality (preprocessed image / token ids -> embedding), with "
+                              "the tokenizer and pipeline.json (preprocessing); checked against PyTorch"),
+    min_cosine: float = typer.Option(0.999, help="--full: smallest accepted cosine to the PyTorch pipeline"),
 ):
     """Export the trainable part (projection + DFE per modality) and check it against PyTorch."""
-    from lightcrl.export import export_onnx
+    from lightcrl.export import export_full, export_onnx
 
     if format.lower() != "onnx":
         raise LightCRLError(f"unknown export format {format!r}: only onnx is supported")
+    if full:
+        res = export_full(run, out, modalities=modality or None, min_cosine=min_cosine)
+        for d in res.modalities:
+            typer.echo(f"{d.modality}: {d.path} (raw input -> embedding); vs PyTorch pipeline: "
+                       f"min cosine {res.min_cosine[d.modality]:.6f}, max abs diff {d.max_abs_diff:.2e}")
+        for mod, reason in res.skipped.items():
+            typer.echo(f"{mod}: not exported: {reason}")
+        typer.echo(f"preprocessing and inputs: {res.folder / 'pipeline.json'}")
+        return
     for d in export_onnx(run, out, modalities=modality or None, atol=atol):
         typer.echo(f"{d.modality}: {d.path} (tokens [B, T, {d.input_dim}] + mask [B, T] -> embedding); "
                    f"max abs diff vs PyTorch {d.max_abs_diff:.2e}")

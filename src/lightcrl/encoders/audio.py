@@ -208,6 +208,10 @@ class AisfxEncoder(FrozenEncoder):
     name = "aisfx"
     modality = "audio"
     dim = 512
+    # Checked with torch.export (torch 2.x): the boolean gather fails with GuardOnDataDependentSymNode.
+    no_graph_reason = ("its forward runs the CNN on the real blocks only (a boolean gather whose size "
+                       "depends on the data, which torch.export refuses), and its log-mel front end "
+                       "(librosa STFT, soxr resampling) runs outside PyTorch")
 
     def __init__(self, device="auto", frontend: AisfxFrontEnd | None = None):
         super().__init__(device)

@@ -79,8 +79,10 @@ def resolve_backend(encoder: FrozenEncoder, requested: str) -> str:
     return requested
 
 
-class _ForwardGraph(torch.nn.Module):
-    """The encoder's own ``_forward`` as a module of plain tensors, for export: nothing re-implemented."""
+class ForwardGraph(torch.nn.Module):
+    """The encoder's own ``_forward`` as a module of plain tensors, for export: nothing re-implemented.
+
+    ``lightcrl.export`` composes it with a run's trained model into one raw-input -> embedding graph."""
 
     def __init__(self, encoder: FrozenEncoder, model: torch.nn.Module):
         super().__init__()
@@ -102,6 +104,14 @@ def graph_path(encoder: FrozenEncoder) -> Path:
 
 def export_graph(encoder: FrozenEncoder, sample: dict[str, torch.Tensor], path: Path) -> Path:
     """Export ``encoder._forward`` to ``path`` (atomically) with the encoder's dynamic axes."""
+    log.info("exporting %s to ONNX (once; cached in %s)", encoder.name, path)
+    return export_module(ForwardGraph(encoder, encoder.model), encoder, sample, path, OUTPUT_NAMES)
+
+
+def export_module(module: torch.nn.Module, encoder: FrozenEncoder, sample: dict[str, torch.Tensor],
+                  path: Path, output_names: tuple[str, ...]) -> Path:
+    """Export ``module``, whose ``forward(*inputs)`` takes the encoder's batch tensors in the order of its
+    ``graph_inputs``, to ``path`` (atomically), with the encoder's dynamic axes (dynamo exporter)."""
     from lightcrl.io import atomic_open
 
     dims: dict[str, torch.export.Dim] = {}
@@ -109,19 +119,26 @@ def export_graph(encoder: FrozenEncoder, sample: dict[str, torch.Tensor], path: 
         name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.items()}
         for name, axes in encoder.graph_inputs.items()
     }
-    module = _ForwardGraph(encoder, encoder.model).eval()
-    args = tuple(sample[name].cpu() for name in encoder.graph_inputs)
-    log.info("exporting %s to ONNX (once; cached in %s)", encoder.name, path)
+    args = tuple(_widened(sample[name].cpu(), axes) for name, axes in encoder.graph_inputs.items())
     with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
-                module, args, input_names=list(encoder.graph_inputs), output_names=list(OUTPUT_NAMES),
+                module.eval(), args, input_names=list(encoder.graph_inputs), output_names=list(output_names),
                 dynamic_shapes={"inputs": tuple(dynamic[n] for n in encoder.graph_inputs)},
                 opset_version=OPSET, dynamo=True, verbose=False,
             )
     with atomic_open(path, "wb") as f:
         f.write(program.model_proto.SerializeToString())
     return path
+
+
+def _widened(x: torch.Tensor, axes: dict[int, str]) -> torch.Tensor:
+    """The sample with every dynamic axis of size 1 repeated to 2: torch.export specialises size-1 axes, so
+    a first batch of one item (``encode_image(["one.jpg"])`` on a fresh cache) would fix the batch at 1."""
+    for axis in axes:
+        if x.shape[axis] == 1:
+            x = torch.cat([x, x], dim=axis)
+    return x
 
 
 @contextlib.contextmanager

@@ -42,6 +42,8 @@ class FrozenEncoder:
     # CPU, the backend measured faster for this encoder (benchmarks/extract.py).
     graph_inputs: dict[str, dict[int, str]] = {}
     fast_backend: str = "eager"
+    # Why there is no ONNX path where ``graph_inputs`` is empty (`lightcrl export --full` says it).
+    no_graph_reason: str = "it declares no ONNX graph inputs (graph_inputs)"
 
     def __init__(self, device: str | torch.device | None = "auto", backend: str = "auto"):
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
@@ -69,6 +71,11 @@ class FrozenEncoder:
     @property
     def collate(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def graph_preprocessing(self, folder: Path) -> dict | None:
+        """How raw inputs become this encoder's graph inputs, as data for `lightcrl export --full`'s
+        manifest; files it needs (a tokenizer) are written into ``folder``. None: not describable."""
+        return None
 
     def identity(self) -> dict:
         """What decides the features: weights and preprocessing (not the backend). Keys the ONNX cache."""

@@ -46,6 +46,25 @@ class ImageTransform:
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
+    def describe(self) -> dict[str, Any]:
+        """The steps of ``__call__`` as data, enough for numpy + PIL to reproduce them (export manifests)."""
+        steps = {
+            "decode": "PIL, RGB: EXIF orientation applied, alpha composited over white",
+            "resize": "squash" if self.squash else "short_side_center_crop",
+            "crop": self.crop,
+        }
+        if self.squash:
+            steps["how"] = "img.resize((crop, crop), Image.BICUBIC)"
+            steps["resample"] = "bicubic"
+        else:
+            steps["resize_short_side"] = self.resize
+            steps["resample"] = "bilinear"
+            steps["how"] = ("s = resize_short_side / min(w, h); nw, nh = max(crop, round(w * s)), "
+                            "max(crop, round(h * s)); img.resize((nw, nh), Image.BILINEAR); crop the centre "
+                            "crop x crop box at ((nw - crop) // 2, (nh - crop) // 2)")
+        return {**steps, "scale": "1/255", "mean": list(self.mean), "std": list(self.std),
+                "normalise": "(x / 255 - mean) / std per channel", "layout": "NCHW float32"}
+
 
 def stack_images(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     # numpy's single-threaded copy: torch.stack's 2 OpenMP threads took 4-6x longer on 2 shared cores
@@ -57,6 +76,10 @@ class _ImageEncoder(FrozenEncoder):
 
     modality = "image"
     _transform: ImageTransform
+
+    def graph_preprocessing(self, folder: Path) -> dict | None:
+        return {"pixels": f"[batch, 3, {self._transform.crop}, {self._transform.crop}] float32",
+                **self._transform.describe()}
 
     @property
     def transform(self):

@@ -8,6 +8,7 @@ import torch
 
 from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, file_digest
 from lightcrl.encoders.image import _hf_weights_identity
+from lightcrl.errors import LightCRLError
 from lightcrl.features import masked_mean
 
 
@@ -35,6 +36,27 @@ class TextCollator:
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def save_tokenizer(self, folder: Path) -> dict:
+        """The tokenizer's files in ``folder`` (``save_pretrained``), with ``tokenizer.json`` set to tokenise
+        as ``__call__`` does (truncation at ``max_length``, padding to the longest text of the batch), so
+        the `tokenizers` library alone gives the same ids: ``Tokenizer.from_file(".../tokenizer.json")``."""
+        from lightcrl.io import write_text
+
+        tok = self.tokenizer
+        if not tok.is_fast:
+            raise LightCRLError(f"the tokenizer of {self.tokenizer_path} has no tokenizer.json (not a fast "
+                                "tokenizer): the `tokenizers` library cannot read it")
+        tok.save_pretrained(str(folder))
+        backend = type(tok.backend_tokenizer).from_str(tok.backend_tokenizer.to_str())  # a copy
+        backend.enable_truncation(self.max_length, strategy="longest_first", direction=tok.truncation_side)
+        backend.enable_padding(direction=tok.padding_side, pad_id=tok.pad_token_id,
+                               pad_type_id=tok.pad_token_type_id, pad_token=tok.pad_token)
+        write_text(folder / "tokenizer.json", backend.to_str())
+        return {"tokenizer": f"{folder.name}/tokenizer.json", "max_length": self.max_length,
+                "truncation": f"longest_first, {tok.truncation_side}",
+                "padding": "to the longest in the batch",
+                "pad_id": tok.pad_token_id, "special_tokens": "added by the tokenizer's post-processor"}
 
 
 def clean_text(text: str) -> str:
@@ -74,6 +96,12 @@ class HFTextEncoder(FrozenEncoder):
     @property
     def transform(self):
         return clean_text
+
+    def graph_preprocessing(self, folder: Path) -> dict | None:
+        return {"input_ids": "[batch, length] int64",
+                "attention_mask": "[batch, length] int64 (1 = real token)",
+                "clean": "surrounding whitespace (and a BOM) stripped; an empty caption is refused",
+                **self._collate.save_tokenizer(folder / "tokenizer")}
 
     @property
     def collate(self):
