@@ -359,9 +359,14 @@ def _fixed_map(in_dim: int, out_dim: int, seed: int) -> Tensor:
 def _may_pad(mask: Tensor) -> bool:
     """Whether ``mask`` may hold padding. Checked on the CPU only, where it costs one small reduction and
     spares a copy of the batch (masked_fill) and the attention-mask arithmetic when nothing is padded
-    (image tokens never are): the result is bit-identical. On a GPU the check would sync every step, so
-    there the masking always runs."""
-    return mask.device.type != "cpu" or not bool(mask.all())
+    (image tokens never are): the result is bit-identical. On a GPU the check would sync every step, and
+    a traced or exported graph (ONNX export) must keep the masking for any input, so there it always
+    runs."""
+    if mask.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    if torch.compiler.is_exporting():
+        return True
+    return not bool(mask.all())
 
 
 def _prepend(token: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
