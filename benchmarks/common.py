@@ -57,13 +57,16 @@ def report_load_after() -> None:
 
 
 @contextlib.contextmanager
-def timer() -> Iterator[list[float]]:
+def timer(clock=time.perf_counter) -> Iterator[list[float]]:
+    """Seconds spent in the block, by ``clock``: wall time, or ``time.process_time`` (the CPU time of this
+    process, all its threads), which other jobs' preemption does not inflate, an honest measure of work
+    when torch runs one thread (with more, OpenMP's spinning threads count too)."""
     out = [0.0]
-    t0 = time.perf_counter()
+    t0 = clock()
     try:
         yield out
     finally:
-        out[0] = time.perf_counter() - t0
+        out[0] = clock() - t0
 
 
 def peak_rss_mb() -> float:
@@ -272,27 +275,28 @@ def synthetic_config(epochs: int = 1, batch_size: int = 64, **model) -> dict:
 
 # ------------------------------------------------------------------------------- roofline
 
-_GEMM_PEAK: dict[int, float] = {}
+_GEMM_PEAK: dict[tuple[int, bool], float] = {}
 
 
-def gemm_gflops(n: int = 2048, rounds: int = 5, remeasure: bool = False) -> float:
+def gemm_gflops(n: int = 2048, rounds: int = 5, remeasure: bool = False, cpu_time: bool = False) -> float:
     """The machine's limit for these figures: sustained float32 GEMM GFLOP/s of torch (an n^3 matmul, median
     of ``rounds``) on the threads torch uses now. Measured once per thread count, or again with
-    ``remeasure`` (the best measurement is kept: other jobs on a shared machine only ever lower it)."""
+    ``remeasure`` (the best measurement is kept: other jobs on a shared machine only ever lower it).
+    ``cpu_time``: per second of this process's CPU time (see ``timer``; meaningful with one thread)."""
     import torch
 
-    threads = torch.get_num_threads()
-    if threads not in _GEMM_PEAK or remeasure:
+    key = (torch.get_num_threads(), cpu_time)
+    if key not in _GEMM_PEAK or remeasure:
         a, b = torch.randn(n, n), torch.randn(n, n)
         a @ b  # warm-up: thread pool and packing buffers
         times = []
         for _ in range(rounds):
-            with timer() as t:
+            with timer(time.process_time if cpu_time else time.perf_counter) as t:
                 a @ b
             times.append(t[0])
         gflops = 2 * n**3 / float(np.median(times)) / 1e9
-        _GEMM_PEAK[threads] = max(gflops, _GEMM_PEAK.get(threads, 0.0))
-    return _GEMM_PEAK[threads]
+        _GEMM_PEAK[key] = max(gflops, _GEMM_PEAK.get(key, 0.0))
+    return _GEMM_PEAK[key]
 
 
 def count_flops(fn, *args, **kwargs) -> float:
@@ -337,17 +341,21 @@ def train_step_flops(image_dir: Path, text_dir: Path, batch_size: int = 64) -> f
         return count_flops(trainer.train_step, si, batch) / len(batch)
 
 
-def roofline(items_per_s: float, flops_per_item: float) -> float:
-    """Fraction of the GEMM limit that ``items_per_s`` items of ``flops_per_item`` FLOPs each sustain."""
-    return items_per_s * flops_per_item / 1e9 / gemm_gflops()
+def roofline(items_per_s: float, flops_per_item: float, cpu_time: bool = False) -> float:
+    """Fraction of the GEMM limit that ``items_per_s`` items of ``flops_per_item`` FLOPs each sustain
+    (``cpu_time``: both per second of CPU time)."""
+    return items_per_s * flops_per_item / 1e9 / gemm_gflops(cpu_time=cpu_time)
 
 
-def print_roofline(label: str, items_per_s: float, flops_per_item: float, unit: str = "items") -> float:
-    frac = roofline(items_per_s, flops_per_item)
+def print_roofline(
+    label: str, items_per_s: float, flops_per_item: float, unit: str = "items", cpu_time: bool = False
+) -> float:
+    frac = roofline(items_per_s, flops_per_item, cpu_time)
+    per = " per CPU-second" if cpu_time else ""
     print(
-        f"{label}: {items_per_s:.1f} {unit}/s x {flops_per_item / 1e9:.3f} GFLOP = "
-        f"{items_per_s * flops_per_item / 1e9:.1f} GFLOP/s; GEMM limit {gemm_gflops():.0f} GFLOP/s "
-        f"({_threads()} threads): roofline_fraction={frac:.3f}",
+        f"{label}: {items_per_s:.1f} {unit}/s{per} x {flops_per_item / 1e9:.3f} GFLOP = "
+        f"{items_per_s * flops_per_item / 1e9:.1f} GFLOP/s; GEMM limit {gemm_gflops(cpu_time=cpu_time):.0f} "
+        f"GFLOP/s{per} ({_threads()} threads): roofline_fraction={frac:.3f}",
         flush=True,
     )
     return frac

@@ -234,3 +234,24 @@ def test_overfits_random_pairs(one_thread):
         out = model(batch)
     recall_at_1 = (out["image"] @ out["text"].T).argmax(dim=1).eq(torch.arange(n)).float().mean().item()
     assert recall_at_1 == 1.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_unpadded_shortcut_is_bit_identical_in_training(variant, monkeypatch):
+    """A batch without padding skips the masked_fill and the attention mask on the CPU: the embeddings,
+    gradients and dropout draws must be exactly those of the masked path."""
+    import lightcrl.model as model_mod
+
+    tokens = torch.randn(4, 6, DIMS["image"], generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    runs = []
+    for force_mask in (False, True):
+        if force_mask:
+            monkeypatch.setattr(model_mod, "_may_pad", lambda m: True)
+        model = _model(**variant, dropout=0.1).train()
+        torch.manual_seed(1)
+        emb = model.encode("image", tokens, mask)
+        emb.pow(2).sum().backward()
+        runs.append((emb.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lightcrl import store as store_mod
 from lightcrl.embed import EmbedOptions, cached_store, embed
@@ -30,6 +31,12 @@ def test_store_roundtrip_ragged_and_padded(tmp_path, pairs_csv):
     assert tok.dtype == np.float16 and tok.shape == (80, 5, 12)
     assert (mask.sum(1) == lengths).all()
     assert (tok[~mask] == 0).all()  # padding is zero
+    # the model's read casts to float32 while gathering: the same values, the same mask, cut or not
+    for cut in (None, 3):
+        t16, m16 = s.tokens(np.arange(80), cut)
+        t32, m32 = s.batch(np.arange(80), cut)
+        assert t32.dtype == torch.float32 and np.array_equal(t32.numpy(), t16.astype(np.float32))
+        assert np.array_equal(m32.numpy(), m16)
     # pooled excludes padding: equals the mean over real tokens (fp16 storage tolerance)
     pooled = s.pooled()
     manual = (tok.astype(np.float32) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)

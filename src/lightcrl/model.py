@@ -244,7 +244,8 @@ class LightCRLModel(nn.Module):
         """
         tokens, mask = self._check_inputs(modality, tokens, mask)
         # Zero padding on entry so no value there (even NaN/inf from a cache) can reach the output.
-        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if _may_pad(mask):
+            tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
         if self.cfg.arch == "anchors":
             return self.anchors.embed(modality, masked_mean(tokens, mask), exclude)
         if self.cfg.arch == "csa":
@@ -281,7 +282,7 @@ class LightCRLModel(nn.Module):
             x, mask = _prepend(self.cls_token.expand(x.shape[0], -1), x, mask)
         # A row without any real token would have every attention key masked (NaN): let it attend to its
         # padding instead; its pooled output is zero (mean) or the CLS token, either way finite.
-        key_padding = ~mask & mask.any(dim=1, keepdim=True)
+        key_padding = ~mask & mask.any(dim=1, keepdim=True) if _may_pad(mask) else None
         x = self.dfe(x, src_key_padding_mask=key_padding)
         return x[:, 0] if self.cfg.pool == "cls" else masked_mean(x, mask)
 
@@ -362,6 +363,19 @@ def _fixed_map(in_dim: int, out_dim: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(1_000_003 + seed)
     q, _ = torch.linalg.qr(torch.randn(max(in_dim, out_dim), min(in_dim, out_dim), generator=gen))
     return q.T.contiguous() if out_dim < in_dim else q.contiguous()
+
+
+def _may_pad(mask: Tensor) -> bool:
+    """Whether ``mask`` may hold padding. Checked on the CPU only, where it costs one small reduction and
+    spares a copy of the batch (masked_fill) and the attention-mask arithmetic when nothing is padded
+    (image tokens never are): the result is bit-identical. On a GPU the check would sync every step, and
+    a traced or exported graph (ONNX export) must keep the masking for any input, so there it always
+    runs."""
+    if mask.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    if torch.compiler.is_exporting():
+        return True
+    return not bool(mask.all())
 
 
 def _prepend(token: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

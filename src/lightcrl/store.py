@@ -163,14 +163,19 @@ class FeatureStore:
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         return shard, indices - self._starts[shard]
 
-    def tokens(self, indices, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Padded tokens [B, T, D] float16 and mask [B, T] bool for the given items (T = longest in batch)."""
+    def tokens(
+        self, indices, max_tokens: int | None = None, dtype=np.float16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Padded tokens [B, T, D] and mask [B, T] bool for the given items (T = longest in batch).
+
+        ``dtype``: float16 (as stored) or the model's float32, cast while each item is copied out of the
+        memmap (one pass over the batch; the padding comes zeroed from the allocator)."""
         indices = np.asarray(indices, np.int64)
         lengths = self.lengths[indices]
         if max_tokens:
             lengths = np.minimum(lengths, max_tokens)
         T = int(lengths.max()) if len(indices) else 0
-        out = np.zeros((len(indices), T, self.dim), np.float16)
+        out = np.zeros((len(indices), T, self.dim), dtype)
         mask = np.arange(T)[None, :] < lengths[:, None]
         shards, local = self._locate(indices)
         for row, (s, i, n) in enumerate(zip(shards, local, lengths)):
@@ -179,11 +184,11 @@ class FeatureStore:
         return out, mask
 
     def batch(self, indices, max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens as float32 tensor + bool mask: the model's input."""
+        """Tokens as float32 tensor + bool mask: the model's input (no float16 copy in between)."""
         import torch
 
-        tok, mask = self.tokens(indices, max_tokens)
-        return torch.from_numpy(tok).float(), torch.from_numpy(mask)
+        tok, mask = self.tokens(indices, max_tokens, dtype=np.float32)
+        return torch.from_numpy(tok), torch.from_numpy(mask)
 
     def skipped(self) -> list[dict]:
         return self.manifest.get("skipped", [])
