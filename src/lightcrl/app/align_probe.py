@@ -10,6 +10,7 @@ reused by later probes and by training on the same sample); the score uses the p
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ def align_probe(opts: ProbeOptions) -> ProbeResult:
     for enc in media + text:
         t = time.perf_counter()
         stores[enc.name] = cached_store(enc, opts.pairs, opts.split, eopts)
+        enc.release()  # one model in memory at a time (the registry keeps every encoder object)
+        gc.collect()
         log.info("align-probe: %s store ready in %.1fs", enc.name, time.perf_counter() - t)
     # the pairs every store kept (a corrupt image is skipped by the media stores)
     pairs = [(m.id, chosen[m.id]) for m in ds.media_records() if m.id in chosen]

@@ -121,6 +121,11 @@ class FrozenEncoder:
             self._model = model
         return self._model
 
+    def release(self) -> None:
+        """Drop the loaded model and ONNX Runtime session (rebuilt on next use): for a process that runs
+        many encoders in turn (``lightcrl align-probe``), which would otherwise hold them all."""
+        self._model, self._onnx = None, None
+
     @torch.inference_mode()
     def encode_batch(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
         if self.backend == "onnx":
