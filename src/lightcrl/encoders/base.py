@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lightcrl.devices import autocast, resolve_device
+from lightcrl.errors import LightCRLError
 from lightcrl.features import masked_mean  # noqa: F401  (re-exported: encoders pool with it)
 from lightcrl.paths import cache_dir
 
@@ -44,6 +45,12 @@ class FrozenEncoder:
     fast_backend: str = "eager"
     # Why there is no ONNX path where ``graph_inputs`` is empty (`lightcrl export --full` says it).
     no_graph_reason: str = "it declares no ONNX graph inputs (graph_inputs)"
+    # Intermediate layers (``NAME@LAYER``, see lightcrl.encoders.split_layer): ``layer`` is the selected
+    # one (None = the encoder's default output, ``final_layer``); ``layers()`` the others it can output;
+    # ``probe_layers`` the few that ``lightcrl align-probe`` tries by default.
+    layer: str | None = None
+    final_layer: str = ""
+    probe_layers: tuple[str, ...] = ()
 
     def __init__(self, device: str | torch.device | None = "auto", backend: str = "auto"):
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
@@ -81,6 +88,31 @@ class FrozenEncoder:
         """What decides the features: weights and preprocessing (not the backend). Keys the ONNX cache."""
         raise NotImplementedError
 
+    def layers(self) -> list[str]:
+        """The intermediate layers this encoder can output instead of its default one (none by default)."""
+        return []
+
+    def select_layer(self, layer: str) -> None:
+        """Output ``layer`` instead of the default: the name becomes ``NAME@LAYER`` and the identity
+        records the layer, so its stores (and ONNX graph) never mix with the default's or another layer's."""
+        valid = self.layers()
+        if self.final_layer and layer == self.final_layer:
+            raise LightCRLError(
+                f"{self.name}@{layer} is {self.name}'s default output: write {self.name!r} (one name per "
+                "feature set, so the stores of the default stay shared)"
+            )
+        if layer not in valid:
+            hint = f"valid layers: {', '.join(valid)}" if valid else "it has no selectable layers"
+            raise LightCRLError(f"encoder {self.name} has no layer {layer!r}; {hint}")
+        self.layer = layer
+        self.name = f"{self.name}@{layer}"
+        self._model, self._onnx = None, None
+
+    def _layer_identity(self) -> dict:
+        """The identity's layer entry: empty for the default output, so its identity (and every store made
+        before layers existed) is unchanged."""
+        return {"layer": self.layer} if self.layer else {}
+
     def store_identity(self) -> dict:
         """``identity()`` plus the backend that computes the features: recorded in (and hashed into) every
         store, so a store of one backend is never silently read as the other's."""
@@ -95,6 +127,11 @@ class FrozenEncoder:
                 p.requires_grad_(False)
             self._model = model
         return self._model
+
+    def release(self) -> None:
+        """Drop the loaded model and ONNX Runtime session (rebuilt on next use): for a process that runs
+        many encoders in turn (``lightcrl align-probe``), which would otherwise hold them all."""
+        self._model, self._onnx = None, None
 
     @torch.inference_mode()
     def encode_batch(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:

@@ -91,11 +91,22 @@ class _ImageEncoder(FrozenEncoder):
 
 
 class EfficientNetLite0(_ImageEncoder):
-    """EfficientNet-Lite0 (ImageNet): tokens are the 7x7 map of the last conv (49 x 1280)."""
+    """EfficientNet-Lite0 (ImageNet): tokens are the 7x7 map of the last conv (49 x 1280).
+
+    Intermediate layers: ``efficientnet-lite0@blockN``, the output of MBConv block N (0-based, as in the
+    package's ``_blocks``) of the last two stages (output stride 16 and 32: blocks 8-15, 14x14 and 7x7
+    maps); tokens = that map's positions, pooled = their mean. The default (``head``) is the final 1x1
+    conv after block 15.
+    """
 
     name = "efficientnet-lite0"
     modality = "image"
     dim = 1280
+    final_layer = "head"
+    #: channels of the selectable blocks' outputs (checked against the model in tests/test_layers.py)
+    block_channels = {8: 112, 9: 112, 10: 112, 11: 192, 12: 192, 13: 192, 14: 192, 15: 320}
+    probe_layers = ("block10", "block14", "block15")  # the ends of the last three stages
+    _tokens = "last conv map 7x7, pooled = spatial mean"
     graph_inputs = {"pixels": {0: "batch"}}
     fast_backend = "onnx"  # 5x eager on 2 CPU cores, max abs diff ~3e-5 (docs/benchmarks.md)
     # The weights' own preprocessing: (x*255 - 127) / 128.
@@ -118,20 +129,43 @@ class EfficientNetLite0(_ImageEncoder):
         model.load_state_dict(state)  # strict: every tensor present, none unexpected
         return model.to(memory_format=torch.channels_last)
 
+    def layers(self) -> list[str]:
+        return [f"block{i}" for i in self.block_channels]
+
+    def select_layer(self, layer: str) -> None:
+        super().select_layer(layer)
+        self.dim = self.block_channels[int(layer.removeprefix("block"))]
+
     def _forward(self, model, batch):
         x = batch["pixels"].contiguous(memory_format=torch.channels_last)
-        fmap = model.extract_features(x)  # [B, 1280, 7, 7]
-        tokens = fmap.flatten(2).transpose(1, 2)  # [B, 49, 1280]
+        if self.layer is None:
+            fmap = model.extract_features(x)  # [B, 1280, 7, 7]
+        else:
+            fmap = _blocks_up_to(model, x, int(self.layer.removeprefix("block")))  # [B, C, h, w]
+        tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]: [B, 49, 1280] by default
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return EncoderOutput(tokens, mask, tokens.mean(1))
 
     def identity(self) -> dict:
+        tokens = self._tokens if self.layer is None else f"{self.layer} output map, pooled = spatial mean"
         return {
             "encoder": self.name,
             "weights": file_digest([self.weights_path()]),
             "transform": asdict(self._transform),
-            "tokens": "last conv map 7x7, pooled = spatial mean",
+            "tokens": tokens,
+            **self._layer_identity(),
         }
+
+
+def _blocks_up_to(model, x: torch.Tensor, last: int) -> torch.Tensor:
+    """The output of MBConv block ``last`` of an efficientnet_lite_pytorch model: its ``extract_features``
+    (stem, then the blocks with the same drop-connect arguments, a no-op in eval) stopped before the head."""
+    x = model._swish(model._bn0(model._conv_stem(x)))
+    n = len(model._blocks)
+    for idx, block in enumerate(model._blocks[: last + 1]):
+        rate = model._global_params.drop_connect_rate
+        x = block(x, drop_connect_rate=rate * float(idx) / n if rate else rate)
+    return x
 
 
 class HFVisionEncoder(_ImageEncoder):

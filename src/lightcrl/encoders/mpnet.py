@@ -132,4 +132,5 @@ class MPNetBase(HFTextEncoder):
             "weights": ZIP_SHA256,  # every part and the joined zip were verified against it
             "max_length": self.max_length,
             "pooling": "masked mean",
+            **self._layer_identity(),
         }

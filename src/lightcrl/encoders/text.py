@@ -66,7 +66,11 @@ def clean_text(text: str) -> str:
 
 
 class HFTextEncoder(FrozenEncoder):
-    """Any transformers text model: tokens = last hidden state, pooled = masked mean over real tokens."""
+    """Any transformers text model: tokens = last hidden state, pooled = masked mean over real tokens.
+
+    Intermediate layers: ``NAME@layerK`` (1 <= K < the model's layer count) outputs ``hidden_states[K]``,
+    the output of transformer layer K (``hidden_states[0]`` being the embeddings), pooled the same way.
+    """
 
     modality = "text"
     graph_inputs = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
@@ -83,14 +87,41 @@ class HFTextEncoder(FrozenEncoder):
         self.max_length = max_length
         self._collate = TextCollator(self.model_id, max_length)
 
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.config, "num_hidden_layers", 0) or 0)
+
+    @property
+    def final_layer(self) -> str:  # type: ignore[override]
+        return f"layer{self.n_layers}"
+
+    @property
+    def probe_layers(self) -> tuple[str, ...]:  # type: ignore[override]
+        """From half depth up, about 3 of them: MiniLM-L6 3, 4, 5; a 12-layer model 6, 8, 10."""
+        n = self.n_layers
+        return tuple(f"layer{k}" for k in range(max(1, n // 2), n, max(1, n // 6)))
+
+    def layers(self) -> list[str]:
+        return [f"layer{k}" for k in range(1, self.n_layers)]
+
     def _load(self):
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(self.model_id)
+        model = AutoModel.from_pretrained(self.model_id)
+        stack = getattr(getattr(model, "encoder", None), "layer", None)
+        if self.layer is not None and isinstance(stack, torch.nn.ModuleList):
+            # BERT-like stacks: layers past K never reach hidden_states[K], so they are not run
+            model.encoder.layer = stack[: int(self.layer.removeprefix("layer"))]
+        return model
 
     def _forward(self, model, batch):
         mask = batch["attention_mask"].bool()
-        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        if self.layer is None:
+            h = model(input_ids=ids, attention_mask=att).last_hidden_state
+        else:
+            out = model(input_ids=ids, attention_mask=att, output_hidden_states=True)
+            h = out.hidden_states[int(self.layer.removeprefix("layer"))]
         return EncoderOutput(h, mask, masked_mean(h, mask))
 
     @property
@@ -113,6 +144,7 @@ class HFTextEncoder(FrozenEncoder):
             "weights": _hf_weights_identity(self.model_id, self.config),
             "max_length": self.max_length,
             "pooling": "masked mean",
+            **self._layer_identity(),
         }
 
 
@@ -140,4 +172,5 @@ class MiniLML6(HFTextEncoder):
             "weights": file_digest([self.local_dir / "model.safetensors"]),
             "max_length": self.max_length,
             "pooling": "masked mean",
+            **self._layer_identity(),
         }

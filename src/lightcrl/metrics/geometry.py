@@ -126,10 +126,7 @@ def knn_overlap(before: Any, after: Any, k: int = 10, max_points: int = 5000, se
         x, y = x[rows], y[rows]
         k = min(k, len(x) - 1)
 
-    def knn(z: np.ndarray) -> np.ndarray:
-        sim = z @ z.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argpartition(-sim, k, axis=1)[:, :k]
+    # the same score as align-probe's mutual kNN, here between one modality before and after training
+    from lightcrl.metrics.alignment import mutual_knn  # alignment imports this module
 
-    nx, ny = knn(x), knn(y)
-    return float(np.mean([len(np.intersect1d(a, b, assume_unique=True)) / k for a, b in zip(nx, ny)]))
+    return mutual_knn(x, y, k)
