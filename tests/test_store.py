@@ -176,3 +176,28 @@ def test_text_encoder_on_classification_dataset_is_a_clear_error(tmp_path):
         Image.new("RGB", (4, 4)).save(tmp_path / "f" / cls / "a.png")
     with pytest.raises(LightCRLError, match="no captions"):
         embed("toy-text", f"imagefolder:{tmp_path / 'f'}", None, tmp_path / "o", EmbedOptions(num_workers=0))
+
+
+def test_cached_store_waits_for_another_process_building_it(pairs_csv):
+    """Two processes sharing the cache build a store once: the second waits on the store's lock file
+    (held here, as a first builder would), then reuses what the first wrote."""
+    import shutil
+    import threading
+
+    from lightcrl.io import locked
+
+    opts = EmbedOptions(shard_size=16, batch_size=8, num_workers=0)
+    first = cached_store("toy-image", pairs_csv, None, opts)
+    out = first.dir
+    shutil.rmtree(out)
+    result = {}
+    with locked(out.parent / f".{out.name}.lock"):
+        def build():
+            result["store"] = cached_store("toy-image", pairs_csv, None, opts)
+
+        waiter = threading.Thread(target=build)
+        waiter.start()
+        waiter.join(timeout=2.0)
+        assert waiter.is_alive() and not (out / "manifest.json").exists()  # waiting, not building
+    waiter.join(timeout=60)
+    assert result["store"].fingerprint == first.fingerprint

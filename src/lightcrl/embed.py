@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightcrl.data.records import Record
 from lightcrl.encoders import FrozenEncoder, get_encoder
 from lightcrl.errors import LightCRLError, SkipItem, StoreMismatch
-from lightcrl.io import write_json
+from lightcrl.io import locked, write_json
 from lightcrl.paths import cache_dir
 from lightcrl.store import (
     STORE_VERSION,
@@ -472,6 +472,15 @@ def cached_store(
         ":", "_"
     )
     out = cache_dir() / "stores" / f"{label}-{slug}"
+    if world > 1:  # the ranks coordinate through barriers (a lock held by rank 0 would deadlock them)
+        return _cached_store(enc, data_spec, split, opts, rank, world, plan, out)
+    # Separate processes sharing the cache (two trainings, a grid and a server) build a store once: the
+    # second waits for the first, then reuses its store instead of deleting the other's temp files.
+    with locked(out.parent / f".{out.name}.lock"):
+        return _cached_store(enc, data_spec, split, opts, rank, world, plan, out)
+
+
+def _cached_store(enc, data_spec, split, opts, rank, world, plan, out: Path) -> FeatureStore:
     if (out / "manifest.json").exists():
         try:
             store = FeatureStore(out)

@@ -44,6 +44,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing), so two processes do
+    not build or update the same thing at once; the second waits for the first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; writes are still atomic per file
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, default=_json_default)

@@ -10,7 +10,6 @@ run and folder state), so a repeated query costs one text encoding and a matrix 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import html
 import io
@@ -18,7 +17,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from lightcrl.errors import LightCRLError
-from lightcrl.io import read_json, save_npy, write_json, write_text
+from lightcrl.io import locked, read_json, save_npy, write_json, write_text
 from lightcrl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -88,23 +86,6 @@ def list_media(folder: Path, modality: str = "image") -> dict[str, tuple[int, in
             # an empty file too: it fails to decode and is counted as unreadable, not ignored
             found[p.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
     return found
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so two searches do not update one index at the same time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks, updates are still atomic per file
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class FolderIndex:
@@ -183,7 +164,7 @@ class FolderIndex:
             raise LightCRLError(f"indexing {self.modality} needs an {self.modality} encoder, "
                                 f"{self.encoder_name} is {enc.modality}")
         fp = enc.fingerprint()
-        with _locked(self.dir / ".lock"):
+        with locked(self.dir / ".lock"):
             old = self._load(fp) or {}
             current = list_media(self.folder, self.modality)
             old_files = {f["path"]: f for f in old.get("files", [])}
