@@ -150,7 +150,8 @@ class OnnxForward:
         if not path.exists():
             export_graph(encoder, sample, path)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()  # the same cores torch would use
+        # the same cores torch would use, unless the extraction chose (embed.default_forward_threads)
+        so.intra_op_num_threads = getattr(encoder, "forward_threads", None) or torch.get_num_threads()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Threads sleep instead of spinning between ops: decoding shares the cores (see embed.py).
