@@ -355,10 +355,11 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
 
     # ONNX Runtime releases the GIL and its threads sleep between operators: without worker processes,
     # decode the next batch in a thread while this one runs; with them, the fp16 conversion and the shard
-    # writes run in a thread instead (measured in benchmarks/extract.py). Eager torch keeps them in turn.
+    # writes run in a thread instead (a writer thread beside the decode thread measured slower under
+    # load: benchmarks/extract.py). Eager torch keeps them in turn.
     fast = getattr(enc, "backend", "eager") == "onnx"
     overlap = PREFETCH_THREAD and workers == 0 and fast
-    writer = _Writer(background=BACKGROUND_WRITES and fast)
+    writer = _Writer(background=BACKGROUND_WRITES and workers > 0 and fast)
     current: _Shard | None = None
     try:
         for positions, batch, skips in _prefetched(loader) if overlap else loader:
@@ -394,7 +395,7 @@ class _Shard:
     skipped: list = field(default_factory=list)
 
 
-# Conversions and shard writes in a background thread for the ONNX Runtime path (see _extract).
+# Conversions and shard writes in a background thread for the ONNX Runtime path with worker processes.
 BACKGROUND_WRITES = True
 
 
@@ -492,9 +493,11 @@ def plan_batches(
     return out
 
 
-# The ONNX Runtime path on CPU: decoding processes and the forward's intra-op threads, as measured on
-# 2 shared cores (benchmarks/extract.py; docs/benchmarks.md): TO_MEASURE.
-ONNX_DECODE_WORKERS = 1
+# The ONNX Runtime path on CPU: decoding processes and the forward's intra-op threads. Measured on the 2
+# shared cores under load 28-33 (256 CIFAR-10 images, 3 interleaved rounds, median; docs/benchmarks.md):
+# decoding in a thread of this process 9.5 images/s, 1 worker process + 2 ORT threads 8.3, 1 + 1 5.5. So
+# no worker process by default; a quiet machine has not been measured (--workers 1 to try it).
+ONNX_DECODE_WORKERS = 0
 ONNX_FORWARD_THREADS: int | None = None  # None: torch's thread count
 
 
@@ -508,7 +511,8 @@ def default_workers(enc: FrozenEncoder) -> int:
     the forward pass alone, one worker at 0.92 when the machine was quiet and 0.65 once other jobs ran.
     So eager on CPU: workers only for cores torch does not use (e.g. with ``torch.set_num_threads(1)``).
     ONNX Runtime's threads sleep between operators instead of waiting for each other, and its forward is
-    5x faster, so decoding must keep up: ``ONNX_DECODE_WORKERS`` processes (when there are 2+ cores).
+    5x faster, so decoding must keep up: ``ONNX_DECODE_WORKERS`` processes (when there are 2+ cores; 0 as
+    measured so far: then a thread of this process decodes the next batch during the forward).
     """
     cores = os.cpu_count() or 1
     if enc.device.type == "cpu":
