@@ -6,8 +6,9 @@
     .venv/bin/python benchmarks/extract.py --limit 200 --max-load 99     # quick look on a busy machine
     .venv/bin/python benchmarks/extract.py --grid 0:2,1:2,1:1,2:1   # decoding processes x ORT threads
 
-Paths compared, each ``lightcrl.embed.embed`` end to end into a fresh store with a fresh cache (listing,
-decoding, forward, fp16 conversion, shard write, manifest), same items, same batch size:
+Paths compared, each ``lightcrl.embed.embed`` end to end into a fresh store with a fresh cache (only
+exported ONNX graphs, keyed by identity, are reused; listing, decoding, forward, fp16 conversion, shard
+write, manifest), same items, same batch size:
 
 - ``default``: ``EmbedOptions()`` as shipped (``--encoder-backend auto``; text batches bucketed by length);
 - ``eager``: the path before encoder backends, ``encoder_backend="eager"`` and no length bucketing;
