@@ -314,7 +314,8 @@ def encoder_flops_per_item(enc, batches: list[dict]) -> float:
     padding that the batches carry counts, as the forward computes it)."""
     import torch
 
-    n = sum(len(next(iter(b.values()))) for b in batches)
+    # items per batch: the shortest leading dimension (aisfx also passes its clips' blocks, [blocks, ...])
+    n = sum(min(len(v) for v in b.values()) for b in batches)
     with torch.inference_mode():
         return sum(count_flops(enc._forward, enc.model, b) for b in batches) / n
 

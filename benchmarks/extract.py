@@ -4,14 +4,17 @@
     .venv/bin/python benchmarks/extract.py --encoder minilm-l6      # 1,000 Flickr8k dev captions
     .venv/bin/python benchmarks/extract.py --encoder aisfx --limit 200   # ESC-10 clips
     .venv/bin/python benchmarks/extract.py --limit 200 --max-load 99     # quick look on a busy machine
+    .venv/bin/python benchmarks/extract.py --grid 0:2,1:2,1:1,2:1   # decoding processes x ORT threads
 
-Paths compared, each ``lightcrl.embed.embed`` end to end into a fresh store with a fresh cache (listing,
-decoding, forward, fp16 conversion, shard write, manifest), same items, same batch size:
+Paths compared, each ``lightcrl.embed.embed`` end to end into a fresh store with a fresh cache (only
+exported ONNX graphs, keyed by identity, are reused; listing, decoding, forward, fp16 conversion, shard
+write, manifest), same items, same batch size:
 
 - ``default``: ``EmbedOptions()`` as shipped (``--encoder-backend auto``; text batches bucketed by length);
 - ``eager``: the path before encoder backends, ``encoder_backend="eager"`` and no length bucketing;
 - ``eager+buckets`` (text): the eager backend with length bucketing, to separate the two gains;
-- ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path, measured too.
+- ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path, measured too;
+- ``wW:tT`` (``--grid``): the default backend with W decoding processes and T ONNX Runtime threads.
 
 Also the default path's forward pass alone (``encoder.encode_batch`` on the same batches, decoded in
 advance). Every round times ``forward, default, eager[, onnx]``, and a last forward pass closes the run,
@@ -55,12 +58,25 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: embed's)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of forward, default, eager (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
+    p.add_argument(
+        "--grid",
+        default="",
+        help="also time the default backend with these decoding processes x ONNX Runtime threads, "
+        "e.g. 0:2,1:2,1:1,2:1 (workers:threads), in the same interleaved rounds",
+    )
     common.add_load_args(p)
     args = p.parse_args(argv)
 
     import torch
 
-    from lightcrl.embed import EmbedOptions, default_workers, embed, plan_batches, plan_store
+    from lightcrl.embed import (
+        EmbedOptions,
+        default_forward_threads,
+        default_workers,
+        embed,
+        plan_batches,
+        plan_store,
+    )
     from lightcrl.encoders import get_encoder
 
     common.quiet()
@@ -68,7 +84,13 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     tmp_ctx = tempfile.TemporaryDirectory(prefix="lightcrl-bench-extract-")
     tmp = Path(tmp_ctx.name)
-    os.environ["LIGHTCRL_CACHE"] = str(tmp / "cache")  # nothing reused from an earlier run
+    from lightcrl.paths import cache_dir
+
+    graphs = sorted((cache_dir() / "onnx").glob("*.onnx"))  # exported graphs (keyed by identity): reused
+    os.environ["LIGHTCRL_CACHE"] = str(tmp / "cache")  # no store reused from an earlier run
+    (tmp / "cache" / "onnx").mkdir(parents=True)
+    for g in graphs:
+        (tmp / "cache" / "onnx" / g.name).symlink_to(g)
     fast = get_encoder(args.encoder, device="cpu")
     folder, kind, split = DEFAULT_DATA[fast.modality]
     spec = args.data or f"{kind}:{common.data_root() / folder}"
@@ -90,6 +112,10 @@ def main(argv=None) -> None:
             get_encoder(args.encoder, device="cpu", backend="onnx"),
             replace(base, encoder_backend="onnx"),
         )
+
+    for cell in filter(None, args.grid.split(",")):  # how the decoding and the forward share the cores
+        w, t = (int(x) for x in cell.split(":"))
+        paths[f"w{w}:t{t}"] = (fast, replace(base, num_workers=w, forward_threads=t))
 
     # The default path's batches, decoded in advance, for its forward pass alone.
     plan = plan_store(fast, spec, split, base)
@@ -135,10 +161,12 @@ def main(argv=None) -> None:
     tmp_ctx.cleanup()
 
     workers = base.num_workers if base.num_workers is not None else f"default ({default_workers(fast)})"
+    threads = default_forward_threads(fast) or torch.get_num_threads()
     unit = {"image": "images", "text": "captions", "audio": "clips"}[fast.modality]
     print(
         f"encoder {args.encoder}, {n} {unit} of {spec} [{split}], batch {args.batch_size}, torch threads "
         f"{torch.get_num_threads()}, embed workers {workers}; default backend {fast.backend}"
+        + (f" ({threads} threads)" if fast.backend == "onnx" else "")
     )
     print(f"set-up (weights, ONNX export, warm-up passes; not timed): {t_setup[0]:.1f} s")
     rate = lambda ts: n * len(ts) / sum(ts)  # noqa: E731
@@ -159,6 +187,11 @@ def main(argv=None) -> None:
     )
     print(f"ratio={statistics.median(ratios):.3f}")
     print(f"speedup per round (eager s / default s): {', '.join(f'{x:.2f}' for x in speedups)}")
+    before, after = rate(times["eager"]), rate(times["default"])
+    print(
+        f"before/after: eager {before:.1f} {unit}/s (roofline_fraction={common.roofline(before, flops):.3f})"
+        f" -> default {after:.1f} {unit}/s (roofline_fraction={common.roofline(after, flops):.3f})"
+    )
     common.headline("speedup", statistics.median(speedups), ".2f")
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_pairs_csv
 from toy_encoders import ToyImage
 
 from lightcrl.embed import EmbedOptions, cached_store, embed, plan_batches
 from lightcrl.encoders import get_encoder
 from lightcrl.encoders.backends import graph_path, onnx_available
 from lightcrl.errors import LightCRLError, StoreMismatch
+from lightcrl.store import completed_shards
 
 needs_onnx = pytest.mark.skipif(not onnx_available(), reason="onnxruntime/onnxscript not installed")
 
@@ -153,3 +155,114 @@ def test_prefetch_thread_keeps_order_and_raises_errors():
 
     with pytest.raises(OSError, match="disk gone"):
         list(_prefetched(broken()))
+
+
+# --------------------------------------------------------------- decode processes, background writes
+
+
+def _corrupt_pairs(tmp_path) -> str:
+    """The tiny colour pairs plus a zero-byte and a truncated image, in the middle of the listing."""
+    spec = make_pairs_csv(tmp_path / "pairs", n=30)
+    root = tmp_path / "pairs"
+    (root / "zero.png").write_bytes(b"")
+    (root / "cut.png").write_bytes((root / "img000.png").read_bytes()[:40])
+    rows = (root / "pairs.csv").read_text().splitlines()
+    rows[20:20] = ["zero.png,a broken image", "cut.png,a cut image"]
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return spec
+
+
+@needs_onnx
+def test_decode_processes_and_background_writes_keep_order_and_skips(tmp_path):
+    """The ONNX Runtime path with decoding worker processes and the writer thread writes the same store
+    as decoding in this process with writes in turn: same rows in record order, same skips, same bytes."""
+    import lightcrl.embed as embed_mod
+
+    spec = _corrupt_pairs(tmp_path)
+    opts = {"shard_size": 8, "batch_size": 3, "encoder_backend": "onnx", "progress": False}
+    par = embed("toy-image", spec, None, tmp_path / "par", EmbedOptions(num_workers=2, **opts))
+    embed_mod.BACKGROUND_WRITES, embed_mod.PREFETCH_THREAD = False, False
+    try:
+        seq = embed("toy-image", spec, None, tmp_path / "seq", EmbedOptions(num_workers=0, **opts))
+    finally:
+        embed_mod.BACKGROUND_WRITES, embed_mod.PREFETCH_THREAD = True, True
+    assert len(par.manifest["shards"]) == 4 and len(par) == 30
+    assert sorted(s["reason"] for s in par.skipped()) == ["corrupt_image", "empty_file"]
+    why = lambda store: [(s["id"], s["reason"], s["path"]) for s in store.skipped()]  # noqa: E731
+    assert why(par) == why(seq) and par.items.ids == seq.items.ids
+    for f in sorted(p.name for p in seq.dir.glob("shard_*.npy")):  # (the .json name a PIL object address)
+        assert (par.dir / f).read_bytes() == (seq.dir / f).read_bytes(), f
+
+
+@needs_onnx
+def test_write_error_in_the_writer_thread_fails_cleanly_then_resumes(tmp_path, monkeypatch):
+    import errno
+
+    import lightcrl.embed as embed_mod
+
+    spec = make_pairs_csv(tmp_path / "pairs", n=24)
+    opts = EmbedOptions(shard_size=4, batch_size=2, num_workers=1, encoder_backend="onnx", progress=False)
+    real = embed_mod.write_shard
+
+    def full_disk(out, index, *a):
+        if index == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(out, index, *a)
+
+    monkeypatch.setattr(embed_mod, "write_shard", full_disk)
+    with pytest.raises(LightCRLError, match="No space left on device.*rerun the same command to resume"):
+        embed("toy-image", spec, None, tmp_path / "s", opts)
+    assert 2 not in completed_shards(tmp_path / "s") and {0, 1} <= completed_shards(tmp_path / "s")
+    monkeypatch.setattr(embed_mod, "write_shard", real)
+    resumed = embed("toy-image", spec, None, tmp_path / "s", opts)
+    clean = embed("toy-image", spec, None, tmp_path / "clean", opts)
+    np.testing.assert_array_equal(resumed.pooled(), clean.pooled())
+
+
+def test_writer_runs_jobs_in_order_and_reraises():
+    from lightcrl.embed import _Writer
+
+    seen = []
+    w = _Writer(background=True, depth=2)
+    for i in range(20):
+        w.submit(seen.append, i)
+    w.close()
+    assert seen == list(range(20))
+
+    def fail(i):
+        if i == 3:
+            raise OSError("disk gone")
+        seen.append(i)
+
+    w = _Writer(background=True, depth=2)
+    with pytest.raises(OSError, match="disk gone"):
+        for i in range(50):
+            w.submit(fail, i)
+        w.close()
+    w.close()  # closing again after the error is harmless
+
+
+def test_image_transform_table_equals_the_float_formula(shared_data):
+    """The per-byte table gives exactly (x / 255 - mean) / std in float32, for any mean/std."""
+    from PIL import Image
+
+    from lightcrl.encoders.image import ImageTransform
+
+    img = Image.open(sorted((shared_data / "flickr8k" / "Images").glob("*.jpg"))[0]).convert("RGB")
+    for t in (ImageTransform(), ImageTransform(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))):
+        u8 = np.asarray(img.resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240)))
+        x = (u8.astype(np.float32) / 255.0 - np.asarray(t.mean, np.float32)) / np.asarray(t.std, np.float32)
+        assert np.array_equal(t(img).numpy(), x.transpose(2, 0, 1))
+
+
+@needs_onnx
+def test_audio_encoder_onnx_equals_eager(shared_data):
+    pytest.importorskip("aisfx")
+    clips = sorted((shared_data / "esc50").rglob("*.ogg"))[::500][:4]
+    if len(clips) < 4:
+        pytest.skip("ESC-50 not found")
+    sr = 22050  # a 1 s tone too: one zero-padded block, so the batch has clips of 1 and 3 blocks
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(sr) / sr)).astype(np.float32)
+    diff, cos = _compare("aisfx", [*clips, (tone, sr)])
+    assert diff < TOKENS_ATOL and cos > MIN_COSINE
+    assert get_encoder("aisfx", device="cpu").backend == "onnx"  # auto picks it on CPU

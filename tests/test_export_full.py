@@ -118,7 +118,7 @@ def test_readme_example_runs_the_full_export_without_torch(tiny_run, tmp_path, c
 
 @pytest.fixture
 def audio_run(tmp_path):
-    """A run over aisfx (audio) and toy-text: neither has an ONNX path. No weights are needed to refuse."""
+    """A run over aisfx (audio) and toy-text: neither exports from raw inputs (no weights needed)."""
     import toy_encoders  # noqa: F401  (registers toy-text)
     from safetensors.torch import save_file
 
@@ -141,7 +141,7 @@ def audio_run(tmp_path):
 def test_audio_is_refused_with_its_reason(audio_run, tmp_path):
     with pytest.raises(
         LightCRLError,
-        match="cannot export audio end to end: encoder aisfx has no ONNX path: .*boolean gather",
+        match="cannot export audio end to end: encoder aisfx has no ONNX path from raw inputs: .*librosa",
     ):
         export_full(audio_run, tmp_path / "a", modalities=["audio"])
     with pytest.raises(

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightcrl.data.records import Record
-from lightcrl.encoders import FrozenEncoder, get_encoder
+from lightcrl.encoders import EncoderOutput, FrozenEncoder, get_encoder
 from lightcrl.errors import LightCRLError, SkipItem, StoreMismatch
 from lightcrl.io import locked, write_json
 from lightcrl.paths import cache_dir
@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 class EmbedOptions:
     batch_size: int = 64
     shard_size: int = 2048
-    num_workers: int | None = None  # None: default_workers(): the cores the forward pass leaves free
+    num_workers: int | None = None  # None: default_workers(): decoding processes (measured per path)
+    # Intra-op threads of an ONNX Runtime forward; None: default_forward_threads() (measured).
+    forward_threads: int | None = None
     strict: bool = False
     limit: int | None = None
     seed: int = 0
@@ -312,13 +314,14 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     text_lengths = [len(p or "") for p in payloads] if bucketed else None
     batches = plan_batches(todo, size, bs, len(records), text_lengths)
     workers = opts.num_workers if opts.num_workers is not None else default_workers(enc)
+    enc.set_forward_threads(opts.forward_threads if opts.forward_threads else default_forward_threads(enc))
     loader = DataLoader(
         _Items(payloads, paths, enc.transform),
         batch_sampler=batches,
         collate_fn=_Collate(enc.collate),
         num_workers=workers,
         pin_memory=enc.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=(4 if enc.device.type == "cuda" else 2) if workers else None,
         persistent_workers=False,
     )
     total = sum(min((s + 1) * size, len(records)) - s * size for s in todo)
@@ -331,47 +334,114 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     )
     shard_of = lambda pos: pos // size
     positions_of = {r.id: i for i, r in enumerate(records)}
-    current, tokens, pooled, kept, skipped = None, [], [], [], []
 
-    def flush():
+    def add(shard: _Shard, positions: list[int], o: EncoderOutput) -> None:
+        lengths = o.mask.sum(1).cpu().numpy()
+        tok = o.tokens.cpu().numpy().astype(np.float16)  # numpy: one thread, no OpenMP join to wait on
+        shard.tokens.extend(tok[i, : lengths[i]] for i in range(len(positions)))
+        shard.pooled.append(o.pooled.cpu().numpy().astype(np.float32, copy=False))
+        shard.kept.extend(positions)
+
+    def flush(shard: _Shard) -> None:
+        kept, tokens, pooled = shard.kept, shard.tokens, shard.pooled
         order = sorted(range(len(kept)), key=kept.__getitem__)  # record order, whatever the batches were
         pooled_arr = np.concatenate(pooled)[order] if pooled else np.zeros((0, enc.dim), np.float32)
         write_shard(
             out,
-            current,
+            shard.index,
             [tokens[i] for i in order],
             pooled_arr,
             {
                 "kept": [kept[i] for i in order],
-                "skipped": sorted(skipped, key=lambda s: positions_of[s["id"]]),
+                "skipped": sorted(shard.skipped, key=lambda s: positions_of[s["id"]]),
                 "tokens": int(sum(t.shape[0] for t in tokens)),
             },
         )
 
-    # ONNX Runtime releases the GIL and its threads sleep between operators: decode the next batch in a
-    # thread while this one runs (measured in benchmarks/extract.py); eager torch keeps them in turn.
-    overlap = PREFETCH_THREAD and workers == 0 and getattr(enc, "backend", "eager") == "onnx"
-    for positions, batch, skips in _prefetched(loader) if overlap else loader:
-        first = positions[0] if positions else skips[0][0]
-        if current is not None and shard_of(first) != current:
-            flush()
-            tokens, pooled, kept, skipped = [], [], [], []
-        current = shard_of(first)
-        for pos, info in skips:
-            if opts.strict:
-                raise LightCRLError(f"bad input {info['path']}: {info['detail']} (--strict)")
-            skipped.append({"id": records[pos].id, **info})
-        if batch is not None:
-            o = enc.encode_batch(batch)
-            lengths = o.mask.sum(1).cpu().numpy()
-            tok = o.tokens.cpu().numpy().astype(np.float16)  # numpy: one thread, no OpenMP join to wait on
-            tokens.extend(tok[i, : lengths[i]] for i in range(len(positions)))
-            pooled.append(o.pooled.cpu().numpy().astype(np.float32, copy=False))
-            kept.extend(positions)
-        bar.update(len(positions) + len(skips))
-    if current is not None:
-        flush()
+    # ONNX Runtime releases the GIL and its threads sleep between operators: without worker processes,
+    # decode the next batch in a thread while this one runs; with them, the fp16 conversion and the shard
+    # writes run in a thread instead (a writer thread beside the decode thread measured slower under
+    # load: benchmarks/extract.py). Eager torch keeps them in turn.
+    fast = getattr(enc, "backend", "eager") == "onnx"
+    overlap = PREFETCH_THREAD and workers == 0 and fast
+    writer = _Writer(background=BACKGROUND_WRITES and workers > 0 and fast)
+    current: _Shard | None = None
+    try:
+        for positions, batch, skips in _prefetched(loader) if overlap else loader:
+            first = positions[0] if positions else skips[0][0]
+            if current is not None and shard_of(first) != current.index:
+                writer.submit(flush, current)
+                current = None
+            current = current or _Shard(shard_of(first))
+            for pos, info in skips:
+                if opts.strict:
+                    raise LightCRLError(f"bad input {info['path']}: {info['detail']} (--strict)")
+                current.skipped.append({"id": records[pos].id, **info})
+            if batch is not None:
+                writer.submit(add, current, positions, enc.encode_batch(batch))
+            bar.update(len(positions) + len(skips))
+        if current is not None:
+            writer.submit(flush, current)
+    except BaseException:
+        writer.close(reraise=False)  # this error is the one to report; finished shards are on disk
+        raise
+    writer.close()
     bar.close()
+
+
+@dataclass
+class _Shard:
+    """What one shard collects until it is written (in record order by flush)."""
+
+    index: int
+    tokens: list = field(default_factory=list)
+    pooled: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+
+# Conversions and shard writes in a background thread for the ONNX Runtime path with worker processes.
+BACKGROUND_WRITES = True
+
+
+class _Writer:
+    """Runs jobs in submission order, in one background thread or (``background=False``) at once.
+
+    At most ``depth`` jobs wait (each holds a batch's outputs); an error of a job is raised in the caller
+    at a later ``submit`` or at ``close``, which waits for every job: a shard handed to the writer is on
+    disk when extraction returns, and one interrupted by a kill is not marked complete (atomic writes).
+    """
+
+    def __init__(self, background: bool, depth: int = 3):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lightcrl-write") if background else None
+        self.pending: deque = deque()
+        self.depth = depth
+
+    def submit(self, fn: Callable, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.pending.append(self.pool.submit(fn, *args))
+        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
+            self.pending.popleft().result()
+
+    def close(self, reraise: bool = True) -> None:
+        if self.pool is None:
+            return
+        try:
+            while self.pending:
+                f = self.pending.popleft()
+                if reraise:
+                    f.result()
+                else:
+                    f.exception()  # waits; its error gives way to the caller's
+        finally:
+            for f in self.pending:
+                f.cancel()
+            self.pool.shutdown(wait=True)
 
 
 PREFETCH_THREAD = True
@@ -428,20 +498,40 @@ def plan_batches(
     return out
 
 
-def default_workers(enc: FrozenEncoder) -> int:
-    """DataLoader workers when none are asked for: the cores the encoder's forward pass leaves free.
+# The ONNX Runtime path on CPU: decoding processes and the forward's intra-op threads. Measured on the 2
+# shared cores under load 28-33 (256 CIFAR-10 images, 3 interleaved rounds, median; docs/benchmarks.md):
+# decoding in a thread of this process 9.5 images/s, 1 worker process + 2 ORT threads 8.3, 1 + 1 5.5. So
+# no worker process by default; a quiet machine has not been measured (--workers 1 to try it).
+ONNX_DECODE_WORKERS = 0
+ONNX_FORWARD_THREADS: int | None = None  # None: torch's thread count
 
-    With a GPU, decoding gets every core but one. On CPU the forward already runs on every core through
-    torch's intra-op threads, and a decoding worker process competes with them: each time it takes a core,
-    the OpenMP threads of the running layer wait for the pre-empted one. Measured on 2 shared cores
+
+def default_workers(enc: FrozenEncoder) -> int:
+    """DataLoader workers when none are asked for.
+
+    With a GPU, decoding gets every core but one. On CPU, eager torch already runs on every core through
+    its intra-op threads, and a decoding worker process competes with them: each time it takes a core, the
+    OpenMP threads of the running layer wait for the pre-empted one. Measured on 2 shared cores
     (efficientnet-lite0, 600 CIFAR-10 images): decoding in this process between batches ran at 0.94-0.96 of
     the forward pass alone, one worker at 0.92 when the machine was quiet and 0.65 once other jobs ran.
-    So on CPU: workers only for cores torch does not use (e.g. with ``torch.set_num_threads(1)``).
+    So eager on CPU: workers only for cores torch does not use (e.g. with ``torch.set_num_threads(1)``).
+    ONNX Runtime's threads sleep between operators instead of waiting for each other, and its forward is
+    5x faster, so decoding must keep up: ``ONNX_DECODE_WORKERS`` processes (when there are 2+ cores; 0 as
+    measured so far: then a thread of this process decodes the next batch during the forward).
     """
     cores = os.cpu_count() or 1
     if enc.device.type == "cpu":
+        if getattr(enc, "backend", "eager") == "onnx" and cores >= 2:
+            return ONNX_DECODE_WORKERS
         return max(0, cores - torch.get_num_threads())
     return max(1, cores - 1)
+
+
+def default_forward_threads(enc: FrozenEncoder) -> int | None:
+    """Intra-op threads for the encoder's ONNX Runtime session (None: torch's count, as before)."""
+    if getattr(enc, "backend", "eager") == "onnx" and enc.device.type == "cpu":
+        return ONNX_FORWARD_THREADS
+    return None
 
 
 def _report_skipped(manifest: dict) -> None:

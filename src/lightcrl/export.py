@@ -251,6 +251,7 @@ def export_full(run_dir: str | Path, out: str | Path | None = None, modalities: 
         raise LightCRLError("ONNX export needs onnx and onnxruntime: pip install 'lightcrl[export]'") from e
     from lightcrl.api import LightCRLPipeline
     from lightcrl.encoders.backends import ForwardGraph, export_module
+    from lightcrl.encoders.base import FrozenEncoder
 
     run_dir = Path(run_dir)
     pipe = LightCRLPipeline.from_run(run_dir, device="cpu", checkpoint=checkpoint, encoder_backend="eager")
@@ -266,8 +267,9 @@ def export_full(run_dir: str | Path, out: str | Path | None = None, modalities: 
     encoders = {}
     for mod in mods:
         enc = pipe.encoder(mod)
-        if not enc.graph_inputs:
-            reason = f"encoder {enc.name} has no ONNX path: {enc.no_graph_reason}"
+        # an encoder exports end to end when it has a graph AND describes, as data, how raw inputs reach it
+        if not enc.graph_inputs or type(enc).graph_preprocessing is FrozenEncoder.graph_preprocessing:
+            reason = f"encoder {enc.name} has no ONNX path from raw inputs: {enc.no_graph_reason}"
             if modalities:
                 raise LightCRLError(f"cannot export {mod} end to end: {reason}")
             result.skipped[mod] = reason

@@ -144,14 +144,15 @@ class AisfxFrontEnd:
 
 
 def collate_blocks(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pad clips to the most blocks in the batch; ``mask`` marks real blocks."""
+    """The clips' real blocks, concatenated (``blocks [N, frames, mels]``, clip by clip), and
+    ``block_mask [B, T]`` marking each clip's real blocks, T the most blocks of a clip in the batch: only real
+    blocks go through the CNN, and the graph has no data-dependent shape (ONNX-exportable)."""
     longest = max(x.shape[0] for x in items)
-    blocks = items[0].new_zeros((len(items), longest, *items[0].shape[1:]))
     mask = torch.zeros(len(items), longest, dtype=torch.bool)
     for i, x in enumerate(items):
-        blocks[i, : x.shape[0]] = x
         mask[i, : x.shape[0]] = True
-    return {"blocks": blocks, "mask": mask}
+    blocks = torch.from_numpy(np.concatenate([np.asarray(x) for x in items]))
+    return {"blocks": blocks, "block_mask": mask}
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -208,10 +209,11 @@ class AisfxEncoder(FrozenEncoder):
     name = "aisfx"
     modality = "audio"
     dim = 512
-    # Checked with torch.export (torch 2.x): the boolean gather fails with GuardOnDataDependentSymNode.
-    no_graph_reason = ("its forward runs the CNN on the real blocks only (a boolean gather whose size "
-                       "depends on the data, which torch.export refuses), and its log-mel front end "
-                       "(librosa STFT, soxr resampling) runs outside PyTorch")
+    graph_inputs = {"blocks": {0: "blocks"}, "block_mask": {0: "batch", 1: "clip_blocks"}}
+    fast_backend = "onnx"  # FAST_BACKEND_MEASURED
+    # The ONNX graph (extraction's fast path) starts from log-mel blocks, not from a waveform.
+    no_graph_reason = ("its log-mel front end (librosa STFT, soxr resampling) runs outside PyTorch, so its "
+                       "ONNX graph starts from log-mel blocks that only librosa computes")
 
     def __init__(self, device="auto", frontend: AisfxFrontEnd | None = None):
         super().__init__(device)
@@ -276,11 +278,13 @@ class AisfxEncoder(FrozenEncoder):
         return net
 
     def _forward(self, model, batch):
-        mask = batch["mask"].bool()
-        blocks = batch["blocks"]
-        out = model(blocks[mask].float())  # only real blocks go through the CNN
-        tokens = out.new_zeros((*mask.shape, out.shape[-1]))
-        tokens[mask] = out
+        mask = batch["block_mask"].bool()
+        out = model(batch["blocks"].float())  # [N, 512]: the real blocks only, clip by clip
+        # Block i of clip b is row (number of real blocks up to it) - 1: a gather, no data-dependent shape.
+        flat = mask.flatten()
+        rows = (torch.cumsum(flat.long(), 0) - 1).clamp(min=0)
+        tokens = out[rows] * flat.unsqueeze(1).to(out.dtype)
+        tokens = tokens.view(*mask.shape, out.shape[-1])
         return EncoderOutput(tokens, mask, masked_mean(tokens, mask))
 
     @property

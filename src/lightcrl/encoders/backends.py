@@ -94,8 +94,14 @@ class ForwardGraph(torch.nn.Module):
         return out.tokens, out.mask, out.pooled
 
 
+GRAPH_EXPORT_VERSION = 2  # bump when export_graph changes what it writes
+
+
 def graph_path(encoder: FrozenEncoder) -> Path:
-    what = {"identity": encoder.identity(), "torch": torch.__version__, "opset": OPSET}
+    # The graph's inputs and how it is exported key it too: a graph cached before a change of either
+    # (e.g. audio's block_mask, a batch axis exported at size 1) is never reused.
+    what = {"identity": encoder.identity(), "torch": torch.__version__, "opset": OPSET,
+            "inputs": encoder.graph_inputs, "export": GRAPH_EXPORT_VERSION}
     key = json.dumps(what, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     slug = encoder.name.replace("/", "_").replace(":", "_")
@@ -167,7 +173,8 @@ class OnnxForward:
         if not path.exists():
             export_graph(encoder, sample, path)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()  # the same cores torch would use
+        # the same cores torch would use, unless the extraction chose (embed.default_forward_threads)
+        so.intra_op_num_threads = getattr(encoder, "forward_threads", None) or torch.get_num_threads()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Threads sleep instead of spinning between ops: decoding shares the cores (see embed.py).

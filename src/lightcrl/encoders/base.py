@@ -64,6 +64,15 @@ class FrozenEncoder:
         self.backend = resolve_backend(self, backend)
         self._onnx = None
 
+    # Intra-op threads of the ONNX Runtime session; None: torch's thread count when the session starts.
+    forward_threads: int | None = None
+
+    def set_forward_threads(self, threads: int | None) -> None:
+        """Use ``threads`` for the ONNX Runtime forward (None: torch's count); a new session if it changes."""
+        if threads != self.forward_threads:
+            self.forward_threads = threads
+            self._onnx = None
+
     # -- to implement --------------------------------------------------------------------------
     def _load(self) -> torch.nn.Module:
         raise NotImplementedError
