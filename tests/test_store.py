@@ -201,3 +201,19 @@ def test_cached_store_waits_for_another_process_building_it(pairs_csv):
         assert waiter.is_alive() and not (out / "manifest.json").exists()  # waiting, not building
     waiter.join(timeout=60)
     assert result["store"].fingerprint == first.fingerprint
+
+
+def test_save_npy_rows_equals_saving_the_concatenation(tmp_path):
+    from lightcrl.io import save_npy_rows
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 7)).astype(np.float32) for n in (3, 0, 5)]
+    parts.append(rng.standard_normal((2, 7)).astype(np.float16))
+    save_npy_rows(tmp_path / "rows.npy", parts, np.float16, 7)
+    got = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    assert got.dtype == np.float16 and np.array_equal(got, np.concatenate(parts).astype(np.float16))
+    save_npy_rows(tmp_path / "empty.npy", [], np.float16, 4)
+    assert np.load(tmp_path / "empty.npy").shape == (0, 4)
+    with pytest.raises(ValueError, match="width 7"):
+        save_npy_rows(tmp_path / "bad.npy", [np.zeros((2, 6))], np.float16, 7)
+    assert not (tmp_path / "bad.npy").exists()  # atomic: nothing half-written is left

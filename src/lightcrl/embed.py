@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,9 @@ class EmbedOptions:
     num_workers: int | None = None  # None: default_workers(): decoding processes (measured per path)
     # Intra-op threads of an ONNX Runtime forward; None: default_forward_threads() (measured).
     forward_threads: int | None = None
+    # Batches in the ONNX Runtime forward at once, each on forward_threads threads; None:
+    # default_forward_streams() (measured: 2 streams x 1 thread on 2 cores).
+    forward_streams: int | None = None
     strict: bool = False
     limit: int | None = None
     seed: int = 0
@@ -314,7 +317,8 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     text_lengths = [len(p or "") for p in payloads] if bucketed else None
     batches = plan_batches(todo, size, bs, len(records), text_lengths)
     workers = opts.num_workers if opts.num_workers is not None else default_workers(enc)
-    enc.set_forward_threads(opts.forward_threads if opts.forward_threads else default_forward_threads(enc))
+    streams = opts.forward_streams or default_forward_streams(enc)
+    enc.set_forward_threads(opts.forward_threads or default_forward_threads(enc, streams))
     loader = DataLoader(
         _Items(payloads, paths, enc.transform),
         batch_sampler=batches,
@@ -337,7 +341,7 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
 
     def add(shard: _Shard, positions: list[int], o: EncoderOutput) -> None:
         lengths = o.mask.sum(1).cpu().numpy()
-        tok = o.tokens.cpu().numpy().astype(np.float16)  # numpy: one thread, no OpenMP join to wait on
+        tok = o.tokens.cpu().numpy().astype(np.float16, copy=False)  # float16 already (encode_batch)
         shard.tokens.extend(tok[i, : lengths[i]] for i in range(len(positions)))
         shard.pooled.append(o.pooled.cpu().numpy().astype(np.float32, copy=False))
         shard.kept.extend(positions)
@@ -367,7 +371,7 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     writer = _Writer(background=BACKGROUND_WRITES and workers > 0 and fast)
     current: _Shard | None = None
     try:
-        for positions, batch, skips in _prefetched(loader) if overlap else loader:
+        for positions, output, skips in encoded(_prefetched(loader) if overlap else loader, enc, streams):
             first = positions[0] if positions else skips[0][0]
             if current is not None and shard_of(first) != current.index:
                 writer.submit(flush, current)
@@ -377,8 +381,8 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
                 if opts.strict:
                     raise LightCRLError(f"bad input {info['path']}: {info['detail']} (--strict)")
                 current.skipped.append({"id": records[pos].id, **info})
-            if batch is not None:
-                writer.submit(add, current, positions, enc.encode_batch(batch))
+            if output is not None:
+                writer.submit(add, current, positions, output)
             bar.update(len(positions) + len(skips))
         if current is not None:
             writer.submit(flush, current)
@@ -447,6 +451,41 @@ class _Writer:
 PREFETCH_THREAD = True
 
 
+def encoded(batches: Iterable, enc: FrozenEncoder, streams: int = 1) -> Iterator:
+    """``(positions, EncoderOutput or None, skips)`` for each ``(positions, batch or None, skips)``, in order,
+    tokens in the store's float16.
+
+    With ``streams`` > 1 that many batches run through the forward at once, from a thread pool: ONNX
+    Runtime releases the GIL and one session may run from several threads. On 2 cores, 2 single-threaded
+    streams lose only the time the decoding thread takes, where one 2-threaded forward stalls at every
+    operator whose second thread the decoder pre-empted (docs/benchmarks.md).
+    """
+
+    def encode(batch):
+        return None if batch is None else enc.encode_batch(batch, tokens_dtype=torch.float16)
+
+    if streams <= 1:
+        for positions, batch, skips in batches:
+            yield positions, encode(batch), skips
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="lightcrl-forward")
+    try:
+        for positions, batch, skips in batches:
+            pending.append((positions, pool.submit(encode, batch), skips))
+            while len(pending) > streams:  # `streams` running, one more waiting for a free thread
+                positions, future, skips = pending.popleft()
+                yield positions, future.result(), skips
+        while pending:
+            positions, future, skips = pending.popleft()
+            yield positions, future.result(), skips
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _prefetched(iterable, depth: int = 2):
     """Iterate ``iterable`` in a background thread, ``depth`` items ahead; its errors re-raised here."""
     import queue
@@ -503,7 +542,10 @@ def plan_batches(
 # decoding in a thread of this process 9.5 images/s, 1 worker process + 2 ORT threads 8.3, 1 + 1 5.5. So
 # no worker process by default; a quiet machine has not been measured (--workers 1 to try it).
 ONNX_DECODE_WORKERS = 0
-ONNX_FORWARD_THREADS: int | None = None  # None: torch's thread count
+ONNX_FORWARD_THREADS: int | None = None  # None: torch's thread count, shared by the streams
+# Batches in the forward at once on CPU (each on torch's threads / streams). 1,000 CIFAR-10 images,
+# efficientnet-lite0, 2 cores: see docs/benchmarks.md, "Two forward streams".
+ONNX_FORWARD_STREAMS = 2
 
 
 def default_workers(enc: FrozenEncoder) -> int:
@@ -527,10 +569,21 @@ def default_workers(enc: FrozenEncoder) -> int:
     return max(1, cores - 1)
 
 
-def default_forward_threads(enc: FrozenEncoder) -> int | None:
-    """Intra-op threads for the encoder's ONNX Runtime session (None: torch's count, as before)."""
+def default_forward_streams(enc: FrozenEncoder) -> int:
+    """Batches in the forward at once: ``ONNX_FORWARD_STREAMS`` for ONNX Runtime on a CPU with as many
+    cores (no more streams than torch's threads), else 1 (eager torch already uses every core)."""
     if getattr(enc, "backend", "eager") == "onnx" and enc.device.type == "cpu":
-        return ONNX_FORWARD_THREADS
+        return max(1, min(ONNX_FORWARD_STREAMS, torch.get_num_threads(), os.cpu_count() or 1))
+    return 1
+
+
+def default_forward_threads(enc: FrozenEncoder, streams: int = 1) -> int | None:
+    """Intra-op threads for the encoder's ONNX Runtime session: torch's count shared by the streams
+    (None, for a single stream: torch's count when the session starts)."""
+    if getattr(enc, "backend", "eager") == "onnx" and enc.device.type == "cpu":
+        if ONNX_FORWARD_THREADS:
+            return ONNX_FORWARD_THREADS
+        return max(1, torch.get_num_threads() // streams) if streams > 1 else None
     return None
 
 

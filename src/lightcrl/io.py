@@ -89,6 +89,21 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def save_npy_rows(path: str | os.PathLike, parts: list[np.ndarray], dtype: Any, width: int) -> None:
+    """``save_npy(path, np.concatenate(parts).astype(dtype))`` without building the concatenation: the
+    header, then each part's rows as they are (a shard's tokens are ~125 MB for 1,000 images)."""
+    dtype = np.dtype(dtype)
+    rows = sum(int(a.shape[0]) for a in parts)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, width)}
+    with atomic_open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for a in parts:
+            if a.shape[1:] != (width,):
+                raise ValueError(f"rows of width {width} expected, got shape {a.shape}")
+            if a.size:
+                f.write(memoryview(np.ascontiguousarray(a, dtype).reshape(-1)).cast("B"))
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)

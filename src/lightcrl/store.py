@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lightcrl.errors import LightCRLError, StoreMismatch
-from lightcrl.io import read_json, save_npy, write_json
+from lightcrl.io import read_json, save_npy, save_npy_rows, write_json
 
 if TYPE_CHECKING:  # torch is imported where needed: writing and reading a store need numpy only
     import torch
@@ -63,12 +63,7 @@ def write_shard(
     dim = pooled.shape[1] if pooled.ndim == 2 and pooled.shape[0] else (tokens[0].shape[1] if tokens else 0)
     lengths = np.array([t.shape[0] for t in tokens], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = (
-        np.concatenate(tokens).astype(np.float16, copy=False)  # one copy, not two
-        if tokens
-        else np.zeros((0, dim), np.float16)
-    )
-    save_npy(directory / f"{name}.tokens.npy", flat)
+    save_npy_rows(directory / f"{name}.tokens.npy", tokens, np.float16, dim)
     save_npy(directory / f"{name}.offsets.npy", offsets)
     save_npy(directory / f"{name}.pooled.npy", pooled.astype(np.float32, copy=False))
     write_json(directory / f"{name}.json", {**meta, "index": index, "count": len(tokens)}, indent=None)

@@ -370,7 +370,16 @@ class _Lister:
     _ids: set[str] = field(default_factory=set)
 
     def rel(self, path: str | Path) -> str:
+        # the common case, a path under base, by string (os.path.relpath normalises both paths: 10x slower,
+        # a measurable part of listing 10k-file splits before extraction)
+        text, prefix = str(path), self._prefix
+        if text.startswith(prefix) and "/.." not in text and "/./" not in text:
+            return text[len(prefix):].replace(os.sep, "/")
         return Path(os.path.relpath(path, self.base)).as_posix()
+
+    @property
+    def _prefix(self) -> str:
+        return os.path.join(str(self.base), "")
 
     def skip(self, item_id: str, path: str | Path | None, reason: str, detail: str = "") -> None:
         if self.strict:
@@ -537,9 +546,15 @@ def _walk_files(folder: Path, exts: frozenset[str]) -> list[Path]:
         found.extend(
             Path(dirpath, f)
             for f in sorted(filenames)
-            if not f.startswith(".") and Path(f).suffix.lower() in exts
+            if not f.startswith(".") and _suffix(f) in exts
         )
     return found
+
+
+def _suffix(name: str) -> str:
+    """``Path(name).suffix.lower()`` without building a Path (listing 10k-file folders calls it per file)."""
+    dot = name.rfind(".")
+    return name[dot:].lower() if 0 < dot < len(name) - 1 else ""
 
 
 def _subdirs(folder: Path) -> list[str]:

@@ -94,7 +94,18 @@ class ForwardGraph(torch.nn.Module):
         return out.tokens, out.mask, out.pooled
 
 
-GRAPH_EXPORT_VERSION = 2  # bump when export_graph changes what it writes
+class ExtractionGraph(ForwardGraph):
+    """The graph extraction runs: ``ForwardGraph`` with the tokens cast to float16, the feature store's
+    dtype. ONNX Runtime's cast rounds exactly as numpy's does and costs next to nothing inside the graph,
+    where a numpy pass over every batch's tokens took ~0.2 ms an image on the decoding core."""
+
+    def forward(self, *inputs: torch.Tensor):
+        tokens, mask, pooled = super().forward(*inputs)
+        return tokens.to(torch.float16), mask, pooled
+
+
+# Bump when export_graph changes what it writes. 3: images enter as uint8 HWC bytes, tokens leave as float16.
+GRAPH_EXPORT_VERSION = 3
 
 
 def graph_path(encoder: FrozenEncoder) -> Path:
@@ -111,7 +122,7 @@ def graph_path(encoder: FrozenEncoder) -> Path:
 def export_graph(encoder: FrozenEncoder, sample: dict[str, torch.Tensor], path: Path) -> Path:
     """Export ``encoder._forward`` to ``path`` (atomically) with the encoder's dynamic axes."""
     log.info("exporting %s to ONNX (once; cached in %s)", encoder.name, path)
-    return export_module(ForwardGraph(encoder, encoder.model), encoder, sample, path, OUTPUT_NAMES)
+    return export_module(ExtractionGraph(encoder, encoder.model), encoder, sample, path, OUTPUT_NAMES)
 
 
 def export_module(module: torch.nn.Module, encoder: FrozenEncoder, sample: dict[str, torch.Tensor],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,18 +144,24 @@ class FrozenEncoder:
         self._model, self._onnx = None, None
 
     @torch.inference_mode()
-    def encode_batch(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+    def encode_batch(
+        self, batch: dict[str, torch.Tensor], tokens_dtype: torch.dtype = torch.float32
+    ) -> EncoderOutput:
+        """Tokens in ``tokens_dtype`` (extraction asks for the store's float16: the ONNX graph gives them
+        so directly), mask as bool, pooled as float32."""
         if self.backend == "onnx":
-            if self._onnx is None:
-                from lightcrl.encoders.backends import OnnxForward
+            with _SESSION_LOCK:  # extraction's forward streams share one session: built once
+                if self._onnx is None:
+                    from lightcrl.encoders.backends import OnnxForward
 
-                self._onnx = OnnxForward(self, batch)
-            tokens, mask, pooled = self._onnx(batch)
-            return EncoderOutput(tokens.float(), mask.bool(), pooled.float())
+                    self._onnx = OnnxForward(self, batch)
+                session = self._onnx
+            tokens, mask, pooled = session(batch)
+            return EncoderOutput(tokens.to(tokens_dtype), mask.bool(), pooled.float())
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device):
             out = self._forward(self.model, batch)
-        return EncoderOutput(out.tokens.float(), out.mask.bool(), out.pooled.float())
+        return EncoderOutput(out.tokens.float().to(tokens_dtype), out.mask.bool(), out.pooled.float())
 
     def encode(self, items: list[Any]) -> EncoderOutput:
         """Convenience: transform + collate + forward in this process (for small inputs)."""
@@ -163,6 +170,9 @@ class FrozenEncoder:
     def fingerprint(self) -> str:
         blob = json.dumps(self.store_identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+_SESSION_LOCK = threading.Lock()
 
 
 def file_digest(paths: list[Path]) -> str:
