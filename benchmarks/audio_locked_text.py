@@ -395,8 +395,10 @@ def head_anchor(Ct, tr, v, g, mode="relative", tau_r=0.05, wd=1e-3, lr=1e-2, epo
 LAMS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 GRIDS = {
     "linear": [dict(tau=t) for t in (0.05, 0.1)],
+    "linear-t05": [dict(tau=0.05)],
     "mlp": [dict(tau=t, hidden=256) for t in (0.05, 0.1)],
-    "linear-structure": [dict(tau=t, structure=w) for t in (0.05, 0.1) for w in (0.5, 2.0)],
+    "linear-structure": [dict(tau=0.05, structure=w) for w in (0.5, 2.0)],
+    "linear-structure-2": [dict(tau=0.05, structure=2.0)],  # the weight chosen on validation (seed 0)
     "ridge": [dict(lam=lam) for lam in LAMS],
     "ridge-centred": [dict(lam=lam, center=True) for lam in LAMS],
     "ridge-csls": [dict(lam=lam, csls=k) for lam in LAMS for k in (10, 50, 200)],
@@ -405,7 +407,9 @@ GRIDS = {
     "relative": [dict(mode="relative", tau_r=t) for t in (0.05, 0.1)],
     "conse": [dict(mode="conse")],
 }
-HEADS = {"linear": head_map, "linear-structure": head_map, "mlp": head_map, "ridge": head_ridge,
+HEADS = {"linear": head_map, "linear-t05": head_map, "linear-structure": head_map,
+         "linear-structure-2": head_map, "mlp": head_map,
+         "ridge": head_ridge,
          "ridge-centred": head_ridge, "ridge-csls": head_ridge, "reverse": head_reverse,
          "relative-cf": head_relative, "relative": head_anchor, "conse": head_anchor}
 
@@ -453,9 +457,9 @@ def supervised(Ct, lr=1e-2, wd=1e-3, epochs=60, tau=0.1):
     return max(res, key=lambda t: t[1])
 
 
-def supervised_ridge(Ct, center):
+def supervised_ridge(Ct, center, csls=0):
     """Supervised via captions, the ridge head (features standardised on folds 1-3): fit on folds 1-3,
-    penalty chosen on fold 4, test on fold 5 (50-way). -> (lam, val, test)"""
+    penalty chosen on fold 4, test on fold 5 (50-way); ``csls``: as ``head_ridge``. -> (lam, val, test)"""
     fold = _folds()
     allc = list(range(len(names)))
     Ct = _centred(Ct, allc, center)
@@ -468,7 +472,13 @@ def supervised_ridge(Ct, center):
 
         def acc(f, W=W):
             z = Xn[fold == f] @ W
-            return 100 * np.mean((z @ Ct.T).argmax(1) == y[fold == f])
+            z /= np.linalg.norm(z, axis=1, keepdims=True)
+            s = z @ Ct.T
+            if csls:
+                zt = A @ W
+                zt /= np.linalg.norm(zt, axis=1, keepdims=True)
+                s = 2 * s - np.sort(zt @ Ct.T, axis=0)[-csls:].mean(0)
+            return 100 * np.mean(s.argmax(1) == y[fold == f])
 
         res.append((lam, acc(4), acc(5)))
     return max(res, key=lambda t: t[1])
@@ -505,8 +515,9 @@ if __name__ == "__main__":
                 globals()["Xn"] = ((X - mu) / sd).astype(np.float32)
                 for pname in ARGS.prompts.split(","):
                     for head in ARGS.heads.split(","):
-                        if head in ("ridge", "ridge-centred"):
-                            lam, v, t = supervised_ridge(C(pname, text), head == "ridge-centred")
+                        if head in ("ridge", "ridge-centred", "ridge-csls"):
+                            lam, v, t = supervised_ridge(C(pname, text), head == "ridge-centred",
+                                                         50 if head == "ridge-csls" else 0)
                             how = f"lam {lam}"
                         elif head == "linear":
                             how, v, t = supervised(C(pname, text))
