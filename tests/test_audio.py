@@ -348,3 +348,14 @@ def test_aisfx_layers_match_the_packages_crossnet():
         get_encoder("aisfx@embedding", device="cpu")
     with pytest.raises(LightCRLError, match="valid layers: block3, heads-hidden1, heads-hidden, heads-log"):
         get_encoder("aisfx@block9", device="cpu")
+
+
+def test_encoder_backend_default_comes_from_the_environment(monkeypatch):
+    """LIGHTCRL_ENCODER_BACKEND sets the backend of stores built with default options (train, eval)."""
+    from lightcrl.embed import EmbedOptions
+
+    monkeypatch.delenv("LIGHTCRL_ENCODER_BACKEND", raising=False)
+    assert EmbedOptions().encoder_backend == "auto"
+    monkeypatch.setenv("LIGHTCRL_ENCODER_BACKEND", "eager")
+    assert EmbedOptions().encoder_backend == "eager"
+    assert EmbedOptions(encoder_backend="onnx").encoder_backend == "onnx"
