@@ -299,3 +299,63 @@ def test_three_modality_training_smoke(tmp_path):
     m = result["metrics"]
     assert m["n_images"] == 8 and m["n_texts"] == 8 * 6
     assert 0.0 <= m["class_map"] <= 100.0 and 0.0 <= m["class_precision@1"] <= 100.0
+
+
+# ------------------------------------------------------------------------------ aisfx@LAYER
+
+
+def test_aisfx_layers_match_the_packages_crossnet():
+    """aisfx@heads-* are CrossNet's own classifier heads on each block's embedding (checked against the
+    package's model, head by head, in its ds_dict order); aisfx@block3 is conv block 3 pooled like the last
+    block; every layer is its own store identity, and the default's identity has no layer entry."""
+    import aisfx.inference as inf
+
+    from lightcrl.encoders import get_encoder
+    from lightcrl.encoders.audio import AISFX_HEADS, AISFX_LAYERS
+
+    weights, ds_dict = torch.load(inf.get_path_modelWeights(), map_location="cpu", weights_only=False)
+    ref = inf.load_bestModel(weights, ds_dict, "cpu").eval()
+    assert [(k, int(n)) for k, (_, n) in sorted(ds_dict.items(), key=lambda kv: int(kv[1][0]))] == list(
+        AISFX_HEADS)
+    items = [torch.from_numpy(np.asarray(AisfxFrontEnd()(tone(3.5)))),
+             torch.from_numpy(np.asarray(AisfxFrontEnd()(tone(6.0, freq=880.0))))]
+    batch = collate_blocks(items)
+    blocks = batch["blocks"]
+    with torch.no_grad():
+        emb = ref.get_embedding(blocks)
+        logits = torch.cat([ref(blocks, name)[1] for name, _ in AISFX_HEADS], dim=-1)
+        hidden = torch.cat([ref.fc[k][:4](emb) for k in range(len(AISFX_HEADS))], dim=-1)
+        n = ref.embedding_net
+        x = n.conv_block1(blocks.unsqueeze(1), pool_size=(2, 2), pool_type="max")
+        x = n.conv_block3(n.conv_block2(x, pool_size=(2, 2), pool_type="max"), pool_size=(2, 2),
+                          pool_type="max")
+        block3 = x.mean(3).max(2).values
+    base = get_encoder("aisfx", device="cpu", backend="eager")
+    assert "layer" not in base.identity()
+    expected = {"heads-logits": logits, "heads-hidden": hidden, "block3": block3}
+    fps = {base.fingerprint()}
+    for layer, want in expected.items():
+        enc = get_encoder(f"aisfx@{layer}", device="cpu", backend="eager")
+        assert enc.name == f"aisfx@{layer}" and enc.dim == AISFX_LAYERS[layer][1] == want.shape[1]
+        assert enc.identity()["layer"] == layer and enc.identity()["weights"] == base.identity()["weights"]
+        out = enc.encode_batch(batch)
+        assert out.tokens.shape == (2, int(batch["block_mask"].sum(1).max()), enc.dim)
+        real = out.tokens[batch["block_mask"]]  # the real blocks, clip by clip: the rows of `blocks`
+        torch.testing.assert_close(real, want, rtol=1e-5, atol=1e-5)
+        fps.add(enc.fingerprint())
+    assert len(fps) == 4
+    with pytest.raises(LightCRLError, match="default output"):
+        get_encoder("aisfx@embedding", device="cpu")
+    with pytest.raises(LightCRLError, match="valid layers: block3, heads-hidden1, heads-hidden, heads-log"):
+        get_encoder("aisfx@block9", device="cpu")
+
+
+def test_encoder_backend_default_comes_from_the_environment(monkeypatch):
+    """LIGHTCRL_ENCODER_BACKEND sets the backend of stores built with default options (train, eval)."""
+    from lightcrl.embed import EmbedOptions
+
+    monkeypatch.delenv("LIGHTCRL_ENCODER_BACKEND", raising=False)
+    assert EmbedOptions().encoder_backend == "auto"
+    monkeypatch.setenv("LIGHTCRL_ENCODER_BACKEND", "eager")
+    assert EmbedOptions().encoder_backend == "eager"
+    assert EmbedOptions(encoder_backend="onnx").encoder_backend == "onnx"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import COLORS
 from PIL import Image
 
@@ -282,3 +284,62 @@ def test_protocol_command_runs_folds_per_seed(tmp_path, capsys):
     assert main(["protocol", "transfer", "--config", str(cfg), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unknown protocol 'zero-shot'" in err and "needs a test dataset" in err
+
+
+def test_ridge_arch_fits_in_closed_form_and_validation_picks_the_penalty(tmp_path):
+    """arch ridge: each "epoch" is the closed-form fit with one penalty of model.ridge.lams; the published
+    model is the validation-chosen one and equals an independent numpy ridge on the same stores."""
+    import lightcrl
+    from lightcrl.api import encode_store
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import Trainer
+    from lightcrl.model import ModelConfig
+
+    spec = f"imagefolder:{_colour_folders(tmp_path, per_class=4)}"
+    lams = [0.01, 1.0, 100.0]
+    base = validate_config({
+        "data": {"sources": [{"spec": spec, "media_encoder": "toy-image", "text_encoder": "toy-text",
+                              "captions": "templates"}]},
+        "model": {"arch": "ridge", "ridge": {"lams": lams, "center": True, "csls": 2}},
+        "progress": False, "tensorboard": False,
+    })
+    folds = class_disjoint_folds(spec, groups=4)
+    cfg = fold_config(base, 0, folds[0]["train"], folds[0]["val"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    summary = trainer.fit()
+    assert summary["epochs"] == 3 and summary["metric"] == "val/zeroshot_top1"
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ridge/lam"] for r in rows if "ridge/lam" in r] == lams
+    lam = lams[summary["best_epoch"] - 1]
+    assert summary["best"] == max(r["val/zeroshot_top1"] for r in rows if "ridge/lam" in r)
+
+    s = trainer.train_sets[0]
+    rows_m, inv = np.unique(s.media_index, return_inverse=True)
+    X = s.media.pooled(rows_m).astype(np.float64)
+    t = s.text.pooled(s.text_index).astype(np.float64)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    T = np.zeros((len(rows_m), t.shape[1]))
+    np.add.at(T, inv, t)
+    T /= np.linalg.norm(T, axis=1, keepdims=True)
+    centre = T.mean(0)
+    T = (T - centre) / np.linalg.norm(T - centre, axis=1, keepdims=True)
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    W = np.linalg.solve(Z.T @ Z + lam * len(Z) * np.eye(Z.shape[1]), Z.T @ T)
+    want = Z @ W
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    pipe = lightcrl.load(tmp_path / "run", device="cpu")
+    got = encode_store(pipe.model, s.adapter, s.media, torch.device("cpu"), indices=rows_m)
+    np.testing.assert_allclose(got, want, atol=2e-3)  # float16 stores, float32 buffers
+    assert pipe.model.embed_dim == t.shape[1]  # the text encoder's own space
+    # csls: each class's offset is minus half its mean cosine to its 2 nearest mapped training items
+    classes = np.random.default_rng(0).normal(size=(3, t.shape[1]))
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    expected = -0.5 * np.sort(want @ classes.T, axis=0)[-2:].mean(0)
+    np.testing.assert_allclose(pipe.model.zeroshot_bias(classes, s.media_modality), expected, atol=2e-3)
+    assert pipe.model.zeroshot_bias(classes, "text") is None
+    text = encode_store(pipe.model, s.adapter, s.text, torch.device("cpu"), indices=s.text_index[:3])
+    want_t = t[:3] - centre
+    np.testing.assert_allclose(text, want_t / np.linalg.norm(want_t, axis=1, keepdims=True), atol=2e-3)
+    with pytest.raises(ValueError, match="arch 'ridge' only"):
+        ModelConfig(ridge={"lams": [1.0]})

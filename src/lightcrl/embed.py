@@ -61,8 +61,10 @@ class EmbedOptions:
     device: str = "auto"
     progress: bool = True
     # How the frozen encoder's forward runs (lightcrl.encoders.backends): auto (the measured-fastest),
-    # eager (PyTorch as written) or onnx (ONNX Runtime). Used where the encoder is given by name.
-    encoder_backend: str = "auto"
+    # eager (PyTorch as written) or onnx (ONNX Runtime). Used where the encoder is given by name. The
+    # default is $LIGHTCRL_ENCODER_BACKEND when set (so training and evaluation, which build their stores
+    # with default options, can reuse stores of one backend), else auto.
+    encoder_backend: str = field(default_factory=lambda: os.environ.get("LIGHTCRL_ENCODER_BACKEND") or "auto")
     # Text: batch captions of similar length (less padding); the store keeps record order either way.
     bucket_by_length: bool = True
     # Pairs data: keep at most this many captions per media item (seeded by ``seed``); None = all.

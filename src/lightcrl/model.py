@@ -38,6 +38,27 @@ _MODALITY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED = {"logit_scale", "logit_bias"}
 
 
+class RidgeConfig(BaseModel):
+    """``arch: ridge``: a closed-form least-squares map of each media modality into the frozen ``target``
+    space (see :class:`LightCRLModel` and ``lightcrl.app.train``). Nothing is trained by SGD: "epoch" i of a
+    run fits the map with penalty ``lams[i - 1]`` and validates it, so the early-stopping metric chooses the
+    penalty as it would choose an epoch."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # penalty x the number of training items, on the features standardised with the training items' mean
+    # and spread (so one grid suits any feature scale)
+    lams: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0], min_length=1)
+    target: str = "text"  # the modality kept as it is (normalised frozen feature): the space mapped into
+    # subtract the training targets' mean from every target embedding (what all captions share)
+    center: bool = False
+    pool: Literal["mean", "max"] = "mean"  # how a media item's tokens become its feature
+    # hubness correction in zero-shot classification (CSLS, Conneau et al. 2018): a class's score is
+    # lowered by half its mean cosine to its ``csls`` nearest mapped TRAINING items (kept with the model),
+    # so a class embedding close to everything stops taking every item; 0 = off
+    csls: int = Field(0, ge=0)
+
+
 class ModelConfig(BaseModel):
     """Hyper-parameters of the trainable model (unknown fields are rejected, naming the field)."""
 
@@ -46,7 +67,9 @@ class ModelConfig(BaseModel):
     # "anchors": the anchor space alone, no trained head (ASIF, see ``baselines/asif.py``)
     # "csa": one fixed linear map per modality of the centred, normalised pooled feature into ``width``
     # canonical dimensions, nothing trained (CSA, see ``baselines/csa.py``)
-    arch: Literal["dfe", "two_tower", "anchors", "csa"] = "dfe"
+    # "ridge": a closed-form ridge map of each media modality's pooled feature into the frozen text space
+    # (``ridge``: RidgeConfig), the text side fixed (lightcrl.app.train fits it)
+    arch: Literal["dfe", "two_tower", "anchors", "csa", "ridge"] = "dfe"
     width: int = Field(256, ge=1)
     depth: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
@@ -71,6 +94,7 @@ class ModelConfig(BaseModel):
     head: Literal["plain", "gated"] = "plain"
     # LiT: modalities with no trainable head; their embedding is the base map (e.g. [image])
     locked: list[str] = Field(default_factory=list)
+    ridge: RidgeConfig | None = None  # arch "ridge" only (None there: the defaults)
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -78,8 +102,12 @@ class ModelConfig(BaseModel):
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
         if self.arch == "anchors" and self.anchors is None:
             raise ValueError("arch 'anchors' is the anchor space alone: it needs model.anchors")
-        if self.arch in ("anchors", "csa") and (self.locked or self.head != "plain"):
+        if self.arch in ("anchors", "csa", "ridge") and (self.locked or self.head != "plain"):
             raise ValueError("model.locked and model.head apply to the trained heads (dfe, two_tower)")
+        if self.ridge is not None and self.arch != "ridge":
+            raise ValueError("model.ridge configures arch 'ridge' only")
+        if self.arch == "ridge" and self.anchors is not None:
+            raise ValueError("arch 'ridge' takes no model.anchors")
         return self
 
 
@@ -143,9 +171,23 @@ class LightCRLModel(nn.Module):
         unknown = sorted(set(cfg.locked) - set(self.input_dims))
         if unknown:
             raise ValueError(f"model.locked names {unknown}, not modalities of this model {self.modalities}")
-        width = cfg.width
+        if cfg.arch == "ridge":
+            if self.cfg.ridge is None:
+                self.cfg.ridge = RidgeConfig()
+            target = self.cfg.ridge.target
+            if target not in self.input_dims or len(self.input_dims) < 2:
+                raise ValueError(f"arch 'ridge' maps into model.ridge.target {target!r}: it must be one of "
+                                 f"this model's modalities {self.modalities}, beside at least one other")
+            self.cfg.width = self.input_dims[target]  # the embedding space is the target's own
+            for m in self.input_dims:  # set by lightcrl.app.train's closed-form fit
+                self.register_buffer(f"ridge_mean_{m}", torch.zeros(self.input_dims[m]))
+                if m != target:
+                    self.register_buffer(f"ridge_map_{m}", torch.zeros(self.input_dims[m], self.cfg.width))
+                    # the mapped training items (rows: unit embeddings), for csls; sized by the fit
+                    self.register_buffer(f"ridge_hub_{m}", torch.zeros(0, self.cfg.width))
+        width = self.cfg.width
         hidden = cfg.proj_hidden or width
-        fixed = cfg.arch in ("anchors", "csa")  # training-free: no head at all
+        fixed = cfg.arch in ("anchors", "csa", "ridge")  # training-free: no head at all
         trained = [m for m in self.input_dims if m not in cfg.locked] if not fixed else []
         for m in self.input_dims if cfg.arch == "csa" else []:  # set by lightcrl.baselines.csa
             self.register_buffer(f"csa_mean_{m}", torch.zeros(self.input_dims[m]))
@@ -251,10 +293,52 @@ class LightCRLModel(nn.Module):
         if self.cfg.arch == "csa":
             x = F.normalize(masked_mean(tokens, mask), dim=-1) - getattr(self, f"csa_mean_{modality}")
             return F.normalize(x @ getattr(self, f"csa_map_{modality}"), dim=-1)
+        if self.cfg.arch == "ridge":
+            mean = getattr(self, f"ridge_mean_{modality}")
+            if modality == self.cfg.ridge.target:  # the frozen space itself, minus the targets' mean
+                return F.normalize(F.normalize(masked_mean(tokens, mask), dim=-1) - mean, dim=-1)
+            x = self.ridge_features(tokens, mask) - mean
+            return F.normalize(x @ getattr(self, f"ridge_map_{modality}"), dim=-1)
         z = self._encode_tokens(modality, tokens, mask)
         if self.anchors is None:
             return z
         return self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # ridge_hub_* hold as many rows as the fit had training items: take the saved size
+        for name, buf in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if name.startswith("ridge_hub_") and saved is not None and saved.shape != buf.shape:
+                self._buffers[name] = buf.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def zeroshot_bias(self, class_emb: Any, modality: str) -> Any:
+        """Per-class offsets [C] added to the cosine scores of zero-shot classification of ``modality``
+        items against the unit class embeddings ``class_emb`` [C, d] (numpy), or None (no offset).
+
+        arch ridge with ``csls: k``: ``-r_c / 2``, r_c the mean cosine of class c to its k nearest mapped
+        training items, so the argmax is CSLS's ``2 cos(z, c) - r_c`` (the item's own term is the same for
+        every class)."""
+        import numpy as np
+
+        if self.cfg.arch != "ridge" or not self.cfg.ridge.csls:
+            return None
+        hub = getattr(self, f"ridge_hub_{modality}", None)
+        if hub is None or not len(hub):
+            return None
+        sims = hub.double().cpu().numpy() @ np.asarray(class_emb, np.float64).T  # [N, C]
+        k = min(self.cfg.ridge.csls, len(sims))
+        return -0.5 * np.sort(sims, axis=0)[-k:].mean(0)
+
+    def ridge_features(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """arch ridge: a media item's feature, its tokens' masked mean or max (``model.ridge.pool``)."""
+        if tokens.dim() == 2:
+            return tokens
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if self.cfg.ridge.pool == "max":
+            return tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1).nan_to_num(0.0, 0.0, 0.0)
+        return masked_mean(tokens, mask)
 
     def base_map(self, modality: str, tokens: Tensor, mask: Tensor) -> Tensor:
         """The fixed map of the frozen pooled feature (unit norm): a locked modality's embedding, and what a

@@ -136,7 +136,9 @@ def task_zeroshot(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict,
     class_emb = zeroshot.build_classifier(
         lambda texts: t.pipeline.encode_text(texts, progress=False), classnames, templates
     )
-    m = zeroshot.evaluate(t.embed(store), store.items.labels, class_emb, classnames)
+    model = getattr(t.pipeline, "model", None)
+    bias = model.zeroshot_bias(class_emb, media) if hasattr(model, "zeroshot_bias") else None
+    m = zeroshot.evaluate(t.embed(store), store.items.labels, class_emb, classnames, class_bias=bias)
     m.update(n_templates=len(templates), chance=100.0 / len(classnames))
     png = plots_dir / f"{r.options.get('_stem', _slug(r))}-confusion.png"
     plots.confusion_matrix(

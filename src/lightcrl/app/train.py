@@ -104,7 +104,7 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
             # captions made from class names: zero-shot top-1 of the media, classifier = each class's
             # unique captions (its templates), as lightcrl.metrics.zeroshot builds it
             metrics[prefix + "zeroshot_top1"] = _caption_zeroshot(s, media_rows, pair_media, media_emb,
-                                                                  text_emb)
+                                                                  text_emb, raw)
         # val loss: symmetric InfoNCE at the current temperature on fixed random-caption batches
         pairs = s.epoch_pairs(seed, 10**6, "random_caption")  # a fixed epoch id never trained on
         scale = raw.get_logit_scale().detach()
@@ -120,7 +120,7 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
 
 # Options added after runs existed, left out of the fingerprint at their defaults so those runs resume.
 _NEW_DEFAULTS = {"data": {"captions_per_media": None, "fusemix": None},
-                 "model": {"head": "plain", "locked": []}}
+                 "model": {"head": "plain", "locked": [], "ridge": None}}
 
 
 def _without_new_defaults(dump: dict) -> dict:
@@ -137,7 +137,7 @@ def _without_new_defaults(dump: dict) -> dict:
 
 
 def _caption_zeroshot(s: PairSet, media_rows: np.ndarray, pair_media: np.ndarray, media_emb: np.ndarray,
-                      text_emb: np.ndarray) -> float:
+                      text_emb: np.ndarray, model=None) -> float:
     """Top-1 (%) of classifying each media item by the mean embedding of each class's distinct captions.
 
     ``media_emb`` rows are the store rows ``media_rows``; ``text_emb`` rows are the pairs."""
@@ -148,7 +148,11 @@ def _caption_zeroshot(s: PairSet, media_rows: np.ndarray, pair_media: np.ndarray
     classes = sorted(by_class)
     weights = np.stack([text_emb[list(by_class[c].values())].mean(0) for c in classes])
     weights /= np.linalg.norm(weights, axis=1, keepdims=True).clip(1e-12)
-    pred = np.asarray(classes)[np.argmax(media_emb @ weights.T, axis=1)]
+    scores = media_emb @ weights.T
+    bias = model.zeroshot_bias(weights, s.media_modality) if hasattr(model, "zeroshot_bias") else None
+    if bias is not None:  # e.g. arch ridge's hubness correction (csls)
+        scores = scores + bias
+    pred = np.asarray(classes)[np.argmax(scores, axis=1)]
     return float(100.0 * np.mean(pred == labels))
 
 
@@ -422,6 +426,48 @@ class Trainer:
             row["train/grad_norm"] = gnorm
         return row
 
+    @torch.no_grad()
+    def _fit_ridge(self, lam: float) -> None:
+        """arch ridge: fit every media modality's map in closed form (penalty ``lam``), on all training pairs.
+
+        Each media item's target is the normalised mean of its captions' target-space embeddings (for
+        captions made from class names: its class's prompt embedding), minus the training targets' mean
+        with ``center``. Features (``ridge.pool`` of the frozen tokens) are standardised with the training
+        items' mean and spread, and ``W = argmin |X W - T|^2 + lam * n * |W|^2``; the model keeps
+        ``diag(1/sd) W`` and the mean, so ``encode`` needs no other state."""
+        model, rcfg = self.model, self.model.cfg.ridge
+        target = rcfg.target
+        feats: dict[str, list] = {}
+        targets: dict[str, list] = {}
+        model.get_buffer(f"ridge_mean_{target}").zero_()
+        for s in self.train_sets:
+            if s.media_modality == target:
+                raise LightCRLError(f"arch ridge: the pairs {s.name} have no modality besides {target}")
+            media_rows, pair_media = np.unique(s.media_index, return_inverse=True)
+            text = encode_store(model, s.adapter, s.text, self.device, indices=s.text_index)  # row = pair
+            t = np.zeros((len(media_rows), text.shape[1]), np.float64)
+            np.add.at(t, pair_media, text)  # every caption of the item
+            t /= np.linalg.norm(t, axis=1, keepdims=True).clip(1e-12)
+            x = []
+            for i in range(0, len(media_rows), 512):
+                tok, mask = s.adapter.from_store(s.media, media_rows[i : i + 512])
+                x.append(model.ridge_features(tok.float(), mask).double().cpu().numpy())
+            feats.setdefault(s.media_modality, []).append(np.concatenate(x))
+            targets.setdefault(s.media_modality, []).append(t)
+        centre = np.concatenate([t for ts in targets.values() for t in ts]).mean(0) if rcfg.center else 0.0
+        for m in feats:
+            X, T = np.concatenate(feats[m]), np.concatenate(targets[m]) - centre
+            T /= np.linalg.norm(T, axis=1, keepdims=True).clip(1e-12)
+            mu, sd = X.mean(0), X.std(0) + 1e-6
+            U, S, Vt = np.linalg.svd((X - mu) / sd, full_matrices=False)
+            W = Vt.T @ ((S / (S**2 + lam * len(X)))[:, None] * (U.T @ T))
+            model.get_buffer(f"ridge_mean_{m}").copy_(torch.from_numpy(mu))
+            model.get_buffer(f"ridge_map_{m}").copy_(torch.from_numpy(W / sd[:, None]))
+            hub = ((X - mu) / sd) @ W if rcfg.csls else np.zeros((0, W.shape[1]))
+            hub /= np.linalg.norm(hub, axis=1, keepdims=True).clip(1e-12) if len(hub) else 1.0
+            setattr(model, f"ridge_hub_{m}", torch.from_numpy(hub).float().to(self.device))
+        model.get_buffer(f"ridge_mean_{target}").copy_(torch.as_tensor(centre, dtype=torch.float32))
+
     def _apply_plateau(self, metric: float | None):
         if self.cfg.optim.schedule != "plateau" or metric is None:
             return
@@ -453,23 +499,30 @@ class Trainer:
                 }
                 self.run_log.log(row)
         stopped_early = False
-        while self.state["epoch"] < cfg.optim.epochs:
+        ridge = self.model.cfg.ridge if self.model.cfg.arch == "ridge" else None
+        n_epochs = len(ridge.lams) if ridge is not None else cfg.optim.epochs
+        while self.state["epoch"] < n_epochs:
             epoch = self.state["epoch"]
             if self.state["batch"] == 0:
                 # Dropout RNG is a function of (seed, epoch): a resumed epoch replays exactly. A resume in
                 # the middle of an epoch goes on from the RNG state saved at that step (see resume()).
                 torch.manual_seed(cfg.seed * 100003 + epoch)
                 self.state.update(epoch_pairs=0, epoch_time_s=0.0)
-            schedule = epoch_schedule(cfg, self.train_sets, epoch)  # resumed at state["batch"]
+            t_fit = time.time()
+            if ridge is not None:  # no steps: this "epoch" is the closed-form fit with its penalty
+                self._fit_ridge(ridge.lams[epoch])
+                schedule = []
+            else:
+                schedule = epoch_schedule(cfg, self.train_sets, epoch)  # resumed at state["batch"]
             bar = tqdm(
                 total=len(schedule),
                 initial=self.state["batch"],
-                desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                desc=f"epoch {epoch + 1}/{n_epochs}",
                 disable=not (cfg.progress and self.is_main),
                 dynamic_ncols=True,
                 leave=False,
             )
-            t0, time_before = time.time(), self.state["epoch_time_s"]
+            t0, time_before = t_fit, self.state["epoch_time_s"]
             every = cfg.optim.checkpoint_every_steps
             for j in range(self.state["batch"], len(schedule)):
                 si, batch = schedule[j]
@@ -497,6 +550,8 @@ class Trainer:
                 "time/epoch_s": epoch_time,
                 "time/pairs_per_s": self.state["epoch_pairs"] / max(epoch_time, 1e-9),
             }
+            if ridge is not None:
+                row["ridge/lam"] = ridge.lams[epoch]
             metric = None
             if self.is_main and self.val_sets and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 row.update(validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed))

@@ -203,12 +203,68 @@ def _load_aisfx_checkpoint(path: Path) -> tuple[dict, dict]:
     return obj[0], obj[1]
 
 
+#: The classifier heads of aiSFX's CrossNet, in the checkpoint's order (``fc.0`` .. ``fc.8``: one per
+#: sound-effect library it was trained on; ``ds_dict`` in the checkpoint) and their numbers of classes.
+AISFX_HEADS = (("prosfx", 78), ("soundlyTrain", 79), ("ucsMixed", 69), ("soundstormBalanced", 81),
+               ("productionelementsBalanced", 10), ("cartoonexpressBalanced", 27), ("hpxdigitalBalanced", 3),
+               ("series6000Balanced", 23), ("series9000Balanced", 8))
+#: aisfx@LAYER: what each selectable layer outputs per block, and its width
+AISFX_LAYERS = {
+    "block3": ("conv block 3 (256 channels), mean over frequency, max over time", 256),
+    "heads-hidden1": ("the 9 heads' first hidden layers (ReLU(fc.k.0)), concatenated", 9 * 256),
+    "heads-hidden": ("the 9 heads' second hidden layers (ReLU(fc.k.2)), concatenated", 9 * 128),
+    "heads-logits": ("the 9 heads' class logits (fc.k.4), concatenated", sum(n for _, n in AISFX_HEADS)),
+}
+
+
+def aisfx_heads(state: dict[str, torch.Tensor]) -> torch.nn.ModuleList:
+    """CrossNet's 9 classifier heads (512 -> 256 -> 128 -> classes, ReLU between) from its state dict."""
+    heads = torch.nn.ModuleList()
+    for k, (_, n) in enumerate(AISFX_HEADS):
+        head = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+                                   torch.nn.ReLU(), torch.nn.Linear(128, n))
+        head.load_state_dict({name[len(f"fc.{k}."):]: v for name, v in state.items()
+                              if name.startswith(f"fc.{k}.")})  # strict
+        heads.append(head)
+    return heads
+
+
+def aisfx_head_features(heads: torch.nn.ModuleList, emb: torch.Tensor, layer: str) -> torch.Tensor:
+    """``emb`` [..., 512] (aiSFX block embeddings) -> the ``heads-*`` layer ``layer`` [..., width]."""
+    depth = {"heads-hidden1": 2, "heads-hidden": 4, "heads-logits": 5}[layer]
+    return torch.cat([head[:depth](emb) for head in heads], dim=-1)
+
+
+class _AisfxLayerNet(torch.nn.Module):
+    """The embedding CNN stopped at conv block 3, or followed by the heads: one ``aisfx@LAYER`` network."""
+
+    def __init__(self, net: torch.nn.Module, heads: torch.nn.ModuleList | None, layer: str):
+        super().__init__()
+        self.net, self.heads, self.layer = net, heads, layer
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        if self.layer == "block3":
+            n = self.net
+            x = n.conv_block1(blocks.unsqueeze(1), pool_size=(2, 2), pool_type=n.pool_type)
+            x = n.conv_block2(x, pool_size=(2, 2), pool_type=n.pool_type)
+            x = n.conv_block3(x, pool_size=(2, 2), pool_type=n.pool_type)  # [N, 256, time, freq]
+            return x.mean(dim=3).max(dim=2).values  # the final block's own pooling
+        return aisfx_head_features(self.heads, self.net(blocks), self.layer)
+
+
 class AisfxEncoder(FrozenEncoder):
-    """aiSFX X-Sequential-CE: tokens = 512-d embeddings of ~2.3 s blocks (1.16 s hop), pooled = their mean."""
+    """aiSFX X-Sequential-CE: tokens = 512-d embeddings of ~2.3 s blocks (1.16 s hop), pooled = their mean.
+
+    Intermediate and head layers: ``aisfx@LAYER`` (:data:`AISFX_LAYERS`): ``block3`` (the third conv block,
+    pooled like the last), ``heads-hidden1`` / ``heads-hidden`` / ``heads-logits`` (CrossNet's 9 classifier
+    heads, trained on sound-effect libraries, applied to each block's embedding and concatenated). Tokens
+    stay one vector per block, pooled = their masked mean.
+    """
 
     name = "aisfx"
     modality = "audio"
     dim = 512
+    final_layer = "embedding"
     graph_inputs = {"blocks": {0: "blocks"}, "block_mask": {0: "batch", 1: "clip_blocks"}}
     fast_backend = "onnx"  # FAST_BACKEND_MEASURED
     # The ONNX graph (extraction's fast path) starts from log-mel blocks, not from a waveform.
@@ -273,13 +329,24 @@ class AisfxEncoder(FrozenEncoder):
     def _load(self) -> torch.nn.Module:
         net = self.build_network()
         prefix = "embedding_net."
-        state = {k[len(prefix) :]: v for k, v in self.state_dict_from_copy().items() if k.startswith(prefix)}
+        full = self.state_dict_from_copy()
+        state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         net.load_state_dict(state)  # strict: every conv/bn tensor must be there
-        return net
+        if self.layer is None:
+            return net
+        heads = aisfx_heads(full) if self.layer.startswith("heads-") else None
+        return _AisfxLayerNet(net, heads, self.layer)
+
+    def layers(self) -> list[str]:
+        return list(AISFX_LAYERS)
+
+    def select_layer(self, layer: str) -> None:
+        super().select_layer(layer)
+        self.dim = AISFX_LAYERS[layer][1]
 
     def _forward(self, model, batch):
         mask = batch["block_mask"].bool()
-        out = model(batch["blocks"].float())  # [N, 512]: the real blocks only, clip by clip
+        out = model(batch["blocks"].float())  # [N, dim]: the real blocks only, clip by clip
         # Block i of clip b is row (number of real blocks up to it) - 1: a gather, no data-dependent shape.
         flat = mask.flatten()
         rows = (torch.cumsum(flat.long(), 0) - 1).clamp(min=0)
@@ -301,7 +368,9 @@ class AisfxEncoder(FrozenEncoder):
             "weights": self.weights_digest(),
             "frontend": asdict(self.frontend),
             "resample": "soxr_hq",
-            "tokens": "one 512-d embedding per spectrogram block, pooled = masked mean",
+            "tokens": ("one 512-d embedding per spectrogram block, pooled = masked mean" if self.layer is None
+                       else f"per spectrogram block: {AISFX_LAYERS[self.layer][0]}, pooled = masked mean"),
+            **self._layer_identity(),
         }
 
 

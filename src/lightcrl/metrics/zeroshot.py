@@ -79,13 +79,15 @@ def evaluate(
     class_emb: Any,
     classnames: Sequence[str],
     topk: Sequence[int] = (1, 2, 3, 4, 5),
+    class_bias: Any = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``image_emb`` [N, d] against ``class_emb`` [C, d] (rows normalised here).
 
     Returns ``top{k}`` (percent, only for k <= C), ``mean_per_class_recall`` (percent, balanced
     accuracy over classes present in ``labels``), ``per_class_accuracy`` {classname: percent, or None
     for a class with no sample}, ``confusion_matrix`` (C x C ints, rows = true, columns = predicted)
-    and ``n``.
+    and ``n``. ``class_bias`` [C]: offsets added to every item's cosine scores (a model's per-class
+    correction, e.g. ``LightCRLModel.zeroshot_bias``); None = plain cosine.
     """
     img = l2_normalize(image_emb)
     cls = l2_normalize(class_emb)
@@ -107,6 +109,8 @@ def evaluate(
     preds = np.empty(len(y), dtype=np.int64)
     for s in range(0, len(y), _CHUNK):
         scores = (torch.from_numpy(img[s : s + _CHUNK]) @ cls_t.T).numpy()
+        if class_bias is not None:
+            scores = scores + np.asarray(class_bias, scores.dtype)[None, :]
         ranks[s : s + _CHUNK] = class_ranks(scores, y[s : s + _CHUNK])
         preds[s : s + _CHUNK] = scores.argmax(1)
 
