@@ -321,6 +321,22 @@ def test_geometry_matches_brute_force():
     assert r["modality_gap"] > 0.3
 
 
+def test_uniformity_matches_pairwise_distances_in_high_dimension():
+    """The Gram-matrix uniformity equals the pairwise-distance definition (torch.pdist), also for wide
+    embeddings (ASIF's anchor coordinates have thousands of dimensions), duplicate points and a subsample."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 3000)).astype(np.float32)
+    x[7] = x[3]  # a coincident pair: distance 0
+    for t in (2.0, 0.5):
+        xn = torch.from_numpy(geometry.l2_normalize(x)).double()
+        ref = torch.logsumexp(-t * torch.pdist(xn).pow(2), 0) - np.log(60 * 59 / 2)
+        assert geometry.uniformity(x, t=t) == pytest.approx(float(ref), abs=1e-9)
+    idx = np.sort(np.random.default_rng(0).choice(60, size=20, replace=False))
+    sub = torch.from_numpy(geometry.l2_normalize(x)[idx]).double()
+    ref = torch.logsumexp(-2 * torch.pdist(sub).pow(2), 0) - np.log(20 * 19 / 2)
+    assert geometry.uniformity(x, max_points=20, seed=0) == pytest.approx(float(ref), abs=1e-9)
+
+
 def test_geometry_plot(tmp_path: Path):
     rng = np.random.default_rng(11)
     a = _unit(rng, 200, 8)

@@ -49,9 +49,17 @@ def uniformity(x: Any, t: float = 2.0, max_points: int = MAX_UNIFORMITY_POINTS, 
     if len(x) > max_points:
         idx = np.random.default_rng(seed).choice(len(x), size=max_points, replace=False)
         x = x[np.sort(idx)]
-    sq = torch.pdist(torch.from_numpy(x).double(), p=2).pow(2)
+    # Squared distances from the Gram matrix, ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j (one BLAS product): the same
+    # numbers as torch.pdist, which loops over the feature dimension and took minutes for 5,000 points of
+    # ASIF's 6,091 anchor coordinates. The mean over i != j equals the mean over i < j (symmetry).
+    xd = torch.from_numpy(x).double()
+    norms = xd.pow(2).sum(1)
+    sq = (norms[:, None] + norms[None, :] - 2.0 * (xd @ xd.T)).clamp_min(0.0)
+    n = len(xd)
+    logits = -t * sq
+    logits.fill_diagonal_(-float("inf"))  # a point and itself are not a pair
     # logsumexp keeps it finite when all points coincide or are far apart.
-    return float(torch.logsumexp(-t * sq, dim=0) - np.log(sq.numel()))
+    return float(torch.logsumexp(logits.flatten(), dim=0) - np.log(n * (n - 1)))
 
 
 def cosine_stats(a: Any, b: Any) -> dict[str, float]:
