@@ -290,8 +290,11 @@ def test_encoder_pair_grids_change_only_the_encoders():
     ref = specs[0].model_dump(mode="json")
     for s in specs:
         d = s.model_dump(mode="json")
-        assert (d["model"], d["loss"], d["optim"], d["seed"]) == (ref["model"], ref["loss"], ref["optim"], 0)
+        assert (d["model"], d["loss"], d["optim"]) == (ref["model"], ref["loss"], ref["optim"])
         assert d["model"]["anchors"] is not None
+    # every pair for seeds 0, 1, 2 (the `seed` axis), named like the validation twin's cells
+    assert len(specs) == 12 and {s.seed for s in specs} == {0, 1, 2}
+    assert all(c.spec["seed"] == int(c.labels["seed"][1:]) for c in exp.cells if c.kind == "train")
     # the pair is chosen on a TRAIN split only; the test sets are the same seeded sample for every pair
     assert [e.name for e in exp.cfg.evals if e.split == "train"] == ["zs-cifar10-val"]
     assert {e.limit for e in exp.cfg.evals if e.task == "zeroshot"} == {2000}
