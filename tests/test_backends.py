@@ -239,22 +239,22 @@ def test_encoded_streams_keep_order_and_raise_errors():
 def test_write_error_in_the_writer_thread_fails_cleanly_then_resumes(tmp_path, monkeypatch):
     import errno
 
-    import lightcrl.embed as embed_mod
+    import lightcrl.store as store_mod
 
     spec = make_pairs_csv(tmp_path / "pairs", n=24)
     opts = EmbedOptions(shard_size=4, batch_size=2, num_workers=1, encoder_backend="onnx", progress=False)
-    real = embed_mod.write_shard
+    real = store_mod.ShardWriter.commit
 
-    def full_disk(out, index, *a):
-        if index == 2:
+    def full_disk(self, *a):
+        if self.index == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(out, index, *a)
+        real(self, *a)
 
-    monkeypatch.setattr(embed_mod, "write_shard", full_disk)
+    monkeypatch.setattr(store_mod.ShardWriter, "commit", full_disk)
     with pytest.raises(LightCRLError, match="No space left on device.*rerun the same command to resume"):
         embed("toy-image", spec, None, tmp_path / "s", opts)
     assert 2 not in completed_shards(tmp_path / "s") and {0, 1} <= completed_shards(tmp_path / "s")
-    monkeypatch.setattr(embed_mod, "write_shard", real)
+    monkeypatch.setattr(store_mod.ShardWriter, "commit", real)
     resumed = embed("toy-image", spec, None, tmp_path / "s", opts)
     clean = embed("toy-image", spec, None, tmp_path / "clean", opts)
     np.testing.assert_array_equal(resumed.pooled(), clean.pooled())

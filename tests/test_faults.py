@@ -754,28 +754,23 @@ def test_read_only_directory(tmp_path, capsys, pairs_csv):
 def test_enospc_in_the_middle_of_a_shard_file(tmp_path, capsys, monkeypatch):
     """ENOSPC after half of a shard's token file is written: no partial file, completed shards kept."""
     import lightcrl.io as io_mod
-    import lightcrl.store as store_mod
 
     spec = make_pairs_csv(tmp_path / "pairs", n=24)
     args = ["--encoder", "toy-image", "--data", spec, "--shard-size", "4", "--batch-size", "4", "--out"]
-    real_save_rows = store_mod.save_npy_rows  # a shard's token file (rows streamed, not concatenated)
-    calls = {"n": 0}
+    real_append = io_mod.NpyRowWriter.append  # a shard's token file, written batch by batch
 
-    def half_then_enospc(path, parts, dtype, width):
-        calls["n"] += 1
-        if calls["n"] == 3:  # shard 2's tokens
-            with io_mod.atomic_open(path, "wb") as f:
-                f.write(b"\x93NUMPY" + b"\0" * 100)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save_rows(path, parts, dtype, width)
+    def half_then_enospc(self, a):
+        if self._file.path.name.startswith("shard_00002") and self.rows:  # shard 2, rows already written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_append(self, a)
 
-    monkeypatch.setattr(store_mod, "save_npy_rows", half_then_enospc)
+    monkeypatch.setattr(io_mod.NpyRowWriter, "append", half_then_enospc)
     rc, _, err = _embed_cli(capsys, *args, tmp_path / "s")
     assert rc == 2 and "No space left on device" in err, err
     assert completed_shards(tmp_path / "s") == {0, 1}
     assert not (tmp_path / "s" / "shard_00002.tokens.npy").exists()
     assert not list((tmp_path / "s").glob(".*"))
-    monkeypatch.setattr(store_mod, "save_npy_rows", real_save_rows)
+    monkeypatch.setattr(io_mod.NpyRowWriter, "append", real_append)
     assert _embed_cli(capsys, *args, tmp_path / "s")[0] == 0
     assert _embed_cli(capsys, *args, tmp_path / "clean")[0] == 0
     assert _files(tmp_path / "s") == _files(tmp_path / "clean")

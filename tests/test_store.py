@@ -84,21 +84,22 @@ def test_resume_after_partial_run_equals_uninterrupted(tmp_path, pairs_csv, monk
     opts = EmbedOptions(shard_size=8, batch_size=4, num_workers=0)
     ref = embed("toy-image", pairs_csv, None, tmp_path / "ref", opts)
     # interrupt after 2 shards
-    real_write = store_mod.write_shard
+    real_commit = store_mod.ShardWriter.commit  # completes a shard (its token rows are already written)
     calls = {"n": 0}
 
-    def dying_write(*a, **k):
+    def dying_commit(self, *a, **k):
         if calls["n"] == 2:
             raise KeyboardInterrupt
         calls["n"] += 1
-        return real_write(*a, **k)
+        return real_commit(self, *a, **k)
 
-    monkeypatch.setattr("lightcrl.embed.write_shard", dying_write)
+    monkeypatch.setattr(store_mod.ShardWriter, "commit", dying_commit)
     with pytest.raises(KeyboardInterrupt):
         embed("toy-image", pairs_csv, None, tmp_path / "part", opts)
     assert not (tmp_path / "part" / "manifest.json").exists()
     assert len(list((tmp_path / "part").glob("shard_*.json"))) == 2
-    monkeypatch.setattr("lightcrl.embed.write_shard", real_write)
+    assert not list((tmp_path / "part").glob(".*.tmp"))  # the third shard's streamed tokens: removed
+    monkeypatch.setattr(store_mod.ShardWriter, "commit", real_commit)
     resumed = embed("toy-image", pairs_csv, None, tmp_path / "part", opts)
     assert resumed.manifest["count"] == ref.manifest["count"]
     ra, rb = _arrays(ref.dir), _arrays(resumed.dir)
@@ -212,8 +213,19 @@ def test_save_npy_rows_equals_saving_the_concatenation(tmp_path):
     save_npy_rows(tmp_path / "rows.npy", parts, np.float16, 7)
     got = np.load(tmp_path / "rows.npy", mmap_mode="r")
     assert got.dtype == np.float16 and np.array_equal(got, np.concatenate(parts).astype(np.float16))
+    np.save(tmp_path / "ref.npy", np.concatenate(parts).astype(np.float16))  # byte for byte: the header
+    assert (tmp_path / "rows.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()  # is rewritten
     save_npy_rows(tmp_path / "empty.npy", [], np.float16, 4)
     assert np.load(tmp_path / "empty.npy").shape == (0, 4)
     with pytest.raises(ValueError, match="width 7"):
         save_npy_rows(tmp_path / "bad.npy", [np.zeros((2, 6))], np.float16, 7)
     assert not (tmp_path / "bad.npy").exists()  # atomic: nothing half-written is left
+
+
+def test_record_to_dict_has_every_field():
+    from dataclasses import asdict
+
+    from lightcrl.data.records import Record
+
+    r = Record(id="a/b.png", path="/x/a/b.png", text=None, group="a/b.png", label=3)
+    assert r.to_dict() == asdict(r) and Record(**r.to_dict()) == r

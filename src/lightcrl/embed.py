@@ -34,6 +34,7 @@ from lightcrl.paths import cache_dir
 from lightcrl.store import (
     STORE_VERSION,
     FeatureStore,
+    ShardWriter,
     completed_shards,
     finalize,
     read_plan,
@@ -344,23 +345,32 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     def add(shard: _Shard, positions: list[int], o: EncoderOutput) -> None:
         lengths = o.mask.sum(1).cpu().numpy()
         tok = o.tokens.cpu().numpy().astype(np.float16, copy=False)  # float16 already (encode_batch)
-        shard.tokens.extend(tok[i, : lengths[i]] for i in range(len(positions)))
+        rows = [tok[i, : lengths[i]] for i in range(len(positions))]
+        if bucketed:
+            shard.tokens.extend(rows)
+        else:  # batches come in record order: their rows go to the shard's file now, during the forward
+            if shard.kept and positions and positions[0] <= shard.kept[-1]:
+                raise RuntimeError("unbucketed batches out of record order")  # a bug, not a user error
+            shard.writer.append(rows)
         shard.pooled.append(o.pooled.cpu().numpy().astype(np.float32, copy=False))
         shard.kept.extend(positions)
 
     def flush(shard: _Shard) -> None:
-        kept, tokens, pooled = shard.kept, shard.tokens, shard.pooled
+        kept, pooled = shard.kept, shard.pooled
         order = sorted(range(len(kept)), key=kept.__getitem__)  # record order, whatever the batches were
+        if bucketed:
+            try:
+                shard.writer.append(shard.tokens[i] for i in order)
+            except BaseException:
+                shard.writer.abort()
+                raise
         pooled_arr = np.concatenate(pooled)[order] if pooled else np.zeros((0, enc.dim), np.float32)
-        write_shard(
-            out,
-            shard.index,
-            [tokens[i] for i in order],
+        shard.writer.commit(
             pooled_arr,
             {
                 "kept": [kept[i] for i in order],
                 "skipped": sorted(shard.skipped, key=lambda s: positions_of[s["id"]]),
-                "tokens": int(sum(t.shape[0] for t in tokens)),
+                "tokens": int(sum(shard.writer.lengths)),
             },
         )
 
@@ -378,7 +388,7 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
             if current is not None and shard_of(first) != current.index:
                 writer.submit(flush, current)
                 current = None
-            current = current or _Shard(shard_of(first))
+            current = current or _Shard(shard_of(first), ShardWriter(out, shard_of(first)))
             for pos, info in skips:
                 if opts.strict:
                     raise LightCRLError(f"bad input {info['path']}: {info['detail']} (--strict)")
@@ -390,6 +400,8 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
             writer.submit(flush, current)
     except BaseException:
         writer.close(reraise=False)  # this error is the one to report; finished shards are on disk
+        if current is not None:
+            current.writer.abort()  # the unfinished shard's temp files (a kill leaves them to the resume)
         raise
     writer.close()
     bar.close()
@@ -400,7 +412,8 @@ class _Shard:
     """What one shard collects until it is written (in record order by flush)."""
 
     index: int
-    tokens: list = field(default_factory=list)
+    writer: ShardWriter
+    tokens: list = field(default_factory=list)  # only while bucketed batches come out of record order
     pooled: list = field(default_factory=list)
     kept: list = field(default_factory=list)
     skipped: list = field(default_factory=list)

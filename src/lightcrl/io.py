@@ -22,26 +22,53 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class AtomicFile:
+    """A temp file beside ``path`` that becomes ``path`` at :meth:`commit` (fsync, then rename) and vanishes
+    at :meth:`abort`: :func:`atomic_open` for a file written across calls (a shard's tokens, batch by batch).
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "w", **kwargs):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.file: IO = os.fdopen(fd, mode, **kwargs)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.tmp)
+            raise
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual mode
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``.
 
     On any exception the temp file is removed and ``path`` keeps its previous content.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    f = AtomicFile(path, mode, **kwargs)
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual mode
-        os.replace(tmp, path)
+        yield f.file
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        f.abort()
         raise
+    f.commit()
 
 
 @contextlib.contextmanager
@@ -89,19 +116,59 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
+class NpyRowWriter:
+    """A 2-D ``.npy`` file whose rows are appended as they come and whose row count is written at
+    :meth:`commit` (atomically, like :func:`save_npy`): a shard's ~125 MB of tokens is written during the
+    extraction instead of after it. numpy pads every header for a first axis of any length, so the final
+    header takes exactly the placeholder's bytes and the file equals ``np.save`` of the concatenation.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: Any, width: int):
+        self.dtype, self.width, self.rows = np.dtype(dtype), int(width), 0
+        self._file = AtomicFile(path, "wb")
+        try:
+            self._header_bytes = self._write_header()
+        except BaseException:
+            self._file.abort()
+            raise
+
+    def _write_header(self) -> int:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, self.width)}
+        np.lib.format.write_array_header_1_0(self._file.file, header)
+        return self._file.file.tell()
+
+    def append(self, a: np.ndarray) -> None:
+        if a.ndim != 2 or a.shape[1] != self.width:
+            raise ValueError(f"rows of width {self.width} expected, got shape {a.shape}")
+        if a.size:
+            self._file.file.write(memoryview(np.ascontiguousarray(a, self.dtype).reshape(-1)).cast("B"))
+        self.rows += int(a.shape[0])
+
+    def commit(self) -> None:
+        try:
+            self._file.file.seek(0)
+            if self._write_header() != self._header_bytes:  # cannot happen with numpy's padding; never
+                raise RuntimeError("npy header changed length")  # write a file numpy would misread
+        except BaseException:
+            self._file.abort()
+            raise
+        self._file.commit()
+
+    def abort(self) -> None:
+        self._file.abort()
+
+
 def save_npy_rows(path: str | os.PathLike, parts: list[np.ndarray], dtype: Any, width: int) -> None:
-    """``save_npy(path, np.concatenate(parts).astype(dtype))`` without building the concatenation: the
-    header, then each part's rows as they are (a shard's tokens are ~125 MB for 1,000 images)."""
-    dtype = np.dtype(dtype)
-    rows = sum(int(a.shape[0]) for a in parts)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, width)}
-    with atomic_open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
+    """``save_npy(path, np.concatenate(parts).astype(dtype))`` without building the concatenation."""
+    w = NpyRowWriter(path, dtype, width)
+    try:
         for a in parts:
-            if a.shape[1:] != (width,):
-                raise ValueError(f"rows of width {width} expected, got shape {a.shape}")
-            if a.size:
-                f.write(memoryview(np.ascontiguousarray(a, dtype).reshape(-1)).cast("B"))
+            w.append(a)
+    except BaseException:
+        w.abort()
+        raise
+    w.commit()
 
 
 def _json_default(o: Any) -> Any:

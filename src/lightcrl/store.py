@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lightcrl.errors import LightCRLError, StoreMismatch
-from lightcrl.io import read_json, save_npy, save_npy_rows, write_json
+from lightcrl.io import NpyRowWriter, read_json, save_npy, write_json
 
 if TYPE_CHECKING:  # torch is imported where needed: writing and reading a store need numpy only
     import torch
@@ -55,18 +56,57 @@ def completed_shards(directory: Path) -> set[int]:
     return done
 
 
+class ShardWriter:
+    """One shard, written as extraction goes: token rows are appended in record order as they are
+    computed (:meth:`append`), offsets, pooled and the JSON at :meth:`commit`, the JSON last (it marks the
+    shard complete). :meth:`abort` leaves nothing. Every file is atomic, as in :func:`write_shard`.
+    """
+
+    def __init__(self, directory: Path, index: int):
+        self.directory, self.index, self.name = Path(directory), index, shard_name(index)
+        self.lengths: list[int] = []
+        self._rows: NpyRowWriter | None = None  # opened at the first item, once the width is known
+
+    def append(self, tokens: Iterable[np.ndarray]) -> None:
+        for t in tokens:
+            if self._rows is None:
+                self._rows = NpyRowWriter(self.directory / f"{self.name}.tokens.npy", np.float16, t.shape[1])
+            self._rows.append(t)
+            self.lengths.append(int(t.shape[0]))
+
+    def commit(self, pooled: np.ndarray, meta: dict) -> None:
+        try:
+            dim = pooled.shape[1] if pooled.ndim == 2 and pooled.shape[0] else 0
+            rows = self._rows or NpyRowWriter(self.directory / f"{self.name}.tokens.npy", np.float16, dim)
+            self._rows = rows
+            if dim and rows.width != dim:
+                raise ValueError(f"rows of width {dim} expected, got tokens of width {rows.width}")
+            offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
+            rows.commit()
+            save_npy(self.directory / f"{self.name}.offsets.npy", offsets)
+            save_npy(self.directory / f"{self.name}.pooled.npy", pooled.astype(np.float32, copy=False))
+            write_json(self.directory / f"{self.name}.json",
+                       {**meta, "index": self.index, "count": len(self.lengths)}, indent=None)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._rows is not None:
+            self._rows.abort()
+
+
 def write_shard(
     directory: Path, index: int, tokens: list[np.ndarray], pooled: np.ndarray, meta: dict
 ) -> None:
     """Write one finished shard; the JSON goes last and marks it complete."""
-    name = shard_name(index)
-    dim = pooled.shape[1] if pooled.ndim == 2 and pooled.shape[0] else (tokens[0].shape[1] if tokens else 0)
-    lengths = np.array([t.shape[0] for t in tokens], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    save_npy_rows(directory / f"{name}.tokens.npy", tokens, np.float16, dim)
-    save_npy(directory / f"{name}.offsets.npy", offsets)
-    save_npy(directory / f"{name}.pooled.npy", pooled.astype(np.float32, copy=False))
-    write_json(directory / f"{name}.json", {**meta, "index": index, "count": len(tokens)}, indent=None)
+    w = ShardWriter(directory, index)
+    try:
+        w.append(tokens)
+    except BaseException:
+        w.abort()
+        raise
+    w.commit(pooled, meta)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -377,7 +378,7 @@ class _Lister:
             return text[len(prefix):].replace(os.sep, "/")
         return Path(os.path.relpath(path, self.base)).as_posix()
 
-    @property
+    @functools.cached_property
     def _prefix(self) -> str:
         return os.path.join(str(self.base), "")
 
@@ -388,7 +389,7 @@ class _Lister:
             {"id": item_id, "path": None if path is None else str(path), "reason": reason, "detail": detail}
         )
 
-    def check_file(self, item_id: str, path: Path) -> bool:
+    def check_file(self, item_id: str, path: str | Path) -> bool:
         """Stat a media file (or container); missing and zero-byte files are skipped."""
         key = str(path)
         if key not in self.stats:
@@ -406,7 +407,7 @@ class _Lister:
         return True
 
     def add_item(
-        self, path: Path, label: int = -1, item_id: str | None = None, member: str | None = None
+        self, path: str | Path, label: int = -1, item_id: str | None = None, member: str | None = None
     ) -> bool:
         """Add one media record (``member``: inside the container ``path``); a repeated id is skipped."""
         item_id = item_id or self.rel(path)
@@ -418,7 +419,7 @@ class _Lister:
         self.media.append(Record(id=item_id, path=full, group=item_id, label=label))
         return True
 
-    def add_file(self, path: Path, label: int = -1, item_id: str | None = None) -> bool:
+    def add_file(self, path: str | Path, label: int = -1, item_id: str | None = None) -> bool:
         item_id = item_id or self.rel(path)
         return self.check_file(item_id, path) and self.add_item(path, label, item_id)
 
@@ -538,16 +539,16 @@ def _classnames(folder: Path, n_classes: int, fallback: list[str]) -> list[str]:
     return names
 
 
-def _walk_files(folder: Path, exts: frozenset[str]) -> list[Path]:
-    """Files with one of ``exts`` (case-insensitive) under ``folder``, recursively, in sorted order."""
+def _walk_files(folder: Path, exts: frozenset[str]) -> list[str]:
+    """Files with one of ``exts`` (case-insensitive) under ``folder``, recursively, in sorted order.
+
+    Paths as strings: a ``Path`` per file was half the time of listing a 10k-file split before extraction.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath, f)
-            for f in sorted(filenames)
-            if not f.startswith(".") and _suffix(f) in exts
-        )
+        prefix = os.path.join(dirpath, "")
+        found.extend(prefix + f for f in sorted(filenames) if not f.startswith(".") and _suffix(f) in exts)
     return found
 
 
@@ -1032,7 +1033,7 @@ def _load_esc10(lst: _Lister, root: Path, split: str | None, options: dict) -> _
     clips = []
     for label, (_, folder, _) in enumerate(classes):
         for path in _walk_files(root / folder, AUDIO_EXTS):
-            m = _ESC10_CLIP.match(path.name)
+            m = _ESC10_CLIP.match(os.path.basename(path))
             if m:
                 clips.append((path, int(m.group(1)), label))
             else:
@@ -1121,7 +1122,7 @@ def _esc50_folders(lst: _Lister, root: Path, need_meta: bool):
     clips = []
     for target, (_, folder, _) in enumerate(classes):
         for path in _walk_files(root / folder, AUDIO_EXTS):
-            m = _ESC_CLIP_NAME.match(path.name)
+            m = _ESC_CLIP_NAME.match(os.path.basename(path))
             if not m:
                 lst.skip(lst.rel(path), path, "bad_row", "file name is not <fold>-<id>-<take>")
                 continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -25,4 +25,5 @@ class Record:
     label: int = -1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # by hand: dataclasses.asdict deep-copies field by field, 10x slower (plans hold every record)
+        return {"id": self.id, "path": self.path, "text": self.text, "group": self.group, "label": self.label}
