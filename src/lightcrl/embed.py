@@ -346,7 +346,7 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
         lengths = o.mask.sum(1).cpu().numpy()
         tok = o.tokens.cpu().numpy().astype(np.float16, copy=False)  # float16 already (encode_batch)
         rows = [tok[i, : lengths[i]] for i in range(len(positions))]
-        if bucketed:
+        if bucketed or not STREAM_SHARD_ROWS:
             shard.tokens.extend(rows)
         else:  # batches come in record order: their rows go to the shard's file now, during the forward
             if shard.kept and positions and positions[0] <= shard.kept[-1]:
@@ -358,7 +358,7 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     def flush(shard: _Shard) -> None:
         kept, pooled = shard.kept, shard.pooled
         order = sorted(range(len(kept)), key=kept.__getitem__)  # record order, whatever the batches were
-        if bucketed:
+        if bucketed or not STREAM_SHARD_ROWS:
             try:
                 shard.writer.append(shard.tokens[i] for i in order)
             except BaseException:
@@ -464,6 +464,9 @@ class _Writer:
 
 
 PREFETCH_THREAD = True
+# Unbucketed stores: append each batch's token rows to the shard's file as the batch comes out of the
+# forward (else: keep them and write the file when the shard is complete).
+STREAM_SHARD_ROWS = True
 
 
 def encoded(batches: Iterable, enc: FrozenEncoder, streams: int = 1) -> Iterator:
