@@ -229,3 +229,23 @@ def test_record_to_dict_has_every_field():
 
     r = Record(id="a/b.png", path="/x/a/b.png", text=None, group="a/b.png", label=3)
     assert r.to_dict() == asdict(r) and Record(**r.to_dict()) == r
+
+
+def test_streamed_shard_rows_write_the_same_files(tmp_path, pairs_csv, monkeypatch):
+    """Token rows appended batch by batch (the default for image stores) = rows written at the shard's end."""
+    import lightcrl.embed as embed_mod
+
+    appends = []
+    real_append = store_mod.ShardWriter.append
+    monkeypatch.setattr(store_mod.ShardWriter, "append",
+                        lambda self, rows: appends.append(self.index) or real_append(self, rows))
+    opts = EmbedOptions(shard_size=8, batch_size=3, num_workers=0)  # batches straddle no shard, end ragged
+    streamed = embed("toy-image", pairs_csv, None, tmp_path / "streamed", opts)
+    n_streamed, appends[:] = len(appends), []
+    monkeypatch.setattr(embed_mod, "STREAM_SHARD_ROWS", False)
+    at_end = embed("toy-image", pairs_csv, None, tmp_path / "end", opts)
+    assert len(appends) == len(set(appends)) < n_streamed  # one append per shard vs one per batch
+    files = sorted(p.name for p in streamed.dir.iterdir())
+    assert files == sorted(p.name for p in at_end.dir.iterdir()) and any("tokens" in f for f in files)
+    for name in files:
+        assert (streamed.dir / name).read_bytes() == (at_end.dir / name).read_bytes(), name
