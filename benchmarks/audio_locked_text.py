@@ -1,7 +1,7 @@
 """Locked-text side study for the class-disjoint audio protocol (docs/audio.md, "Results").
 
     .venv/bin/python benchmarks/audio_locked_text.py [--data ../shared/data]
-        [--study levers|grid|select|supervised] [--text minilm-l6,mpnet-base]
+        [--study levers|grid|select|supervised|ensemble] [--text minilm-l6,mpnet-base]
         [--features emb,heads-logits:max]
         [--heads ridge,ridge-csls,...] [--prompts desc,t6] [--json OUT]
 
@@ -25,6 +25,10 @@ lightcrl.app.protocols.class_disjoint_folds's groups):
   share), renormalised; test class embeddings are centred with the same training mean; ``ridge-csls``:
   ridge with the CSLS hubness correction, each class's score lowered by its mean cosine to its ``csls``
   nearest mapped TRAINING clips (what ``arch: ridge`` with ``ridge.csls`` does in a config);
+- ``kridge-rbf`` / ``kridge-cos``: kernel ridge in the dual (closed form) with an RBF kernel (``gamma`` x
+  the inverse median squared distance of the training clips) or a cosine polynomial kernel
+  (((1 + cos) / 2)^``degree``), penalty ``lam`` x the number of clips, onto the centred targets, with
+  CSLS (k = 50); ``kridge-rbf-raw`` / ``kridge-cos-raw``: the first grid (targets not centred, CSLS 0 or 50);
 - ``reverse``: ridge from the training classes' text embeddings onto their audio prototypes (mean
   training clip), a clip takes the class of the nearest predicted prototype;
 - ``relative-cf``: relative representations with nothing fitted: a clip's cosine profile over the
@@ -39,10 +43,14 @@ Class embeddings: mean of the normalised embeddings of a prompt set: ``t6`` (the
 hyper-parameters, chooses on the mean validation top-1 over the 5 folds, and prints one row per cell with
 the chosen setting; ``grid`` prints every setting; ``select`` prints every setting, then the choice over
 ALL of them on validation: one setting for all folds (best mean validation) and one per fold (best
-validation of that fold), with their test numbers; ``supervised`` the supervised-via-captions reference
-(folds 1-3 train, 4 validates, 5 tests, 50-way). Reads the cached ESC-50 aiSFX store (eager backend;
-extracted on first use); prompt embeddings are cached under runs/audio/prompt_embeddings. Seed ``--seed``
-(torch init and batch order of the SGD heads; the closed-form heads are deterministic).
+validation of that fold), with their test numbers; ``ensemble``: a score-level ensemble of two ridge +
+CSLS (k = 50) heads, the first ``--features`` entry with each other one (w x scores_a + (1 - w) x
+scores_b, raw or z-scored per clip over the candidate classes; both penalties, w and the normalisation
+chosen on validation, then ``select``'s choice over all of them); ``supervised`` the
+supervised-via-captions reference (folds 1-3 train, 4 validates, 5 tests, 50-way). Reads the cached
+ESC-50 aiSFX store (eager backend; extracted on first use); prompt embeddings are cached under
+runs/audio/prompt_embeddings. Seed ``--seed`` (torch init and batch order of the SGD heads; the
+closed-form heads are deterministic).
 """
 
 import argparse
@@ -61,7 +69,7 @@ from lightcrl.encoders import get_encoder
 torch.set_num_threads(1)
 _p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 _p.add_argument("--data", default="../shared/data")
-_p.add_argument("--study", choices=["levers", "grid", "supervised", "select"], default="levers")
+_p.add_argument("--study", choices=["levers", "grid", "supervised", "select", "ensemble"], default="levers")
 _p.add_argument("--heads", default="ridge,linear,relative,conse")
 _p.add_argument("--prompts", default="t6,desc,desc+many")
 _p.add_argument("--text", default="minilm-l6", help="text encoders (comma-separated; a+b concatenates)")
@@ -100,9 +108,13 @@ def feature(name):
             _FEATS.pop(name[:-4], None)
     elif name == "emb":
         out = st.pooled()
-    elif name == "block3":
-        opts = EmbedOptions(progress=False, encoder_backend="eager")
-        out = cached_store("aisfx@block3", E, "all", opts).pooled()
+    elif name == "block3":  # the aisfx@block3 store (default backend: built in minutes with ONNX Runtime)
+        b3 = cached_store("aisfx@block3", E, "all", EmbedOptions(progress=False))
+        tok, mask = b3.tokens(np.arange(len(b3)), dtype=np.float32)
+        if _POOL["max"]:
+            out = np.where(mask[..., None], tok, -np.inf).max(1)
+        else:
+            out = (tok * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     else:
         tok, mask = st.tokens(np.arange(len(st)), dtype=np.float32)
         m = torch.tensor(mask, dtype=torch.float32).unsqueeze(-1)
@@ -306,23 +318,73 @@ def head_ridge(Ct, tr, v, g, lam=1.0, center=False, csls=0):
     ``lam`` x the number of clips). ``csls=k``: hubness correction (CSLS, Conneau et al. 2018) against the
     TRAINING clips only: a class's score is lowered by its mean cosine to its k nearest mapped training
     clips, so a class embedding that is near everything stops taking every clip."""
+    scores = ridge_scorer(Ct, tr, lam, center, csls)
+    return _acc(scores, v), _acc(scores, g), {}
+
+
+def ridge_scorer(Ct, tr, lam=1.0, center=False, csls=0):
+    """head_ridge's scoring function ``scores(x, classes)`` on the current features ``Xn``."""
     Ct = _centred(Ct, tr, center)
     m, U, S, Vt = _train_svd(tr)
     T = Ct[y[m]].astype(np.float64)
     W = Vt.T @ ((S / (S**2 + lam * m.sum()))[:, None] * (U.T @ T))
-    if csls:
-        zt = Xn[m] @ W
-        zt /= np.linalg.norm(zt, axis=1, keepdims=True)
+    return _mapped_scorer(lambda x: x @ W, Xn[m] @ W, Ct, csls)
+
+
+def _mapped_scorer(f, zt, Ct, csls):
+    """Cosine scores of mapped clips ``f(x)`` against class embeddings, with CSLS against the mapped
+    training clips ``zt`` when ``csls`` (k) is set."""
+    zt = zt / np.linalg.norm(zt, axis=1, keepdims=True)
 
     def scores(x, grp):
-        z = x @ W
+        z = f(x)
         z /= np.linalg.norm(z, axis=1, keepdims=True)
         s = z @ Ct[grp].T
         if csls:
-            r = np.sort(zt @ Ct[grp].T, axis=0)[-csls:].mean(0)
-            s = 2 * s - r
+            s = 2 * s - np.sort(zt @ Ct[grp].T, axis=0)[-csls:].mean(0)
         return s
 
+    return scores
+
+
+_KEIG: dict = {}
+
+
+def _kernel(kernel, A, B, gamma, degree, d2=1.0):
+    """``rbf``: exp(-gamma |a - b|^2 / d2), ``d2`` the training clips' median squared distance (so gamma
+    is scale-free); ``cospoly``: ((1 + cos(a, b)) / 2)^degree."""
+    if kernel == "rbf":
+        d = (A**2).sum(1)[:, None] + (B**2).sum(1)[None] - 2 * A @ B.T
+        return np.exp(-gamma * np.maximum(d, 0) / d2)
+    a = A / np.linalg.norm(A, axis=1, keepdims=True)
+    b = B / np.linalg.norm(B, axis=1, keepdims=True)
+    return ((1 + a @ b.T) / 2) ** degree
+
+
+def head_kridge(Ct, tr, v, g, lam=0.01, kernel="rbf", gamma=1.0, degree=2, csls=0, tcentre=True):
+    """Kernel ridge in the dual (closed form): the training clips' kernel K, dual weights
+    (K + lam n I)^-1 T onto their class's text embedding, a clip maps to k(x, train) @ alpha; ``csls`` as
+    ``head_ridge``. ``tcentre``: fit T minus its training mean, as the linear ridge on centred features
+    implicitly does (X^T T = X^T (T - mean)), so a far clip maps to the mean direction's complement, not
+    to the shared component of every description. Eigendecomposition of K cached per (features, fold,
+    kernel): each penalty is a product."""
+    m = np.isin(y, tr)
+    Xtr = Xn[m].astype(np.float64)
+    key = (id(Xn), tuple(tr), kernel, gamma, degree)
+    if key not in _KEIG:
+        if len(_KEIG) >= len(FOLDS):  # one kernel's 5 folds at a time (1,200^2 doubles each)
+            _KEIG.pop(next(iter(_KEIG)))
+        sq = (Xtr**2).sum(1)
+        d = sq[:, None] + sq[None] - 2 * Xtr @ Xtr.T
+        d2 = float(np.median(d[np.triu_indices(len(Xtr), 1)]))
+        K = _kernel(kernel, Xtr, Xtr, gamma, degree, d2)
+        _KEIG[key] = (d2, K, *np.linalg.eigh(K))
+    d2, K, ev, Q = _KEIG[key]
+    T = Ct[y[m]].astype(np.float64)
+    T = T - T.mean(0) if tcentre else T
+    alpha = Q @ ((Q.T @ T) / (ev + lam * len(Xtr))[:, None])
+    scores = _mapped_scorer(lambda x: _kernel(kernel, x.astype(np.float64), Xtr, gamma, degree, d2) @ alpha,
+                            K @ alpha, Ct, csls)
     return _acc(scores, v), _acc(scores, g), {}
 
 
@@ -393,6 +455,9 @@ def head_anchor(Ct, tr, v, g, mode="relative", tau_r=0.05, wd=1e-3, lr=1e-2, epo
 
 
 LAMS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# x n, against a kernel whose diagonal is 1 (grids were extended until the choice on validation was
+# inside them: 1e-4..0.1 uncentred was best at its low end, 1e-6..1e-3 centred at its high end)
+KLAMS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1)
 GRIDS = {
     "linear": [dict(tau=t) for t in (0.05, 0.1)],
     "linear-t05": [dict(tau=0.05)],
@@ -402,6 +467,17 @@ GRIDS = {
     "ridge": [dict(lam=lam) for lam in LAMS],
     "ridge-centred": [dict(lam=lam, center=True) for lam in LAMS],
     "ridge-csls": [dict(lam=lam, csls=k) for lam in LAMS for k in (10, 50, 200)],
+    "ridge-csls50": [dict(lam=lam, csls=50) for lam in LAMS],
+    # CSLS k = 50 and centred targets only: without either, every kernel setting of the first grids was
+    # 8-10 points lower on validation
+    "kridge-rbf": [dict(kernel="rbf", gamma=ga, lam=lam, csls=50) for ga in (0.25, 0.5, 1.0, 2.0)
+                   for lam in KLAMS],
+    "kridge-cos": [dict(kernel="cospoly", degree=d, lam=lam, csls=50) for d in (1, 2, 4) for lam in KLAMS],
+    # the first grid: targets not centred, with and without CSLS
+    "kridge-rbf-raw": [dict(kernel="rbf", gamma=ga, lam=lam, csls=k, tcentre=False)
+                       for ga in (0.25, 0.5, 1.0, 2.0) for lam in KLAMS for k in (0, 50)],
+    "kridge-cos-raw": [dict(kernel="cospoly", degree=d, lam=lam, csls=k, tcentre=False)
+                       for d in (1, 2, 4, 8) for lam in KLAMS for k in (0, 50)],
     "reverse": [dict(lam=lam, center=c) for lam in (0.01, 0.1, 1.0) for c in (False, True)],
     "relative-cf": [dict(center=c) for c in (False, True)],
     "relative": [dict(mode="relative", tau_r=t) for t in (0.05, 0.1)],
@@ -410,7 +486,9 @@ GRIDS = {
 HEADS = {"linear": head_map, "linear-t05": head_map, "linear-structure": head_map,
          "linear-structure-2": head_map, "mlp": head_map,
          "ridge": head_ridge,
-         "ridge-centred": head_ridge, "ridge-csls": head_ridge, "reverse": head_reverse,
+         "ridge-centred": head_ridge, "ridge-csls": head_ridge, "ridge-csls50": head_ridge,
+         "kridge-rbf": head_kridge, "kridge-cos": head_kridge, "kridge-rbf-raw": head_kridge,
+         "kridge-cos-raw": head_kridge, "reverse": head_reverse,
          "relative-cf": head_relative, "relative": head_anchor, "conse": head_anchor}
 
 
@@ -484,6 +562,52 @@ def supervised_ridge(Ct, center, csls=0):
     return max(res, key=lambda t: t[1])
 
 
+def _z(s):
+    """Each clip's scores z-scored over the candidate classes (puts two heads' scales on one footing)."""
+    return (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-9)
+
+
+def ensemble(feats, pname, text, csls=50):
+    """Score-level ensemble of two ridge + CSLS heads on different features: w * s_a + (1 - w) * s_b with
+    raw or per-clip z-scored scores; the two penalties, w and the normalisation are chosen together on
+    the mean validation top-1 over the folds (one setting for all folds), and per fold for reference.
+    -> rows (one per setting) like run_setting's."""
+    folds = FOLDS if not ARGS.transfer else [transfer_fold()]
+    S: dict = {}  # (feature, lam, fold) -> (val scores, test scores)
+    for f in feats:
+        for i, (tr, v, g) in enumerate(folds):
+            use_features(f, tr)
+            for lam in LAMS:
+                sc = ridge_scorer(C(pname, text), tr, lam, False, csls)
+                S[f, lam, i] = tuple(sc(Xn[np.isin(y, c)], c) for c in (v, g))
+
+    def acc(s, c):
+        return 100 * float(np.mean(np.asarray(c)[s.argmax(1)] == y[np.isin(y, c)]))
+
+    rows = []
+    a = feats[0]
+    for b in feats[1:]:
+        for norm in ("raw", "z"):
+            nf = _z if norm == "z" else (lambda s: s)
+            for la in LAMS:
+                for lb in LAMS:
+                    for w in np.round(np.linspace(0, 1, 11), 2):
+                        vals, tests = [], []
+                        for i, (_, v, g) in enumerate(folds):
+                            sv, st_ = [w * nf(S[a, la, i][k]) + (1 - w) * nf(S[b, lb, i][k]) for k in (0, 1)]
+                            vals.append(acc(sv, v))
+                            tests.append(acc(st_, g))
+                        rows.append({"head": "ens-ridge-csls", "prompts": pname, "text": text,
+                                     "features": f"{a}|{b}",
+                                     "setting": {"norm": norm, "lam_a": la, "lam_b": lb, "w_a": float(w),
+                                                 "csls": csls},
+                                     "val": float(np.mean(vals)), "test_mean": float(np.mean(tests)),
+                                     "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0,
+                                     "test": [round(t, 2) for t in tests],
+                                     "val_folds": [round(t, 2) for t in vals]})
+    return rows
+
+
 def select(rows):
     """The validation choice over every row of the grid: one setting for all folds (best mean validation)
     and one per fold (best validation of that fold); test numbers are read only after choosing."""
@@ -531,6 +655,20 @@ if __name__ == "__main__":
         if rows:
             b = max(rows, key=lambda r: r["val"])
             print(f"chosen on fold 4: {b}")
+    elif ARGS.study == "ensemble":
+        for text in texts:
+            for pname in ARGS.prompts.split(","):
+                rows += ensemble(feats, pname, text)
+        for r in rows:  # each single head (w = 1: a, w = 0: b) once per penalty; the grid itself is large
+            k = r["setting"]
+            if k["norm"] == "raw" and ((k["w_a"] == 1.0 and k["lam_b"] == LAMS[0])
+                                       or (k["w_a"] == 0.0 and k["lam_a"] == LAMS[0])):
+                show(r)
+        for b in {r["features"] for r in rows}:
+            cell = [r for r in rows if r["features"] == b]
+            show(max(cell, key=lambda r: r["val"]), "chosen: ")
+        if not ARGS.transfer:
+            out = select(rows)
     else:
         for text in texts:
             for feat in feats:
