@@ -3,6 +3,7 @@ checkout against another one's code (``--baseline-src``), in interleaved child p
 
     .venv/bin/python benchmarks/train_step.py --baseline-src /path/to/other/checkout/src
     .venv/bin/python benchmarks/train_step.py --profile          # where the step's time goes
+    .venv/bin/python benchmarks/train_step.py --precisions fp32,bf16   # optim.precision A/B, this checkout
 
 The model and loss are configs/offline_best.yaml's (DFE width 256, depth 1, 4 heads, linear projections,
 CLIP loss) without its anchor coordinates, batch 128, token inputs, on synthetic feature stores of the
@@ -66,8 +67,11 @@ def child(args) -> None:
         torch.set_num_threads(args.threads)
     store = Path(args.store)
     common.patch_stores(store / "image", store / "text")
+    cfg = step_config(args.batch_size)
+    if args.precision:  # only when asked: checkouts older than optim.precision refuse the key
+        cfg["optim"]["precision"] = args.precision
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(validate_config(step_config(args.batch_size)), Path(tmp) / "run")
+        trainer = Trainer(validate_config(cfg), Path(tmp) / "run")
         schedule = common.epoch_batches(trainer)
         need = 2 + args.steps + (3 if args.profile else 0)
         if len(schedule) < need:
@@ -100,8 +104,9 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(args, src: Path, store: Path, profile: bool = False) -> dict:
+def run_child(args, src: Path, store: Path, profile: bool = False, precision: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--src", str(src), "--store", str(store)]
+    cmd += ["--precision", precision] if precision else []
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--profile"] if profile else []
@@ -125,6 +130,10 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of each checkout")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated optim.precision values to compare on this checkout (e.g. fp32,bf16); "
+                        "each is one more variant of the interleaved rounds")
+    p.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--src", default=str(common.REPO / "src"), help=argparse.SUPPRESS)
     p.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -137,9 +146,14 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = {"this": common.REPO / "src"}
+    # name -> (src, optim.precision or None for the config's default)
+    variants: dict[str, tuple[Path, str | None]] = {"this": (common.REPO / "src", None)}
     if args.baseline_src:
-        variants = {"baseline": Path(args.baseline_src), **variants}
+        variants = {"baseline": (Path(args.baseline_src), None), **variants}
+    if args.precisions:
+        if args.baseline_src:
+            raise SystemExit("--precisions compares this checkout with itself: drop --baseline-src")
+        variants = {x.strip(): (common.REPO / "src", x.strip()) for x in args.precisions.split(",") if x.strip()}
     tmp = tempfile.TemporaryDirectory(prefix="lightcrl-bench-step-")
     store = Path(tmp.name)
     common.synthetic_pairs(store, args.pairs)
@@ -148,14 +162,13 @@ def main(argv=None) -> None:
     common.gemm_gflops(remeasure=True, cpu_time=True)
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, src in variants.items():
-            results[name].append(run_child(args, src, store))
+        for name, (src, precision) in variants.items():
+            results[name].append(run_child(args, src, store, precision=precision))
     common.gemm_gflops(remeasure=True)
     common.gemm_gflops(remeasure=True, cpu_time=True)
     common.report_load_after()
-    profiles = {name: run_child(args, src, store, profile=True) for name, src in variants.items()} if (
-        args.profile
-    ) else {}
+    profiles = {name: run_child(args, src, store, profile=True, precision=precision)
+                for name, (src, precision) in variants.items()} if args.profile else {}
     tmp.cleanup()
 
     cfg = step_config(args.batch_size)
@@ -190,9 +203,12 @@ def main(argv=None) -> None:
         )
         for key, ms, calls in pr["top"]:
             print(f"    {key:40s} {ms:9.1f} ms a step  {calls:4d} calls")
-    base = "baseline" if "baseline" in step_s else "this"
-    common.headline("speedup_cpu", step_cpu[base] / step_cpu["this"], ".3f")
-    common.headline("speedup", step_s[base] / step_s["this"], ".3f")
+    # the first variant is the reference, the last the candidate: baseline vs this, or the first precision
+    # vs the last (--precisions fp32,bf16: speedup = fp32 step / bf16 step)
+    names = list(step_s)
+    base, cand = names[0], names[-1]
+    common.headline("speedup_cpu", step_cpu[base] / step_cpu[cand], ".3f")
+    common.headline("speedup", step_s[base] / step_s[cand], ".3f")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from lightcrl.checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
-from lightcrl.devices import autocast, resolve_device
+from lightcrl.devices import autocast, autocast_dtype, resolve_device
 from lightcrl.errors import LightCRLError
 from lightcrl.io import write_json, write_text
 from lightcrl.losses import ClipLoss, build_loss
@@ -120,7 +120,8 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
 
 # Options added after runs existed, left out of the fingerprint at their defaults so those runs resume.
 _NEW_DEFAULTS = {"data": {"captions_per_media": None, "fusemix": None},
-                 "model": {"head": "plain", "locked": [], "ridge": None}}
+                 "model": {"head": "plain", "locked": [], "ridge": None},
+                 "optim": {"precision": "auto"}}
 
 
 def _without_new_defaults(dump: dict) -> dict:
@@ -169,6 +170,7 @@ class Trainer:
         self.run_dir = self.run.path
         self.rank, self.world, self.local_rank, dev = dist.init_distributed()
         self.device = dev if self.world > 1 else resolve_device(cfg.device)
+        autocast_dtype(self.device, cfg.optim.precision)  # fp16 on a CPU: one clear error before any work
         self.is_main = self.rank == 0
         torch.manual_seed(cfg.seed)
 
@@ -386,7 +388,7 @@ class Trainer:
         exclude = None
         if self.anchor_set is not None and si == 0:  # leave-one-out: never see your own anchor
             exclude = self.anchor_set.exclude(s.media_index[local]).to(self.device)
-        with autocast(self.device):
+        with autocast(self.device, precision=self.cfg.optim.precision):
             out = self.ddp_model(inputs, exclude) if exclude is not None else self.ddp_model(inputs)
             extra = {}
             if "text_views" in needs:  # the same captions again under other dropout (unsupervised SimCSE)
