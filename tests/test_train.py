@@ -336,3 +336,35 @@ def test_mid_epoch_checkpoint_resumes_bit_exact(tmp_path, pairs_csv, monkeypatch
     epoch2 = next(r for r in rows_run if r["epoch"] == 2 and "time/epoch_s" in r)
     assert round(epoch2["time/pairs_per_s"] * epoch2["time/epoch_s"]) == 40
     assert epoch2["time/epoch_s"] >= state["epoch_time_s"] > 0
+
+
+def test_early_stop_on_the_mean_of_several_metrics(tmp_path, pairs_csv):
+    from lightcrl.app.config import EarlyStopConfig
+
+    stop = EarlyStopConfig(metric=["val/image_retrieval_recall@1", "val/text_retrieval_recall@1"])
+    assert stop.direction == "max" and stop.name.startswith("mean(")
+    assert stop.value({"val/image_retrieval_recall@1": 10.0, "val/text_retrieval_recall@1": 20.0}) == 15.0
+    assert stop.value({"val/image_retrieval_recall@1": 10.0}) is None
+    with pytest.raises(ValueError, match="mixes lower-is-better and higher-is-better"):
+        EarlyStopConfig(metric=["val/loss", "val/mean_recall@1"])
+    with pytest.raises(ValueError, match="at least one metric"):
+        EarlyStopConfig(metric=[])
+
+    metrics = ["val/image_retrieval_recall@5", "val/text_retrieval_recall@1"]
+    run = tmp_path / "run"
+    cfg = toy_config(pairs_csv, **{"optim.epochs": 4, "early_stop": {"metric": metrics}})
+    summary = train(validate_config(cfg), run)
+    assert summary["metric"] == f"mean({', '.join(metrics)})"
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in logged if "val/selection" in r and r["epoch"] > 0]
+    assert len(scored) == 4
+    for r in scored:  # the logged selection value is the mean of its parts ...
+        assert r["val/selection"] == pytest.approx(sum(r[m] for m in metrics) / 2)
+    # ... and the published epoch is its first maximum, whatever each part alone would pick
+    assert summary["best_epoch"] == max(scored, key=lambda r: (r["val/selection"], -r["epoch"]))["epoch"]
+    assert summary["best"] == pytest.approx(max(r["val/selection"] for r in scored))
+
+    with pytest.raises(LightCRLError, match="'val/zeroshot_top1' is not computed"):
+        train(validate_config(toy_config(pairs_csv, **{
+            "optim.epochs": 1, "early_stop": {"metric": ["val/mean_recall@1", "val/zeroshot_top1"]}})),
+            tmp_path / "bad")

@@ -19,11 +19,11 @@ def test_paper_shape_tiny_builds_offline_and_feeds_identical_features(tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt fails instead of reaching the hub
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     spec = make_pairs_csv(tmp_path / "pairs", n=24)
-    for input_mode in ("tokens", "pooled"):
+    for input_mode, precision in (("tokens", []), ("pooled", []), ("tokens", ["--precision", "bf16"])):
         out = train_speed.main(
             ["--encoders", "paper-shape", "--tiny", "--data", spec, "--split", "all", "--pairs", "24",
              "--batch-size", "8", "--reencode-batches", "2", "--input", input_mode, "--threads", "1",
-             "--max-load", "1000", "--wait", "0"]
+             "--max-load", "1000", "--wait", "0", *precision]
         )
         assert out["reencoded_batches"] == 2
         assert out["inputs_max_abs_diff"] == 0.0

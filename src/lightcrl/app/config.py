@@ -65,15 +65,45 @@ class OptimConfig(_Strict):
 
 
 class EarlyStopConfig(_Strict):
-    metric: str = "val/mean_recall@1"  # or "val/loss", "val/image_retrieval_recall@5", ...
+    # The validation metric that picks the published epoch: "val/mean_recall@1", "val/loss", ... or a LIST
+    # of metrics whose mean picks it, so a multi-source config selects for every task (three_modalities.yaml:
+    # audio zero-shot and image-text retrieval; one alone stops where the other is untrained).
+    metric: str | list[str] = "val/mean_recall@1"
     mode: Literal["max", "min"] | None = None  # default: "min" for losses and ranks, else "max"
     patience: int | None = None  # epochs without improvement before stopping; None = never stop early
+
+    @field_validator("metric")
+    @classmethod
+    def _one_direction(cls, v):
+        names = [v] if isinstance(v, str) else v
+        if not names:
+            raise ValueError("give at least one metric")
+        if len({metric_direction(m) < 0 for m in names}) > 1:
+            raise ValueError(f"{names} mixes lower-is-better and higher-is-better metrics: their mean "
+                             "selects nothing meaningful")
+        return v
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def name(self) -> str:
+        """How the selection metric is reported: the metric, or ``mean(a, b)``."""
+        return self.metric if isinstance(self.metric, str) else f"mean({', '.join(self.metric)})"
 
     @property
     def direction(self) -> str:
         if self.mode:
             return self.mode
-        return "min" if metric_direction(self.metric) < 0 else "max"
+        return "min" if metric_direction(self.metrics[0]) < 0 else "max"
+
+    def value(self, row: dict[str, Any]) -> float | None:
+        """The selection value of a metrics row (the mean of the metrics); None when one is missing."""
+        vals = [row.get(m) for m in self.metrics]
+        if any(not isinstance(x, (int, float)) for x in vals):
+            return None
+        return float(sum(vals) / len(vals))
 
 
 class TrainConfig(_Strict):

@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lightcrl.app.config import TrainConfig, validate_config
+from lightcrl.app.config import EarlyStopConfig, TrainConfig, validate_config
 from lightcrl.app.evaluate import TASKS, EvalRequest, EvalTarget, run_eval
 from lightcrl.errors import LightCRLError
 from lightcrl.io import read_json, write_json, write_text
@@ -646,15 +646,14 @@ def best_val_metrics(cell: Cell, cell_dir: Path, names: list[str]) -> dict[str, 
     """``names`` from the metrics.jsonl row of the cell's best epoch (by its early-stop metric; the
     training-free kinds write one such row when they are built); "n/a" for kinds without one."""
     run = RunDir(cell_dir)
-    metric, direction = "val/mean_recall@1", "max"
+    stop = EarlyStopConfig()  # the training-free kinds: val/mean_recall@1, higher is better
     if cell.kind == "train":
         stop = validate_config(cell.spec, source=f"cell {cell.name}").early_stop
-        metric, direction = stop.metric, stop.direction
-    scored = [r for r in run.iter_metrics() if isinstance(r.get(metric), (int, float))]
+    scored = [(v, r) for r in run.iter_metrics() if (v := stop.value(r)) is not None]
     if not scored:
         return {n: None if cell.kind in ("train", "asif", "csa") else "n/a" for n in names}
-    sign = 1.0 if direction == "max" else -1.0
-    best = max(scored, key=lambda r: sign * r[metric])
+    sign = 1.0 if stop.direction == "max" else -1.0
+    best = max(scored, key=lambda vr: sign * vr[0])[1]
     return {n: best.get(n) for n in names}
 
 

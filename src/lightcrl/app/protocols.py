@@ -123,7 +123,12 @@ def fold_config(cfg: TrainConfig, source: int, train: str, val: str | None, spli
         kind = train.split(":", 1)[0]
         name = f"{kind}{source}" if len(raw["data"]["sources"]) > 1 else kind
         prefix = f"val/{name}/" if _n_val_sets(raw) > 1 else "val/"
-        raw["early_stop"] = {"metric": prefix + "zeroshot_top1", "mode": "max", "patience": None}
+        target = prefix + "zeroshot_top1"
+        metric = raw.get("early_stop", {}).get("metric")
+        # a config that already selects on this source's zero-shot together with other sources' metrics
+        # (a list: their mean) keeps that selection; otherwise the fold's zero-shot alone selects
+        if not (isinstance(metric, list) and target in metric):
+            raw["early_stop"] = {"metric": target, "mode": "max", "patience": None}
     return validate_config(raw, "protocol config")
 
 

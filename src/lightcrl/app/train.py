@@ -100,6 +100,8 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         ):
             metrics[prefix + k] = float(r[k])
         r1s.append((r["image_retrieval_recall@1"] + r["text_retrieval_recall@1"]) / 2)
+        if len(sets) > 1:  # each source's own, so a selection metric can name one source's retrieval
+            metrics[prefix + "mean_recall@1"] = r1s[-1]
         if s.media.classnames and (s.media.items.labels[media_rows] >= 0).all():
             # captions made from class names: zero-shot top-1 of the media, classifier = each class's
             # unique captions (its templates), as lightcrl.metrics.zeroshot builds it
@@ -557,12 +559,15 @@ class Trainer:
             metric = None
             if self.is_main and self.val_sets and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
                 row.update(validate(self.model, self.val_sets, self.device, cfg.optim.batch_size, cfg.seed))
-                metric = row.get(cfg.early_stop.metric)
+                metric = cfg.early_stop.value(row)
                 if metric is None:
+                    missing = [m for m in cfg.early_stop.metrics if m not in row]
                     raise LightCRLError(
-                        f"early_stop.metric {cfg.early_stop.metric!r} is not computed; "
+                        f"early_stop.metric {', '.join(map(repr, missing))} is not computed; "
                         f"available: {', '.join(k for k in row if k.startswith('val/'))}"
                     )
+                if len(cfg.early_stop.metrics) > 1:
+                    row["val/selection"] = metric  # the mean that picks the epoch, logged beside its parts
             self._apply_plateau(metric)
             self.run_log.log(row)
             if metric is not None:
@@ -596,7 +601,7 @@ class Trainer:
             "best_epoch": self.state["best_epoch"],
             "stopped_early": stopped_early,
             "train_time_s": self.state["train_time_s"],
-            "metric": cfg.early_stop.metric,
+            "metric": cfg.early_stop.name,
         }
         if self.is_main:
             if checkpoint_folder(self.run_dir, "best") is None:
