@@ -215,6 +215,10 @@ def test_three_modalities_config_is_a_transfer_protocol(esc50, shared_data):
     for name in esc10.classnames + open_dataset(with_options(esc50, esc10=1), "all").classnames:
         assert not any(_mentions(c, name) for c in captions), name
     assert "val/esc501/zeroshot_top1" in cfg.early_stop.metrics  # validation on the held-out classes
+    # the protocols keep that selection (the Flickr8k source validates on a holdout, not a val_split)
+    folds = class_disjoint_folds(fix(src.spec.split("&exclude_classgroup")[0]))
+    fold = fold_config(cfg, 1, folds[0]["train"], folds[0]["val"])
+    assert fold.early_stop.metric == cfg.early_stop.metric
 
 
 def test_esc50_flat_layout_matches_the_release_layout(esc50, shared_data, tmp_path):

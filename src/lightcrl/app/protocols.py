@@ -133,7 +133,8 @@ def fold_config(cfg: TrainConfig, source: int, train: str, val: str | None, spli
 
 
 def _n_val_sets(raw: dict) -> int:
-    return sum(1 for s in raw["data"]["sources"] if s.get("val_split"))
+    """Sources that validate (build_pairsets): a val_split, or a holdout of the training split."""
+    return sum(1 for s in raw["data"]["sources"] if s.get("val_split") or s.get("holdout"))
 
 
 def _train_and_test(cfg: TrainConfig, run_dir: Path, test_spec: str, test_split: str) -> dict:
