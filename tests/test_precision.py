@@ -82,3 +82,19 @@ def test_precision_is_in_the_fingerprint_but_auto_keeps_old_runs(tmp_path, pairs
 
     assert "precision" not in _without_new_defaults(dumped)["optim"]
     assert _without_new_defaults(bf16.cfg.model_dump(mode="json"))["optim"]["precision"] == "bf16"
+
+
+def test_amx_detection_reads_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    import lightcrl.devices as devices
+
+    real_open = builtins.open
+    for flags, expected in (("fpu sse amx_bf16 amx_tile", True), ("fpu sse avx512f", False)):
+        info = tmp_path / f"cpuinfo{int(expected)}"
+        info.write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, _i=info, **k: real_open(
+            _i if p == "/proc/cpuinfo" else p, *a, **k))
+        assert devices.cpu_has_amx() is expected
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert devices.cpu_has_amx() is False
