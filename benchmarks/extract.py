@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/extract.py            # 1,000 CIFAR-10 test images, efficientnet-lite0
     .venv/bin/python benchmarks/extract.py --encoder minilm-l6      # 1,000 Flickr8k dev captions
+    .venv/bin/python benchmarks/extract.py --encoder mpnet-base --bf16   # and the bf16 backend beside them
     .venv/bin/python benchmarks/extract.py --encoder aisfx --limit 200   # ESC-10 clips
     .venv/bin/python benchmarks/extract.py --limit 200 --max-load 99     # quick look on a busy machine
     .venv/bin/python benchmarks/extract.py --grid 0:2:1,1:2:1,0:1:2   # processes:ORT threads:streams
@@ -14,6 +15,8 @@ write, manifest), same items, same batch size:
 - ``eager``: the path before encoder backends, ``encoder_backend="eager"`` and no length bucketing;
 - ``eager+buckets`` (text): the eager backend with length bucketing, to separate the two gains;
 - ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path, measured too;
+- ``bf16`` (``--bf16``): the PyTorch module in bfloat16 autocast, with its features' agreement with
+  eager's (max abs diff, min cosine of the pooled vectors);
 - ``wW:tT:sS`` (``--grid``): the default backend with W decoding processes and S forward streams of T
   ONNX Runtime threads each.
 
@@ -68,9 +71,12 @@ def main(argv=None) -> None:
         help="also time the default backend with these decoding processes x ONNX Runtime threads, "
         "e.g. 0:2,1:2,1:1,2:1 (workers:threads), in the same interleaved rounds",
     )
+    p.add_argument("--bf16", action="store_true",
+                   help="also time --encoder-backend bf16 (bfloat16 autocast) in the same rounds")
     common.add_load_args(p)
     args = p.parse_args(argv)
 
+    import numpy as np
     import torch
 
     from lightcrl.embed import (
@@ -113,6 +119,11 @@ def main(argv=None) -> None:
     }
     if fast.modality == "text":  # the eager backend with today's length bucketing, to tell the two apart
         paths["eager+buckets"] = (paths["eager"][0], replace(base, encoder_backend="eager"))
+    if args.bf16:  # bfloat16 autocast (opt-in: not float error; its agreement with eager is printed)
+        paths["bf16"] = (
+            get_encoder(args.encoder, device="cpu", backend="bf16"),
+            replace(base, encoder_backend="bf16"),
+        )
     if fast.backend != "onnx" and fast.graph_inputs:
         paths["onnx"] = (
             get_encoder(args.encoder, device="cpu", backend="onnx"),
@@ -180,6 +191,16 @@ def main(argv=None) -> None:
     common.gemm_gflops(remeasure=True)
     common.report_load_after()
     store_mb = common.store_bytes(tmp / f"default-{args.rounds - 1}") / 2**20
+    agreement = {}  # each path's pooled features against eager's, in the stores of the last round
+    from lightcrl.store import FeatureStore
+
+    ref = FeatureStore(tmp / f"eager-{args.rounds - 1}").pooled().astype("float64")
+    for name in paths:
+        if name.startswith("eager"):
+            continue
+        got = FeatureStore(tmp / f"{name}-{args.rounds - 1}").pooled().astype("float64")
+        cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        agreement[name] = (float(np.abs(ref - got).max()), float(cos.min()), float(np.abs(ref).max()))
     tmp_ctx.cleanup()
 
     workers = base.num_workers if base.num_workers is not None else f"default ({default_workers(fast)})"
@@ -202,9 +223,13 @@ def main(argv=None) -> None:
     for name, ts in times.items():
         print(f"embed {name:8s}: {' / '.join(f'{t:.2f}' for t in ts)} s -> {rate(ts):.1f} {unit}/s")
     print(f"store {store_mb:.0f} MiB")
+    for name, (diff, cos, scale) in agreement.items():
+        print(f"features {name} vs eager: pooled max abs diff {diff:.2e} (scale {scale:.2f}), "
+              f"min cosine {cos:.6f}")
     common.print_roofline(f"forward only ({fast.backend})", rate(fwd), flops, unit)
-    for name, ts in times.items():
-        common.print_roofline(f"embed {name}", rate(ts), flops, unit)
+    for name, ts in times.items():  # bf16 against the bf16 GEMM limit
+        dt = "bf16" if name == "bf16" else "fp32"
+        common.print_roofline(f"embed {name}", rate(ts), flops, unit, dtype=dt)
     ratios = [(fwd[r] + fwd[r + 1]) / 2 / times["default"][r] for r in range(args.rounds)]
     speedups = [times["eager"][r] / times["default"][r] for r in range(args.rounds)]
     print(

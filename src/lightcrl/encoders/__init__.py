@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lightcrl.encoders.backends import BACKENDS, check_backend
+from lightcrl.encoders.backends import BACKENDS, backend_for, check_backend
 from lightcrl.encoders.base import EncoderOutput, FrozenEncoder
 from lightcrl.errors import LightCRLError
 from lightcrl.features import masked_mean
@@ -94,7 +94,7 @@ def split_layer(name: str) -> tuple[str, str | None]:
 
 def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> FrozenEncoder:
     """Build (once per process) the encoder called ``name``, its forward run by ``backend``
-    (auto, eager, onnx: see lightcrl.encoders.backends)."""
+    (auto, eager, onnx, bf16, or per modality such as ``text=bf16``: see lightcrl.encoders.backends)."""
     check_backend(backend)
     key = (name, str(device), backend)
     if key in _CACHE and not kwargs:
@@ -116,7 +116,7 @@ def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> Fr
         raise LightCRLError(f"unknown encoder {name!r}; known: {', '.join(known)}")
     if layer is not None:
         enc.select_layer(layer)
-    enc.use_backend(backend)
+    enc.use_backend(backend_for(backend, enc.name, enc.modality))
     if not kwargs:
         _CACHE[key] = enc
     return enc

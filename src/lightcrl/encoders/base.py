@@ -59,7 +59,7 @@ class FrozenEncoder:
         self.use_backend(backend)
 
     def use_backend(self, backend: str) -> None:
-        """Run the forward with ``backend`` (auto, eager, onnx); ``self.backend`` is the resolved one."""
+        """Run the forward with ``backend`` (auto, eager, onnx, bf16); ``self.backend``: the resolved one."""
         from lightcrl.encoders.backends import resolve_backend
 
         self.backend = resolve_backend(self, backend)
@@ -159,7 +159,7 @@ class FrozenEncoder:
             tokens, mask, pooled = session(batch)
             return EncoderOutput(tokens.to(tokens_dtype), mask.bool(), pooled.float())
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with autocast(self.device):
+        with autocast(self.device, precision="bf16" if self.backend == "bf16" else "auto"):
             out = self._forward(self.model, batch)
         return EncoderOutput(out.tokens.float().to(tokens_dtype), out.mask.bool(), out.pooled.float())
 
