@@ -1,7 +1,7 @@
 """Extraction throughput: the default path vs the eager path, end to end, against the machine's limit.
 
     .venv/bin/python benchmarks/extract.py            # 1,000 CIFAR-10 test images, efficientnet-lite0
-    .venv/bin/python benchmarks/extract.py --encoder minilm-l6      # 1,000 Flickr8k dev captions
+    .venv/bin/python benchmarks/extract.py --encoder minilm-l6      # 1,000 Flickr8k dev images: 5,000 captions
     .venv/bin/python benchmarks/extract.py --encoder mpnet-base --bf16   # and the bf16 backend beside them
     .venv/bin/python benchmarks/extract.py --encoder aisfx --limit 200   # ESC-10 clips
     .venv/bin/python benchmarks/extract.py --limit 200 --max-load 99     # quick look on a busy machine
