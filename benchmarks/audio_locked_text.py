@@ -38,12 +38,15 @@ lightcrl.app.protocols.class_disjoint_folds's groups):
   of the anchors' text embeddings (ConSE, Norouzi et al. 2014).
 
 Class embeddings: mean of the normalised embeddings of a prompt set: ``t6`` (the 6 audio templates),
-``many`` (20 templates), ``desc`` (5 class descriptions, esc50_descriptions.json), ``desc+many``,
-``desc+t6``. ``--study levers`` (default) runs every head on every prompt set with a small grid of its
-hyper-parameters, chooses on the mean validation top-1 over the 5 folds, and prints one row per cell with
-the chosen setting; ``grid`` prints every setting; ``select`` prints every setting, then the choice over
-ALL of them on validation: one setting for all folds (best mean validation) and one per fold (best
-validation of that fold), with their test numbers; ``ensemble``: a score-level ensemble of two ridge +
+``many`` (20 templates), ``desc`` (5 class descriptions, esc50_descriptions.json), ``rich`` (those 5 and
+10 more per class, esc50_descriptions_rich.json), ``acoustic`` (7 descriptions of the sound's qualities
+without the class name, esc50_descriptions_acoustic.json; ``acoustic3``: its first 3), ``rich+acoustic``,
+``desc+many``, ``desc+t6``. ``--study levers``
+(default) runs every head on every prompt set with a small grid of its hyper-parameters, chooses on the
+mean validation top-1 over the 5 folds, and prints one row per cell with the chosen setting;
+``grid`` prints every setting; ``select`` prints every setting, then the choice over ALL of them
+on validation: one setting for all folds (best mean validation) and one per fold (best validation of that
+fold), with their test numbers; ``ensemble``: a score-level ensemble of two ridge +
 CSLS (k = 50) heads, the first ``--features`` entry with each other one (w x scores_a + (1 - w) x
 scores_b, raw or z-scored per clip over the candidate classes; both penalties, w and the normalisation
 chosen on validation, then ``select``'s choice over all of them); ``supervised`` the
@@ -179,10 +182,17 @@ def class_emb(prompts_per_class, encoder="minilm-l6"):
 
 _RES = Path(__file__).resolve().parents[1] / "src/lightcrl/resources/templates"
 DESC = json.loads((_RES / "esc50_descriptions.json").read_text())
+RICH = json.loads((_RES / "esc50_descriptions_rich.json").read_text())
+ACOUSTIC = json.loads((_RES / "esc50_descriptions_acoustic.json").read_text())
 PROMPTS = {
     "t6": lambda n: [t.replace("{c}", n) for t in _resource_lines("audio_templates.txt")],
     "many": lambda n: [t.replace("{c}", n) for t in _resource_lines("audio_templates_many.txt")],
     "desc": lambda n: DESC[n],
+    "rich": lambda n: RICH[n],
+    "acoustic": lambda n: ACOUSTIC[n],
+    "acoustic3": lambda n: ACOUSTIC[n][:3],  # the first 3 of each class (written first)
+    "rich+acoustic": lambda n: RICH[n] + ACOUSTIC[n],
+    "rich+acoustic3": lambda n: RICH[n] + ACOUSTIC[n][:3],
     "desc+many": lambda n: DESC[n] + PROMPTS["many"](n),
     "desc+t6": lambda n: DESC[n] + PROMPTS["t6"](n),
 }

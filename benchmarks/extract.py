@@ -14,6 +14,7 @@ write, manifest), same items, same batch size:
 - ``default``: ``EmbedOptions()`` as shipped (``--encoder-backend auto``; text batches bucketed by length);
 - ``eager``: the path before encoder backends, ``encoder_backend="eager"`` and no length bucketing;
 - ``eager+buckets`` (text): the eager backend with length bucketing, to separate the two gains;
+- ``no-dedupe`` (text): the default with every caption encoded, repeats too (``dedupe_text=False``);
 - ``onnx``: for an encoder whose default is not ONNX but which has an ONNX path, measured too;
 - ``bf16`` (``--bf16``): the PyTorch module in bfloat16 autocast, with its features' agreement with
   eager's (max abs diff, min cosine of the pooled vectors);
@@ -119,6 +120,8 @@ def main(argv=None) -> None:
     }
     if fast.modality == "text":  # the eager backend with today's length bucketing, to tell the two apart
         paths["eager+buckets"] = (paths["eager"][0], replace(base, encoder_backend="eager"))
+        # and the default without encoding a shard's repeated captions once (label captions repeat)
+        paths["no-dedupe"] = (fast, replace(base, dedupe_text=False))
     if args.bf16:  # bfloat16 autocast (opt-in: not float error; its agreement with eager is printed)
         paths["bf16"] = (
             get_encoder(args.encoder, device="cpu", backend="bf16"),

@@ -195,6 +195,25 @@ def test_templates_option_many_templates_and_class_descriptions(shared_data, tmp
             open_dataset(f"{spec}?templates={option}", "fold5")
 
 
+def test_several_templates_files_join_per_class(shared_data):
+    from lightcrl.data.datasets import read_templates
+
+    spec = f"labelcaptions:esc50:{shared_data / 'esc50'}"
+    names = open_dataset(spec, "all").classnames
+    rich = read_templates("esc50_descriptions_rich.json", names)
+    acoustic = read_templates("esc50_descriptions_acoustic.json", names)
+    both = open_dataset(f"{spec}?templates=esc50_descriptions_rich.json,esc50_descriptions_acoustic.json",
+                        "all")
+    assert both.templates == {c: rich[c] + acoustic[c] for c in names}
+    labels = [r.label for r in both.media_records()]
+    assert len(both.text_records()) == sum(len(both.templates[names[y]]) for y in labels)
+    # every class has the 5 original descriptions first, then the new ones (no class left short)
+    desc = read_templates("esc50_descriptions.json", names)
+    assert all(rich[c][:5] == desc[c] and len(rich[c]) >= 13 and len(acoustic[c]) == 7 for c in names)
+    mixed = read_templates("esc50_descriptions_acoustic.json,audio_templates.txt", names)
+    assert mixed["dog"][:7] == acoustic["dog"] and mixed["dog"][7] == "the sound of a dog."
+
+
 def test_three_modalities_config_is_a_transfer_protocol(esc50, shared_data):
     """The committed config trains on ESC-50 without ESC-10 and validates on classes it never trains on."""
     from pathlib import Path

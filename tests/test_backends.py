@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,55 @@ def test_bucketed_text_store_keeps_record_order(tmp_path):
     assert list(store.items.texts) == [f"{t} {i}" for i, t in enumerate(texts)]
     for i, text in enumerate(store.items.texts):  # each row holds its own caption's features
         np.testing.assert_allclose(store.pooled()[i], enc.encode([text]).pooled[0].numpy(), atol=2e-3)
+
+
+def test_repeated_texts_are_encoded_once_per_shard(tmp_path, monkeypatch):
+    # label captions: the same few prompts for every item of a class, plus one unique caption
+    texts = ["a dog barking .", "the sound of a dog .", "a cat meowing .", "the sound of a cat ."] * 5
+    texts[7] = "one unique caption with more words"
+    csv = tmp_path / "t.csv"
+    csv.write_text("filepath,title\n" + "".join(f"img{i}.png,{t}\n" for i, t in enumerate(texts)))
+    from PIL import Image
+
+    for i in range(len(texts)):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"img{i}.png")
+    enc = get_encoder("toy-text")
+    seen: list[int] = []
+    real = type(enc).encode_batch
+
+    def counting(self, batch, *a, **k):
+        out = real(self, batch, *a, **k)
+        seen.append(out.pooled.shape[0])
+        return out
+
+    monkeypatch.setattr(type(enc), "encode_batch", counting)
+    opts = EmbedOptions(shard_size=8, batch_size=3, progress=False)
+    store = embed(enc, f"csv:{csv}", None, tmp_path / "dedup", opts)
+    # shards of 8: 0-7 (4 + the unique), 8-15 (4), 16-19 (4): each shard encodes its distinct texts once
+    assert sum(seen) == 5 + 4 + 4
+    seen.clear()
+    plain = embed(enc, f"csv:{csv}", None, tmp_path / "plain", replace(opts, dedupe_text=False))
+    assert sum(seen) == len(texts)
+    assert list(store.items.texts) == list(plain.items.texts) == texts
+    np.testing.assert_allclose(store.pooled(), plain.pooled(), atol=1e-6)
+    t1, m1 = store.tokens(np.arange(len(texts)))
+    t2, m2 = plain.tokens(np.arange(len(texts)))
+    assert np.array_equal(m1, m2)
+    np.testing.assert_allclose(t1.astype(np.float32), t2.astype(np.float32), atol=2e-3)
+
+
+def test_a_skipped_text_skips_its_repeats():
+    from lightcrl.data.records import Record
+    from lightcrl.embed import _copy_repeats, _Shard, shard_repeats
+
+    records = [Record(id=f"c{i}", path=None, text=t) for i, t in enumerate(["a", "", "a", "", "b"])]
+    repeats = shard_repeats([r.text for r in records], [0], 8)
+    assert repeats == {0: [(2, 0), (3, 1)]}
+    shard = _Shard(0, writer=None, tokens=[np.ones((1, 2)), np.zeros((1, 2))], kept=[0, 4],
+                   pooled=[np.array([[1.0], [2.0]])], skipped=[{"id": "c1", "reason": "empty"}])
+    _copy_repeats(shard, repeats[0], records)
+    assert shard.kept == [0, 4, 2] and np.concatenate(shard.pooled).ravel().tolist() == [1.0, 2.0, 1.0]
+    assert shard.skipped[-1] == {"id": "c3", "reason": "empty"}
 
 
 def test_prefetch_thread_keeps_order_and_raises_errors():

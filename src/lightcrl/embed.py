@@ -68,6 +68,9 @@ class EmbedOptions:
     encoder_backend: str = field(default_factory=lambda: os.environ.get("LIGHTCRL_ENCODER_BACKEND") or "auto")
     # Text: batch captions of similar length (less padding); the store keeps record order either way.
     bucket_by_length: bool = True
+    # Text (bucketed): encode each distinct caption of a shard once and copy its rows to the repeats.
+    # Label captions repeat the same prompts for every item of a class (docs/benchmarks.md).
+    dedupe_text: bool = True
     # Pairs data: keep at most this many captions per media item (seeded by ``seed``); None = all.
     captions_per_item: int | None = None
 
@@ -318,7 +321,9 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
     # Text: batches of similar lengths, so dynamic padding pads little; flush() restores record order.
     bucketed = enc.modality == "text" and opts.bucket_by_length
     text_lengths = [len(p or "") for p in payloads] if bucketed else None
-    batches = plan_batches(todo, size, bs, len(records), text_lengths)
+    repeats = shard_repeats(payloads, todo, size) if bucketed and opts.dedupe_text else {}
+    batches = plan_batches(todo, size, bs, len(records), text_lengths,
+                           skip={f for pairs in repeats.values() for f, _ in pairs})
     workers = opts.num_workers if opts.num_workers is not None else default_workers(enc)
     streams = opts.forward_streams or default_forward_streams(enc)
     enc.set_forward_threads(opts.forward_threads or default_forward_threads(enc, streams))
@@ -356,6 +361,8 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
         shard.kept.extend(positions)
 
     def flush(shard: _Shard) -> None:
+        _copy_repeats(shard, repeats.get(shard.index, ()), records)
+        bar.update(len(repeats.get(shard.index, ())))
         kept, pooled = shard.kept, shard.pooled
         order = sorted(range(len(kept)), key=kept.__getitem__)  # record order, whatever the batches were
         if bucketed or not STREAM_SHARD_ROWS:
@@ -405,6 +412,44 @@ def _extract(enc, records, plan, todo, out, opts: EmbedOptions, show: bool) -> N
         raise
     writer.close()
     bar.close()
+
+
+def shard_repeats(texts: list, shards: list[int], shard_size: int) -> dict[int, list[tuple[int, int]]]:
+    """Per shard, ``(position, first position)`` of every text that already occurred in that shard.
+
+    Per shard, not per store, so each shard stays self-contained: a resumed extraction needs nothing of
+    the shards it does not redo.
+    """
+    out: dict[int, list[tuple[int, int]]] = {}
+    for s in shards:
+        first: dict = {}
+        for p in range(s * shard_size, min((s + 1) * shard_size, len(texts))):
+            q = first.setdefault(texts[p], p)
+            if q != p:
+                out.setdefault(s, []).append((p, q))
+    return out
+
+
+def _copy_repeats(shard: "_Shard", repeats, records) -> None:
+    """Give each repeated text of ``shard`` the rows (or the skip) of its first occurrence."""
+    if not repeats:
+        return
+    where = {p: i for i, p in enumerate(shard.kept)}
+    skipped = {s["id"]: s for s in shard.skipped}
+    pooled = np.concatenate(shard.pooled) if shard.pooled else None
+    copied = []
+    for p, q in repeats:
+        if q in where:
+            shard.kept.append(p)
+            shard.tokens.append(shard.tokens[where[q]])
+            copied.append(where[q])
+        elif records[q].id in skipped:
+            info = {**skipped[records[q].id], "id": records[p].id}
+            if "path" in info:
+                info["path"] = records[p].path or records[p].id
+            shard.skipped.append(info)
+    if copied:
+        shard.pooled = [pooled, pooled[copied]]
 
 
 @dataclass
@@ -538,17 +583,18 @@ def _prefetched(iterable, depth: int = 2):
 
 
 def plan_batches(
-    shards: list[int], shard_size: int, batch_size: int, n: int, lengths: list[int] | None = None
+    shards: list[int], shard_size: int, batch_size: int, n: int, lengths: list[int] | None = None,
+    skip: set[int] | frozenset[int] = frozenset(),
 ) -> list[list[int]]:
     """The batches (lists of record positions) that extract ``shards``; a batch never spans two shards.
 
     Without ``lengths``: consecutive positions. With them (text): each shard's positions sorted by length
     (ties by position, so a resumed run makes the same batches), then cut into batches; the shard writer
-    puts the items back in record order.
+    puts the items back in record order. Positions in ``skip`` (repeated texts) are left out.
     """
     out = []
     for s in shards:
-        positions = list(range(s * shard_size, min((s + 1) * shard_size, n)))
+        positions = [p for p in range(s * shard_size, min((s + 1) * shard_size, n)) if p not in skip]
         if lengths is not None:
             positions.sort(key=lambda p: (lengths[p], p))
         out.extend(positions[b : b + batch_size] for b in range(0, len(positions), batch_size))

@@ -313,7 +313,15 @@ def read_templates(name: str, classnames: list[str]) -> list[str] | dict[str, li
     """The ``templates=`` option: a ``.txt`` file of templates with a ``{c}`` slot, one a line, or a
     ``.json`` file ``{class name: [prompt, ...]}`` of per-class prompts (class descriptions; every class
     of the dataset must be there, keys matched case-insensitively). A name that is not a file is looked
-    up in ``lightcrl/resources/templates`` (e.g. ``templates=esc50_descriptions.json``)."""
+    up in ``lightcrl/resources/templates`` (e.g. ``templates=esc50_descriptions.json``). Several files,
+    comma-separated, give each class the prompts of all of them, in order."""
+    if "," in name:
+        parts = [read_templates(n.strip(), classnames) for n in name.split(",") if n.strip()]
+        if all(isinstance(p, list) for p in parts):
+            return [t for p in parts for t in p]
+        per_class = [p if isinstance(p, dict) else {c: [t.replace("{c}", c) for t in p] for c in classnames}
+                     for p in parts]
+        return {c: [t for p in per_class for t in p[c]] for c in classnames}
     path = Path(name).expanduser()
     if path.is_file():
         text = path.read_text(encoding="utf-8")
