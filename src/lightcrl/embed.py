@@ -430,7 +430,7 @@ def shard_repeats(texts: list, shards: list[int], shard_size: int) -> dict[int, 
     return out
 
 
-def _copy_repeats(shard: "_Shard", repeats, records) -> None:
+def _copy_repeats(shard: _Shard, repeats, records) -> None:
     """Give each repeated text of ``shard`` the rows (or the skip) of its first occurrence."""
     if not repeats:
         return

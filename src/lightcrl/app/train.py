@@ -175,7 +175,8 @@ class Trainer:
         autocast_dtype(self.device, cfg.optim.precision)  # fp16 on a CPU: one clear error before any work
         self.is_main = self.rank == 0
         sgd = cfg.model.get("arch") != "ridge"  # a closed-form fit has no training step to speed up
-        if self.is_main and sgd and self.device.type == "cpu" and cfg.optim.precision == "auto" and cpu_has_amx():
+        cpu_auto = self.device.type == "cpu" and cfg.optim.precision == "auto"
+        if self.is_main and sgd and cpu_auto and cpu_has_amx():
             log.info("this CPU has AMX bf16: --set optim.precision=bf16 trains ~1.5x faster a step "
                      "(docs/benchmarks.md); auto stays float32 on CPUs")
         torch.manual_seed(cfg.seed)
