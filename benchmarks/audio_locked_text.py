@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from lightcrl.data.datasets import _resource_lines, class_groups
+from lightcrl.data.datasets import _resource_lines, class_groups, names_in
 from lightcrl.embed import EmbedOptions, cached_store
 from lightcrl.encoders import get_encoder
 
@@ -199,10 +199,28 @@ PROMPTS = {
 _CACHE: dict = {}
 
 
-def C(pname, text="minilm-l6"):
-    if (pname, text) not in _CACHE:
-        _CACHE[pname, text] = class_emb([PROMPTS[pname](n) for n in names], text)
-    return _CACHE[pname, text]
+def C(pname, text="minilm-l6", held=()):
+    """Class embeddings [50, d] of a prompt set. ``held``: the class names a fold leaves out of training;
+    the training classes' prompts that name one of them are dropped (as the datasets' class selections
+    do: lightcrl.data.datasets.without_names), the held-out classes keep all of theirs."""
+    key = (pname, text, tuple(sorted(held)))
+    if key not in _CACHE:
+        every = [PROMPTS[pname](n) for n in names]
+        if not held:
+            _CACHE[key] = class_emb(every, text)
+        else:
+            z = dict(zip([p for ps in every for p in ps], embed_texts([p for ps in every for p in ps], text)))
+            rows = []
+            for n, ps in zip(names, every):
+                kept = ps if n in held else [p for p in ps if not names_in(p, list(held))]
+                m = np.mean([z[p] for p in kept], axis=0)
+                rows.append(m / np.linalg.norm(m))
+            _CACHE[key] = np.stack(rows).astype(np.float32)
+    return _CACHE[key]
+
+
+def held_names(v, g):
+    return tuple(names[i] for i in [*v, *g])
 
 
 groups = class_groups(50)
@@ -506,7 +524,7 @@ def run_setting(head, pname, kw, text="minilm-l6", feat="emb"):
     vals, tests = [], []
     for tr, v, g in FOLDS if not ARGS.transfer else [transfer_fold()]:
         use_features(feat, tr)
-        a, b, _ = HEADS[head](C(pname, text), tr, v, g, **kw)
+        a, b, _ = HEADS[head](C(pname, text, held_names(v, g)), tr, v, g, **kw)
         vals.append(a)
         tests.append(b)
     return {"head": head, "prompts": pname, "text": text, "features": feat, "setting": kw,
@@ -588,7 +606,7 @@ def ensemble(feats, pname, text, csls=50):
         for i, (tr, v, g) in enumerate(folds):
             use_features(f, tr)
             for lam in LAMS:
-                sc = ridge_scorer(C(pname, text), tr, lam, False, csls)
+                sc = ridge_scorer(C(pname, text, held_names(v, g)), tr, lam, False, csls)
                 S[f, lam, i] = tuple(sc(Xn[np.isin(y, c)], c) for c in (v, g))
 
     def acc(s, c):

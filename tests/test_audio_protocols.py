@@ -68,9 +68,15 @@ def test_esc50_release_layout(esc50):
         open_dataset(with_options(esc50, esc10="maybe"), "all")
 
 
-def test_class_disjoint_folds_never_show_a_test_class_in_training(esc50):
-    """Real data: names, captions and clips of the test (and validation) classes stay out of training."""
-    folds = class_disjoint_folds(esc50)
+DESCRIPTIONS = "templates=esc50_descriptions_rich.json,esc50_descriptions_acoustic.json"
+
+
+@pytest.mark.parametrize("prompts", ["", DESCRIPTIONS])
+def test_class_disjoint_folds_never_show_a_test_class_in_training(esc50, prompts):
+    """Real data: names, captions and clips of the test (and validation) classes stay out of training, with
+    the class-name templates and with the shipped descriptions (some of which name other classes:
+    "thunder and rain in a storm" must not train when "rain" is held out)."""
+    folds = class_disjoint_folds(f"{esc50}?{prompts}" if prompts else esc50)
     assert len(folds) == 5
     tested = []
     for f in folds:
@@ -193,6 +199,24 @@ def test_templates_option_many_templates_and_class_descriptions(shared_data, tmp
                         ("nothing.txt", "not found")]:
         with pytest.raises(LightCRLError, match=msg):
             open_dataset(f"{spec}?templates={option}", "fold5")
+
+
+def test_prompts_that_name_a_left_out_class_are_dropped(esc50):
+    from lightcrl.data.datasets import names_in, without_names
+
+    assert names_in("thunder and rain in a storm.", ["rain", "train", "thunderstorm"]) == ["rain"]
+    assert names_in("two dogs barking", ["dog", "cat"]) == ["dog"] and not names_in("a train", ["rain"])
+    assert names_in("a car horn honking", ["car horn", "engine"]) == ["car horn"]
+    kept = without_names({"storm": ["thunder.", "thunder and rain."]}, ["rain"], "spec")
+    assert kept == {"storm": ["thunder."]}
+    with pytest.raises(LightCRLError, match="names a class left out"):
+        without_names({"storm": ["rain and thunder."]}, ["rain"], "spec")
+    # on real data: with "rain" held out, thunderstorm keeps only its prompts that do not say "rain"
+    whole = open_dataset(f"{esc50}?{DESCRIPTIONS}", "all").templates
+    cut = open_dataset(f"{esc50}?{DESCRIPTIONS}&exclude_classes=rain", "all").templates
+    assert "rain" not in cut and any(names_in(p, ["rain"]) for p in whole["thunderstorm"])
+    assert cut["thunderstorm"] == [p for p in whole["thunderstorm"] if not names_in(p, ["rain"])]
+    assert cut["dog"] == whole["dog"]  # nothing of "dog" names rain
 
 
 def test_several_templates_files_join_per_class(shared_data):

@@ -297,16 +297,43 @@ def open_dataset(spec: str, split: str | None = None, strict: bool = False) -> D
         base=base,
         stats=lst.stats,
     )
+    all_names = list(meta.all_classnames or ds.classnames or [])
     if selection:
         ds = select_classes(ds, selection)
     if templates_option is not None:
         if ds.task != "classification" or not ds.classnames:
             raise LightCRLError(f"{spec}: templates= needs a classification dataset with class names")
         ds.templates = read_templates(templates_option, ds.classnames)
+        left_out = [n for n in all_names if n not in set(ds.classnames)]
+        if left_out and isinstance(ds.templates, dict):
+            ds.templates = without_names(ds.templates, left_out, spec)
         ds.templates_option = templates_option
     if any(k in loader.selects for k in options) or selection or templates_option is not None:
         ds.view_of = without_class_options(spec)
     return ds
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def names_in(text: str, names: list[str]) -> list[str]:
+    """The ``names`` that ``text`` contains as whole words, singular or with a plural ``s`` ("rain" is not
+    in "train"; "dogs" names "dog")."""
+    words = _words(text)
+    return [n for n in names if _words(n) in words or _words(n)[:-1] + "s " in words]
+
+
+def without_names(prompts: dict[str, list[str]], names: list[str], spec: str) -> dict[str, list[str]]:
+    """Per-class prompts minus those that name any of ``names``: a class selection's captions never name
+    a class left out of it (a description of thunderstorms that says "rain" would otherwise train on the
+    held-out class "rain" by name)."""
+    out = {c: [p for p in ps if not names_in(p, names)] for c, ps in prompts.items()}
+    empty = [c for c, ps in out.items() if not ps]
+    if empty:
+        raise LightCRLError(f"{spec}: every prompt of class(es) {', '.join(empty)} names a class left out "
+                            "of the selection; add prompts that do not")
+    return out
 
 
 def read_templates(name: str, classnames: list[str]) -> list[str] | dict[str, list[str]]:
@@ -358,6 +385,9 @@ class _Meta:
     media: str = "image"
     classnames: list[str] | None = None
     templates: list[str] | None = None
+    # every class of the dataset when the loader itself kept only some (esc50's esc10=): prompts of the
+    # kept classes must not name the others (without_names)
+    all_classnames: list[str] | None = None
 
 
 class _Caption(NamedTuple):
@@ -1085,7 +1115,7 @@ def _load_esc50(lst: _Lister, root: Path, split: str | None, options: dict) -> _
             lst.add_file(path, label_of[target])
     return _Meta(
         split, media="audio", classnames=[names[t] for t in targets],
-        templates=_templates(root, "audio_templates.txt"),
+        templates=_templates(root, "audio_templates.txt"), all_classnames=[names[t] for t in sorted(names)],
     )
 
 
