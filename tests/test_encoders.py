@@ -66,7 +66,11 @@ def test_hf_vision_local_tiny_vit(tmp_path):
 
 
 def test_missing_hf_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: without this the hub retries its connection for ~25 s before failing here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(LightCRLError, match="internet or a local copy"):
         get_encoder("hf-text:some-org/definitely-not-cached-model")
 
