@@ -40,7 +40,11 @@ lightcrl.app.protocols.class_disjoint_folds's groups):
 Class embeddings: mean of the normalised embeddings of a prompt set: ``t6`` (the 6 audio templates),
 ``many`` (20 templates), ``desc`` (5 class descriptions, esc50_descriptions.json), ``rich`` (those 5 and
 10 more per class, esc50_descriptions_rich.json), ``acoustic`` (7 descriptions of the sound's qualities
-without the class name, esc50_descriptions_acoustic.json; ``acoustic3``: its first 3), ``rich+acoustic``,
+without the class name, esc50_descriptions_acoustic.json; ``acoustic3``: its first 3), ``context`` (7
+descriptions of where and from what the sound comes, no class name in them, esc50_descriptions_context.json),
+``acoustic14`` (``acoustic`` and 7 more of the same kind, esc50_descriptions_acoustic2.json),
+``rich+acoustic2``, ``rich+acoustic14``,
+``rich+acoustic``, ``rich+context``, ``acoustic+context``, ``rich+acoustic+context``,
 ``desc+many``, ``desc+t6``. ``--study levers``
 (default) runs every head on every prompt set with a small grid of its hyper-parameters, chooses on the
 mean validation top-1 over the 5 folds, and prints one row per cell with the chosen setting;
@@ -184,6 +188,8 @@ _RES = Path(__file__).resolve().parents[1] / "src/lightcrl/resources/templates"
 DESC = json.loads((_RES / "esc50_descriptions.json").read_text())
 RICH = json.loads((_RES / "esc50_descriptions_rich.json").read_text())
 ACOUSTIC = json.loads((_RES / "esc50_descriptions_acoustic.json").read_text())
+ACOUSTIC2 = json.loads((_RES / "esc50_descriptions_acoustic2.json").read_text())
+CONTEXT = json.loads((_RES / "esc50_descriptions_context.json").read_text())
 PROMPTS = {
     "t6": lambda n: [t.replace("{c}", n) for t in _resource_lines("audio_templates.txt")],
     "many": lambda n: [t.replace("{c}", n) for t in _resource_lines("audio_templates_many.txt")],
@@ -193,6 +199,13 @@ PROMPTS = {
     "acoustic3": lambda n: ACOUSTIC[n][:3],  # the first 3 of each class (written first)
     "rich+acoustic": lambda n: RICH[n] + ACOUSTIC[n],
     "rich+acoustic3": lambda n: RICH[n] + ACOUSTIC[n][:3],
+    "acoustic14": lambda n: ACOUSTIC[n] + ACOUSTIC2[n],
+    "rich+acoustic2": lambda n: RICH[n] + ACOUSTIC2[n],
+    "rich+acoustic14": lambda n: RICH[n] + ACOUSTIC[n] + ACOUSTIC2[n],
+    "context": lambda n: CONTEXT[n],
+    "rich+context": lambda n: RICH[n] + CONTEXT[n],
+    "acoustic+context": lambda n: ACOUSTIC[n] + CONTEXT[n],
+    "rich+acoustic+context": lambda n: RICH[n] + ACOUSTIC[n] + CONTEXT[n],
     "desc+many": lambda n: DESC[n] + PROMPTS["many"](n),
     "desc+t6": lambda n: DESC[n] + PROMPTS["t6"](n),
 }
