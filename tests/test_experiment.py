@@ -302,4 +302,6 @@ def test_encoder_pair_grids_change_only_the_encoders():
     assert len(val.cells) == 12
     for cell in val.cells:
         assert validate_config(cell.spec).data.sources[0].holdout == 0.1
-    assert [(e.task, e.split) for e in val.cfg.evals] == [("zeroshot", "train")]
+    # the four tasks of issue 14's mean, each on a training-side split (session 7 added Tiny ImageNet and STS-B)
+    assert [(e.name, e.task, e.split) for e in val.cfg.evals] == [
+        ("zs-cifar10-val", "zeroshot", "train"), ("zs-tiny-val", "zeroshot", "train"), ("stsb-val", "sts", "train")]
