@@ -302,6 +302,27 @@ def test_encoder_pair_grids_change_only_the_encoders():
     assert len(val.cells) == 12
     for cell in val.cells:
         assert validate_config(cell.spec).data.sources[0].holdout == 0.1
-    # the four tasks of issue 14's mean, each on a training-side split (session 7 added Tiny ImageNet and STS-B)
+    # the four tasks of issue 14's mean, each on a training-side split (session 7 added Tiny and STS-B)
     assert [(e.name, e.task, e.split) for e in val.cfg.evals] == [
-        ("zs-cifar10-val", "zeroshot", "train"), ("zs-tiny-val", "zeroshot", "train"), ("stsb-val", "sts", "train")]
+        ("zs-cifar10-val", "zeroshot", "train"), ("zs-tiny-val", "zeroshot", "train"),
+        ("stsb-val", "sts", "train")]
+
+
+def test_offline_best_large_is_offline_best_with_the_chosen_pair():
+    """The shipped large config is the default method with the validation grid's winning pair, no more."""
+    from lightcrl.app.config import load_config
+
+    best = load_config(REPO / "configs" / "offline_best.yaml").model_dump(mode="json")
+    large = load_config(REPO / "configs" / "offline_best_large.yaml").model_dump(mode="json")
+    src_best, src_large = best["data"].pop("sources"), large["data"].pop("sources")
+    chosen = ("efficientnet-lite2", "mpnet-base")
+    assert (src_large[0]["media_encoder"], src_large[0]["text_encoder"]) == chosen
+    for key in ("media_encoder", "text_encoder"):
+        src_best[0].pop(key), src_large[0].pop(key)
+    assert src_best == src_large
+    best.pop("name"), large.pop("name")
+    assert best == large
+    # the pair the validation grid scores is the same method: what was chosen is what ships
+    val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
+    cell = validate_config(val.cell("val-lite2-mpnet-s0").spec).model_dump(mode="json")
+    assert (cell["model"], cell["loss"], cell["optim"]) == (large["model"], large["loss"], large["optim"])
