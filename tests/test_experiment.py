@@ -326,3 +326,9 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
     val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
     cell = validate_config(val.cell("val-lite2-mpnet-s0").spec).model_dump(mode="json")
     assert (cell["model"], cell["loss"], cell["optim"]) == (large["model"], large["loss"], large["optim"])
+    # its reporting grid compares it with the baselines on the SAME larger features, on dev/test only
+    grid = load_experiment(REPO / "configs" / "experiments" / "generalisation_large.yaml")
+    assert len(grid.cells) == 15 and {e.split for e in grid.cfg.evals} == {"dev", "test"}
+    for c in grid.cells:
+        spec = validate_config(c.spec).data.sources[0].model_dump() if c.kind == "train" else c.spec
+        assert (spec["media_encoder"], spec["text_encoder"]) == chosen, c.name
