@@ -71,6 +71,7 @@ def test_default_parameter_count():
         "logit_scale": 1,
         "logit_bias": 0,
         "anchors": 0,
+        "csa": 0,
         "total_trainable": 1_419_009,
     }
     assert counts["total_trainable"] == sum(p.numel() for p in model.parameters())

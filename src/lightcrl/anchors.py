@@ -170,9 +170,7 @@ class AnchorSet:
         return torch.from_numpy(self.media_anchor[np.asarray(media_rows)])
 
 
-def build_anchor_set(
-    pairs, max_anchors: int | None = None, seed: int = 0, batch_size: int = 512
-) -> AnchorSet:
+def build_anchor_set(pairs, max_anchors: int | None = None, seed: int = 0) -> AnchorSet:
     """Anchor pairs from a training ``PairSet``: every media item with a caption (or ``max_anchors`` of
     them, seeded); its key is the masked token mean the model sees, the caption key the mean over ALL its
     captions (a steadier description of the item than one random caption)."""
@@ -185,19 +183,12 @@ def build_anchor_set(
     media_anchor = np.full(len(pairs.media), -1, np.int64)
     media_anchor[media_rows] = np.arange(len(media_rows))
 
-    def pooled(store, rows) -> np.ndarray:
-        out = []
-        for s in range(0, len(rows), batch_size):
-            x, m = pairs.adapter.from_store(store, rows[s : s + batch_size])
-            out.append(pairs.adapter.frozen_pooled(x, m).numpy())
-        return np.concatenate(out).astype(np.float32)
-
-    media_keys = pooled(pairs.media, media_rows)
+    media_keys = pairs.frozen_pooled(pairs.media, media_rows)
     keep = media_anchor[pairs.media_index] >= 0
     cap_anchor, cap_rows = media_anchor[pairs.media_index[keep]], pairs.text_index[keep]
-    order = np.argsort(cap_rows)  # read the text store in order: fewer page faults on the memmap
+    order = np.argsort(cap_rows)  # sum each anchor's captions in row order (as the keys always were)
     cap_anchor, cap_rows = cap_anchor[order], cap_rows[order]
-    text_feat = pooled(pairs.text, cap_rows)
+    text_feat = pairs.frozen_pooled(pairs.text, cap_rows)
     # normalise each caption first, so a long caption with a large pooled norm does not dominate the mean
     text_feat /= np.linalg.norm(text_feat, axis=1, keepdims=True).clip(1e-12)
     text_keys = np.zeros((len(media_rows), text_feat.shape[1]), np.float32)

@@ -14,6 +14,7 @@ Design notes:
 * Padded token values never matter: they are zeroed on entry, excluded as attention keys and from the mean.
 * ``anchors`` (off by default) adds ASIF-style anchor coordinates learned next to the DFE; the embedding
   is then ``[cos(theta) z_dfe, sin(theta) z_anchor]`` (see ``anchors.py``).
+* ``csa`` (off by default) joins CSA's canonical coordinates the same way, last (see ``canonical.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from lightcrl.anchors import AnchorConfig, AnchorSpace
+from lightcrl.canonical import CanonicalConfig, CanonicalSpace, canonical_embed
 from lightcrl.features import masked_mean
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
@@ -86,6 +88,7 @@ class ModelConfig(BaseModel):
     logit_bias: float | None = None
     input_norm: bool = True
     anchors: AnchorConfig | None = None
+    csa: CanonicalConfig | None = None  # CSA's canonical coordinates joined to a trained arch
     # Keep what the frozen encoders know. Both use the "base map" of a modality: its frozen pooled feature,
     # L2-normalised, through a fixed matrix (the identity when the widths agree, else fixed orthonormal rows
     # or columns, seeded) and normalised again.
@@ -108,6 +111,9 @@ class ModelConfig(BaseModel):
             raise ValueError("model.ridge configures arch 'ridge' only")
         if self.arch == "ridge" and self.anchors is not None:
             raise ValueError("arch 'ridge' takes no model.anchors")
+        if self.csa is not None and self.arch not in ("dfe", "two_tower"):
+            raise ValueError(f"model.csa joins CSA to a trained arch (dfe, two_tower), not {self.arch!r}"
+                             + (" (arch 'csa' is CSA alone)" if self.arch == "csa" else ""))
         return self
 
 
@@ -255,6 +261,8 @@ class LightCRLModel(nn.Module):
         if cfg.anchors is not None:  # count 0 raises: anchors are built from data (see anchors.py)
             # joined to a trained part (mixing angle, optional output map), or standing alone
             self.anchors = AnchorSpace(cfg.anchors, self.input_dims, width if cfg.arch != "anchors" else None)
+        # rank 0 raises: fitted by the trainer on the training pairs (see canonical.py)
+        self.canonical = CanonicalSpace(cfg.csa, self.input_dims) if cfg.csa is not None else None
 
     @property
     def modalities(self) -> list[str]:
@@ -262,11 +270,12 @@ class LightCRLModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        if self.anchors is None:
-            return self.cfg.width
-        if self.cfg.arch == "anchors":
-            return self.anchors.dim
-        return self.anchors.dim + (self.cfg.width if self.cfg.anchors.join == "concat" else 0)
+        dim = self.cfg.width
+        if self.anchors is not None and self.cfg.arch == "anchors":
+            dim = self.anchors.dim
+        elif self.anchors is not None:
+            dim = self.anchors.dim + (self.cfg.width if self.cfg.anchors.join == "concat" else 0)
+        return dim + (self.canonical.dim if self.canonical is not None else 0)
 
     def get_logit_scale(self) -> Tensor:
         """exp(logit_scale), clamped at exp(max_logit_scale)."""
@@ -291,8 +300,8 @@ class LightCRLModel(nn.Module):
         if self.cfg.arch == "anchors":
             return self.anchors.embed(modality, masked_mean(tokens, mask), exclude)
         if self.cfg.arch == "csa":
-            x = F.normalize(masked_mean(tokens, mask), dim=-1) - getattr(self, f"csa_mean_{modality}")
-            return F.normalize(x @ getattr(self, f"csa_map_{modality}"), dim=-1)
+            return canonical_embed(masked_mean(tokens, mask), getattr(self, f"csa_mean_{modality}"),
+                                   getattr(self, f"csa_map_{modality}"))
         if self.cfg.arch == "ridge":
             mean = getattr(self, f"ridge_mean_{modality}")
             if modality == self.cfg.ridge.target:  # the frozen space itself, minus the targets' mean
@@ -300,9 +309,11 @@ class LightCRLModel(nn.Module):
             x = self.ridge_features(tokens, mask) - mean
             return F.normalize(x @ getattr(self, f"ridge_map_{modality}"), dim=-1)
         z = self._encode_tokens(modality, tokens, mask)
-        if self.anchors is None:
-            return z
-        return self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude))
+        if self.anchors is not None:
+            z = self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude))
+        if self.canonical is not None:
+            z = self.canonical.join(z, self.canonical.embed(modality, masked_mean(tokens, mask)))
+        return z
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # ridge_hub_* hold as many rows as the fit had training items: take the saved size
@@ -402,6 +413,7 @@ class LightCRLModel(nn.Module):
         counts["logit_scale"] = _count([self.logit_scale])
         counts["logit_bias"] = _count([self.logit_bias]) if self.logit_bias is not None else 0
         counts["anchors"] = _count(self.anchors.parameters()) if self.anchors is not None else 0
+        counts["csa"] = _count(self.canonical.parameters()) if self.canonical is not None else 0
         counts["total_trainable"] = _count(self.parameters())
         return counts
 

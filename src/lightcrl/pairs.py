@@ -88,6 +88,18 @@ class PairSet:
         pick = order[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
         return pick[rng.permutation(len(pick))]
 
+    def frozen_pooled(self, store: FeatureStore, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """[len(rows), D] float32: the frozen pooled feature of ``store``'s items as the model receives them
+        (the adapter's masked token mean), read in row order (fewer page faults on the memmap)."""
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), store.dim), np.float32)
+        for s in range(0, len(rows), batch_size):
+            part = order[s : s + batch_size]
+            x, m = self.adapter.from_store(store, rows[part])
+            out[part] = self.adapter.frozen_pooled(x, m).numpy()
+        return out
+
     def batch(self, pair_idx: np.ndarray, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         m = self.adapter.from_store(self.media, self.media_index[pair_idx])
         t = self.adapter.from_store(self.text, self.text_index[pair_idx])

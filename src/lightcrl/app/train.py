@@ -33,6 +33,7 @@ from lightcrl.app.train_data import (
     steps_per_epoch,
 )
 from lightcrl.app.train_log import RunLog
+from lightcrl.canonical import fit_pairs
 from lightcrl.checkpoint import (
     checkpoint_folder,
     load_checkpoint,
@@ -186,10 +187,13 @@ class Trainer:
         self.val_sets = build_pairsets(cfg, "val") if self.is_main else []
         self.dims = input_dims(self.train_sets)
         self.anchor_set, model_cfg = self._build_anchors()
+        canonical_fit, model_cfg = self._fit_canonical(model_cfg)
         torch.manual_seed(cfg.seed)  # here, not earlier: building stores may consume the global RNG
         self.model = create_model(model_cfg, self.dims).to(self.device)
         if self.anchor_set is not None:
             self.model.anchors.set_keys(self.anchor_set.keys)
+        if canonical_fit is not None:
+            self.model.canonical.set_fit(canonical_fit, self.train_sets[0].media_modality)
         self.loss_fn = build_loss(cfg.loss)
         self.loss_inputs = self.loss_fn.required_inputs()  # the loss says what each step must provide
         self.nli = None
@@ -259,19 +263,34 @@ class Trainer:
         return tuple((torch.cat([f for f, _ in s]), torch.cat([z for _, z in s])) if s else None
                      for s in sides)
 
+    def _first_pairs(self, part: str) -> PairSet:
+        """The first training source, which a model part built from training pairs (``part``) uses; it
+        must cover every modality of the run."""
+        s = self.train_sets[0]
+        missing = sorted(set(self.dims) - {s.media_modality, "text"})
+        if missing:
+            raise LightCRLError(
+                f"{part} is built from the first training source ({s.name}: {s.media_modality}-text), "
+                f"which has no {missing} pairs: drop {part} for multi-modality runs"
+            )
+        return s
+
+    def _fit_canonical(self, model_cfg: ModelConfig):
+        """model.csa: CCA of the first training source's pairs; the model config gets the rank used."""
+        ccfg = model_cfg.csa
+        if ccfg is None:
+            return None, model_cfg
+        fit = fit_pairs(self._first_pairs("model.csa"), ccfg.reg)
+        model_cfg.csa = ccfg.model_copy(update={"rank": min(ccfg.dims, fit.rank)})
+        return fit, model_cfg
+
     def _build_anchors(self):
         """model.anchors: anchor pairs from the first training source; the model config gets their count."""
         model_cfg = ModelConfig.model_validate(self.cfg.model)
         acfg = model_cfg.anchors
         if acfg is None:
             return None, model_cfg
-        s = self.train_sets[0]
-        missing = sorted(set(self.dims) - {s.media_modality, "text"})
-        if missing:
-            raise LightCRLError(
-                f"model.anchors come from the first training source ({s.name}: {s.media_modality}-text), "
-                f"which has no anchors for {missing}: drop model.anchors for multi-modality runs"
-            )
+        s = self._first_pairs("model.anchors")
         anchor_set = build_anchor_set(s, acfg.max_anchors, self.cfg.seed)
         model_cfg.anchors = acfg.model_copy(update={"count": len(anchor_set)})
         return anchor_set, model_cfg

@@ -15,7 +15,8 @@ most, weakly correlated (modality-specific) ones are dropped. ``exponent = 0`` i
 
 The model is ``arch: csa`` of :mod:`lightcrl.model` (one fixed linear map per modality, buffers saved with
 the weights), so a CSA run loads and evaluates like any other (``lightcrl.load``). :func:`tune` chooses
-``dims``, ``exponent`` and ``reg`` by retrieval on held-out TRAINING pairs only (as ``asif.tune``).
+``dims``, ``exponent`` and ``reg`` by retrieval on held-out TRAINING pairs only (as ``asif.tune``). The
+fit itself lives in :mod:`lightcrl.canonical`, shared with ``model.csa`` (CSA joined to a trained model).
 """
 
 from __future__ import annotations
@@ -29,67 +30,24 @@ import numpy as np
 import torch
 
 from lightcrl.baselines.asif import anchor_features, anchor_pairs, encode_pooled, save_run
+from lightcrl.canonical import CCAFit, fit_cca, weighted_maps
 from lightcrl.errors import LightCRLError
 from lightcrl.model import LightCRLModel, create_model
 
 __all__ = ["CCAFit", "build_pipeline", "csa_model", "fit_cca", "save_run", "tune"]
 
 
-class CCAFit:
-    """Means, canonical maps (columns sorted by correlation) and the canonical correlations of one fit."""
-
-    def __init__(self, mean_x: np.ndarray, mean_y: np.ndarray, a: np.ndarray, b: np.ndarray,
-                 rho: np.ndarray) -> None:
-        self.mean_x, self.mean_y, self.a, self.b, self.rho = mean_x, mean_y, a, b, rho
-
-    @property
-    def rank(self) -> int:
-        return len(self.rho)
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-
-
-def _inv_sqrt(c: np.ndarray, reg: float) -> np.ndarray:
-    """(C + r I)^-1/2 with r = reg * mean variance (so ``reg`` does not depend on the feature scale)."""
-    r = reg * float(np.trace(c)) / len(c)
-    w, v = np.linalg.eigh(c + r * np.eye(len(c)))
-    return (v / np.sqrt(w.clip(1e-12))) @ v.T
-
-
-def fit_cca(x: np.ndarray, y: np.ndarray, reg: float = 1e-2) -> CCAFit:
-    """Regularised CCA of paired features x [n, Dx], y [n, Dy] (each row L2-normalised first)."""
-    x, y = _normalize(x), _normalize(y)
-    if len(x) != len(y) or len(x) < 2:
-        raise LightCRLError(f"CSA needs at least 2 pairs of equal count, got {len(x)} and {len(y)}")
-    if reg <= 0:
-        raise LightCRLError(f"CSA needs reg > 0 (ridge on the covariances), got {reg}")
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = x - mx, y - my
-    n = len(x) - 1
-    wx, wy = _inv_sqrt(xc.T @ xc / n, reg), _inv_sqrt(yc.T @ yc / n, reg)
-    u, s, vt = np.linalg.svd(wx @ (xc.T @ yc / n) @ wy, full_matrices=False)
-    return CCAFit(mx.astype(np.float32), my.astype(np.float32), (wx @ u).astype(np.float32),
-                  (wy @ vt.T).astype(np.float32), s.clip(0.0, 1.0).astype(np.float32))
-
-
 def csa_model(fit: CCAFit, modalities: tuple[str, str] = ("image", "text"), dims: int = 128,
               exponent: float = 1.0) -> LightCRLModel:
     """The ``arch: csa`` model of a fit: the first ``dims`` canonical dimensions weighted rho^(exponent/2)."""
-    if not 1 <= dims <= fit.rank:
-        raise LightCRLError(f"CSA dims must be in 1..{fit.rank} (the CCA's rank), got {dims}")
-    if exponent < 0:
-        raise LightCRLError(f"CSA exponent must be >= 0, got {exponent}")
     media, text = modalities
     cfg = {"arch": "csa", "width": int(dims), "heads": 1, "learn_logit_scale": False, "dropout": 0.0}
     model = create_model(cfg, {media: fit.a.shape[0], text: fit.b.shape[0]})
-    scale = fit.rho[:dims] ** (exponent / 2)
+    maps = weighted_maps(fit, dims, exponent)
     with torch.no_grad():
-        for m, mean, proj in ((media, fit.mean_x, fit.a), (text, fit.mean_y, fit.b)):
+        for m, mean, proj in ((media, fit.mean_x, maps[0]), (text, fit.mean_y, maps[1])):
             getattr(model, f"csa_mean_{m}").copy_(torch.from_numpy(mean))
-            getattr(model, f"csa_map_{m}").copy_(torch.from_numpy(proj[:, :dims] * scale))
+            getattr(model, f"csa_map_{m}").copy_(torch.from_numpy(np.ascontiguousarray(proj)))
     return model.eval()
 
 
