@@ -345,8 +345,9 @@ def test_image_transform_gives_bytes_and_model_input_equals_the_float_formula(sh
     every_byte = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (2, 256, 3)).copy()
     for t in (ImageTransform(), ImageTransform(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))):
         u8 = np.asarray(img.resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240)))
-        got = t(img)
-        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), u8)
+        got = stack_images([t(img), t(img)])["pixels"]  # the transform's PIL crops, stacked
+        assert got.dtype == torch.uint8 and got.shape == (2, 224, 224, 3)
+        assert np.array_equal(got[0].numpy(), u8) and np.array_equal(got[1].numpy(), u8)
         for raw in (u8, every_byte):
             mean, std = np.asarray(t.mean, np.float32), np.asarray(t.std, np.float32)
             x = (raw.astype(np.float32) / 255.0 - mean) / std
@@ -389,7 +390,7 @@ def test_image_crop_box_shortcut_gives_the_same_bytes(shared_data):
         nw, nh = max(224, round(w * s)), max(224, round(h * s))
         left, top = (nw - 224) // 2, (nh - 224) // 2
         whole = img.resize((nw, nh), Image.BILINEAR).crop((left, top, left + 224, top + 224))
-        assert np.array_equal(t(img).numpy(), np.asarray(whole)), path
+        assert np.array_equal(np.asarray(t(img)), np.asarray(whole)), path
 
 
 def test_bf16_backend_is_close_to_eager_and_its_own_store_identity():

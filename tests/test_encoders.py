@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lightcrl.encoders import get_encoder, list_encoders
-from lightcrl.encoders.image import ImageTransform
+from lightcrl.encoders.image import ImageTransform, stack_images
 from lightcrl.errors import LightCRLError
 
 
@@ -25,9 +25,11 @@ def test_unknown_encoder_lists_known_ones():
 
 def test_image_transform_resize_crop_normalise():
     t = ImageTransform(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
-    u8 = t(Image.new("RGB", (300, 200), (255, 127, 0)))
-    assert u8.shape == (224, 224, 3) and u8.dtype == torch.uint8
-    x = t.model_input(u8[None])[0]
+    crop = t(Image.new("RGB", (300, 200), (255, 127, 0)))
+    assert crop.size == (224, 224) and crop.mode == "RGB"
+    u8 = stack_images([crop])["pixels"]
+    assert u8.shape == (1, 224, 224, 3) and u8.dtype == torch.uint8
+    x = t.model_input(u8)[0]
     assert x.shape == (3, 224, 224)
     np.testing.assert_allclose(x[:, 100, 100].numpy(), [(255 - 127) / 128, 0.0, -127 / 128], atol=1e-5)
 

@@ -56,7 +56,10 @@ class ImageTransform:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     squash: bool = False  # resize to crop x crop directly, ignoring aspect (ViT processors do this)
 
-    def __call__(self, item: Any) -> torch.Tensor:
+    def __call__(self, item: Any) -> Image.Image:
+        """The RGB crop, as a PIL image: ``stack_images`` copies its bytes straight into the batch (one copy
+        fewer than an array per item, then a stack). Normalisation runs in the encoder's forward
+        (``model_input``), inside the ONNX graph on the fast path, on 4x fewer bytes to hand over."""
         if isinstance(item, Image.Image):
             img = item.convert("RGB")
         else:
@@ -64,12 +67,8 @@ class ImageTransform:
 
             img = load_image(str(item))
         if self.squash:
-            img = img.resize((self.crop, self.crop), Image.BICUBIC)
-        else:
-            img = _resize_and_crop(img, self.resize, self.crop)
-        # The decoded bytes, HWC as PIL gives them: normalisation runs in the encoder's forward
-        # (``model_input``), inside the ONNX graph on the fast path, on 4x fewer bytes to stack and hand over.
-        return torch.from_numpy(np.array(img, dtype=np.uint8))
+            return img.resize((self.crop, self.crop), Image.BICUBIC)
+        return _resize_and_crop(img, self.resize, self.crop)
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """A batch as the network takes it: ``[B, 3, H, W]`` float32, ``(x / 255 - mean) / std``.
@@ -106,12 +105,21 @@ class ImageTransform:
                 "std": list(self.std), "normalise": "(x / 255 - mean) / std per channel, inside the graph"}
 
 
-def stack_images(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    # numpy's single-threaded copy: torch.stack's 2 OpenMP threads took 4-6x longer on 2 shared cores.
+def stack_images(items: list[Image.Image | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"pixels": uint8 [B, H, W, 3]}`` from the transform's RGB images (or tensors of one shape and
+    dtype: HWC uint8, or ConVIRT's normalised float augmentations)."""
+    arrays = (np.asarray(x) if isinstance(x, Image.Image) else x.numpy() for x in items)
+    first = next(arrays)
     # In a DataLoader worker the batch goes straight into shared memory (as torch's default_collate does):
-    # sending it to the main process is then a file descriptor, not a second 38 MB copy.
-    out = _batch_tensor((len(items), *items[0].shape), items[0].dtype)
-    np.stack([x.numpy() for x in items], out=out.numpy())
+    # sending it to the main process is then a file descriptor, not a second 38 MB copy. numpy's
+    # single-threaded copies: torch.stack's 2 OpenMP threads took 4-6x longer on 2 shared cores.
+    out = _batch_tensor((len(items), *first.shape), torch.from_numpy(first[:0]).dtype)
+    dst = out.numpy()
+    dst[0] = first
+    for k, a in enumerate(arrays, start=1):
+        if a.shape != first.shape:
+            raise ValueError(f"image {k} of the batch is {a.shape}, the first is {first.shape}")
+        dst[k] = a
     return {"pixels": out}
 
 
