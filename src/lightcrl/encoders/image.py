@@ -113,7 +113,7 @@ def stack_images(items: list[Image.Image | torch.Tensor]) -> dict[str, torch.Ten
     # In a DataLoader worker the batch goes straight into shared memory (as torch's default_collate does):
     # sending it to the main process is then a file descriptor, not a second 38 MB copy. numpy's
     # single-threaded copies: torch.stack's 2 OpenMP threads took 4-6x longer on 2 shared cores.
-    out = _batch_tensor((len(items), *first.shape), torch.from_numpy(first[:0]).dtype)
+    out = _batch_tensor((len(items), *first.shape), torch.from_numpy(np.empty(0, first.dtype)).dtype)
     dst = out.numpy()
     dst[0] = first
     for k, a in enumerate(arrays, start=1):
