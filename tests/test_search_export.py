@@ -136,6 +136,8 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     {"arch": "two_tower"},
     {"fusion": "add", "anchors": {"k": 5, "p": 4.0, "dim": 8, "count": 12}},
     {"arch": "two_tower", "anchors": {"k": 5, "dim": 8, "count": 12, "join": "sum"}},
+    {"fusion": "add", "anchors": {"k": 5, "count": 12}},
+    {"fusion": "add", "csa": {"rank": 6}},
 ])
 def test_onnx_export_model_variants(cfg):
     """Fusion / pooling / arch variants export with dynamic batch and token axes (text: cut at 8 tokens)."""
@@ -147,6 +149,9 @@ def test_onnx_export_model_variants(cfg):
         torch.nn.init.normal_(model.logit_scale)  # any weights: the check is ONNX vs PyTorch
         if model.anchors is not None:
             model.anchors.set_keys({m: torch.randn(12, d) for m, d in model.input_dims.items()})
+        if model.canonical is not None:  # any maps: the part is buffers and a matmul
+            for buf in model.canonical.buffers():
+                buf.copy_(torch.randn_like(buf))
         save_file(model.state_dict(), str(run / "model.safetensors"))
         (run / "model.json").write_text(json.dumps({
             "model_config": model.cfg.model_dump(), "input_dims": model.input_dims,

@@ -138,9 +138,8 @@ class AnchorSpace(nn.Module):
         item's rows of the learned table."""
         weights, ids = self.coordinates(modality, key, exclude)
         if self.table is None:
-            return torch.zeros(len(ids), self.cfg.count, dtype=weights.dtype, device=weights.device).scatter(
-                1, ids, weights
-            )
+            # shape[0], not len(): len() is a plain int, which would fix the batch size of an exported graph
+            return weights.new_zeros((weights.shape[0], self.cfg.count)).scatter(1, ids, weights)
         return F.normalize(torch.einsum("bk,bkd->bd", weights.to(self.table.dtype), self.table[ids]), dim=-1)
 
     def join(self, dfe_embedding: Tensor, anchor_embedding: Tensor) -> Tensor:
