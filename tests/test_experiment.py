@@ -322,19 +322,39 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
     assert src_best == src_large
     best.pop("name"), large.pop("name")
     assert best == large
-    # the pair the validation grid scores is the same method: what was chosen is what ships
+    # what was chosen is what ships: the pair grid scored the method before the CSA part (session 7),
+    # the CSA grid chose the part on the default pair, and large_val checked it on this pair
     val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
     cell = validate_config(val.cell("val-lite2-mpnet-s0").spec).model_dump(mode="json")
-    assert (cell["model"], cell["loss"], cell["optim"]) == (large["model"], large["loss"], large["optim"])
+    assert cell["model"]["csa"] is None and large["model"]["csa"] is not None
+    assert ({**cell["model"], "csa": large["model"]["csa"]}, cell["loss"], cell["optim"]) == (
+        large["model"], large["loss"], large["optim"])
+    chosen_csa = load_experiment(REPO / "configs" / "experiments" / "csa_join_val.yaml")
+    for exp, name, shipped in ((chosen_csa, "cj-ob+csa0.9-s0", best),
+                               (load_experiment(REPO / "configs" / "experiments" / "large_val.yaml"),
+                                "val-large-ob+csa0.9-s0", large)):
+        cell = validate_config(exp.cell(name).spec).model_dump(mode="json")
+        parts = ("model", "loss", "optim")
+        assert [cell[k] for k in parts] == [shipped[k] for k in parts], name
+        assert cell["data"]["sources"][0]["holdout"] == 0.1 and {e.split for e in exp.cfg.evals} == {"train"}
+    # the grid's reference cell is offline_best as it was before the CSA part
+    ob = validate_config(chosen_csa.cell("cj-ob-s0").spec).model_dump(mode="json")
+    assert ob["model"] == {**best["model"], "csa": None}
     # its reporting grid compares it with the baselines on the SAME larger features, on dev/test only
     grid = load_experiment(REPO / "configs" / "experiments" / "generalisation_large.yaml")
     assert len(grid.cells) == 15 and {e.split for e in grid.cfg.evals} == {"dev", "test"}
     for c in grid.cells:
         spec = validate_config(c.spec).data.sources[0].model_dump() if c.kind == "train" else c.spec
         assert (spec["media_encoder"], spec["text_encoder"]) == chosen, c.name
+    # baseline cells without the anchor view (plain DFE, two-tower) are without the CSA view too
+    for exp in (grid, load_experiment(REPO / "configs" / "experiments" / "generalisation.yaml")):
+        for c in exp.cells:
+            if c.kind == "train":
+                model = validate_config(c.spec).model_dump(mode="json")["model"]
+                assert (model["anchors"] is None) == (model["csa"] is None), c.name
     # ... and its validation twin reads training-side splits only, on the same pair, with the same holdout
     twin = load_experiment(REPO / "configs" / "experiments" / "large_val.yaml")
-    assert {e.split for e in twin.cfg.evals} == {"train"} and len(twin.cells) == 9
+    assert {e.split for e in twin.cfg.evals} == {"train"} and len(twin.cells) == 18
     for c in twin.cells:
         spec = validate_config(c.spec).data.sources[0].model_dump() if c.kind == "train" else c.spec
         assert (spec["media_encoder"], spec["text_encoder"]) == chosen and spec["holdout"] == 0.1, c.name
