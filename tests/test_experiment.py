@@ -354,7 +354,7 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
                 assert (model["anchors"] is None) == (model["csa"] is None), c.name
     # ... and its validation twin reads training-side splits only, on the same pair, with the same holdout
     twin = load_experiment(REPO / "configs" / "experiments" / "large_val.yaml")
-    assert {e.split for e in twin.cfg.evals} == {"train"} and len(twin.cells) == 18
+    assert {e.split for e in twin.cfg.evals} == {"train"} and len(twin.cells) == 24
     for c in twin.cells:
         spec = validate_config(c.spec).data.sources[0].model_dump() if c.kind == "train" else c.spec
         assert (spec["media_encoder"], spec["text_encoder"]) == chosen and spec["holdout"] == 0.1, c.name
