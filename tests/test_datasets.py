@@ -97,6 +97,21 @@ def test_load_image_rgb_and_png_named_jpg(tmp_path):
     assert img.getpixel((0, 0)) == (10, 200, 30)
 
 
+def test_load_image_applies_exif_orientation(tmp_path):
+    """A camera JPEG stored sideways with an orientation tag decodes upright; an untagged one as it is."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 20))  # red left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    img.save(tmp_path / "tagged.jpg", exif=exif, quality=95)
+    img.save(tmp_path / "plain.jpg", quality=95)
+    upright = load_image(str(tmp_path / "tagged.jpg"))
+    assert upright.mode == "RGB" and upright.size == (20, 40)
+    red, blue = upright.getpixel((10, 2)), upright.getpixel((10, 37))  # the left edge is now the top
+    assert red[0] > 200 > red[2] and blue[2] > 200 > blue[0]
+    assert load_image(str(tmp_path / "plain.jpg")).size == (40, 20)
+
+
 @pytest.mark.parametrize(
     "content", [b"", b"this is not an image", None], ids=["zero_byte", "not_an_image", "truncated"]
 )
