@@ -327,19 +327,21 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
     val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
     cell = validate_config(val.cell("val-lite2-mpnet-s0").spec).model_dump(mode="json")
     assert cell["model"]["csa"] is None and large["model"]["csa"] is not None
-    assert ({**cell["model"], "csa": large["model"]["csa"]}, cell["loss"], cell["optim"]) == (
-        large["model"], large["loss"], large["optim"])
+    views = {"csa": large["model"]["csa"], "anchors": large["model"]["anchors"]}  # session 8 retuned them
+    parts = ("model", "loss", "optim")
+    assert [{**cell["model"], **views}, cell["loss"], cell["optim"]] == [large[k] for k in parts]
     chosen_csa = load_experiment(REPO / "configs" / "experiments" / "csa_join_val.yaml")
-    for exp, name, shipped in ((chosen_csa, "cj-ob+csa0.9-s0", best),
+    for exp, name, shipped in ((chosen_csa, "cj-ob-a0.9+csa0.9-s0", best),
                                (load_experiment(REPO / "configs" / "experiments" / "large_val.yaml"),
-                                "val-large-ob+csa0.9-s0", large)):
+                                "val-large-ob-a0.9+csa0.9-s0", large)):
         cell = validate_config(exp.cell(name).spec).model_dump(mode="json")
         parts = ("model", "loss", "optim")
         assert [cell[k] for k in parts] == [shipped[k] for k in parts], name
         assert cell["data"]["sources"][0]["holdout"] == 0.1 and {e.split for e in exp.cfg.evals} == {"train"}
     # the grid's reference cell is offline_best as it was before the CSA part
     ob = validate_config(chosen_csa.cell("cj-ob-s0").spec).model_dump(mode="json")
-    assert ob["model"] == {**best["model"], "csa": None}
+    assert ob["model"] == {**best["model"], "csa": None,
+                           "anchors": {**best["model"]["anchors"], "init_mix": 1.1}}
     # its reporting grid compares it with the baselines on the SAME larger features, on dev/test only
     grid = load_experiment(REPO / "configs" / "experiments" / "generalisation_large.yaml")
     assert len(grid.cells) == 15 and {e.split for e in grid.cfg.evals} == {"dev", "test"}
@@ -354,7 +356,7 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
                 assert (model["anchors"] is None) == (model["csa"] is None), c.name
     # ... and its validation twin reads training-side splits only, on the same pair, with the same holdout
     twin = load_experiment(REPO / "configs" / "experiments" / "large_val.yaml")
-    assert {e.split for e in twin.cfg.evals} == {"train"} and len(twin.cells) == 24
+    assert {e.split for e in twin.cfg.evals} == {"train"} and len(twin.cells) == 27
     for c in twin.cells:
         spec = validate_config(c.spec).data.sources[0].model_dump() if c.kind == "train" else c.spec
         assert (spec["media_encoder"], spec["text_encoder"]) == chosen and spec["holdout"] == 0.1, c.name
