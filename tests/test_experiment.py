@@ -360,3 +360,25 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
     for c in twin.cells:
         spec = validate_config(c.spec).data.sources[0].model_dump() if c.kind == "train" else c.spec
         assert (spec["media_encoder"], spec["text_encoder"]) == chosen and spec["holdout"] == 0.1, c.name
+
+
+def test_methods_on_offline_best_grid_starts_from_the_shipped_config():
+    """ob_methods_val.yaml (session 9) measures issue 14's methods on top of offline_best as shipped: its
+    reference cell is that config with a tenth held out, it reads training-side splits only, and the
+    unpaired sentences of its STRUCTURE cells are never a split it validates on."""
+    from lightcrl.app.config import load_config
+
+    best = load_config(REPO / "configs" / "offline_best.yaml").model_dump(mode="json")
+    exp = load_experiment(REPO / "configs" / "experiments" / "ob_methods_val.yaml")
+    assert {e.split for e in exp.cfg.evals} == {"train"} and len(exp.cells) == 27
+    ref = validate_config(exp.cell("om-ob-s0").spec).model_dump(mode="json")
+    assert [ref[k] for k in ("model", "loss", "optim")] == [best[k] for k in ("model", "loss", "optim")]
+    assert ref["data"]["pairs"] == best["data"]["pairs"] and ref["data"]["sources"][0]["holdout"] == 0.1
+    evaluated = {(e.data, e.split) for e in exp.cfg.evals}
+    for c in exp.cells:
+        cfg = validate_config(c.spec).model_dump(mode="json")
+        assert cfg["data"]["sources"][0]["holdout"] == 0.1, c.name
+        structure = cfg["loss"].get("structure") or {}
+        for source in structure.get("unpaired", []) if isinstance(structure, dict) else []:
+            assert "SICK_train" in source["spec"], c.name
+            assert all(not source["spec"].startswith(d.split(":")[0] + ":") for d, _ in evaluated), c.name

@@ -116,16 +116,56 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def _sync_file_range():
+    """Linux's ``sync_file_range`` (None elsewhere): starts writing a file's dirty pages back without
+    waiting for them, so the fsync at commit finds little left to write."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to disk, without
+    waiting (RocksDB's ``bytes_per_sync``). False where the call is not available or fails: the fsync
+    at commit then does all the work, as before."""
+    global _writeback
+    if _writeback is False:
+        _writeback = _sync_file_range()
+    return _writeback is not None and _writeback(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
+
+
+_writeback: Any = False  # resolved on first use
+
+
 class NpyRowWriter:
     """A 2-D ``.npy`` file whose rows are appended as they come and whose row count is written at
     :meth:`commit` (atomically, like :func:`save_npy`): a shard's ~125 MB of tokens is written during the
     extraction instead of after it. numpy pads every header for a first axis of any length, so the final
     header takes exactly the placeholder's bytes and the file equals ``np.save`` of the concatenation.
+
+    Every ``writeback_bytes`` written, the kernel is asked to start writing them to disk (without
+    waiting): the fsync at commit, which ends an extraction with nothing else to overlap it, then waits
+    for the last few MB instead of the whole shard (docs/benchmarks.md).
     """
+
+    writeback_bytes = 16 << 20
 
     def __init__(self, path: str | os.PathLike, dtype: Any, width: int):
         self.dtype, self.width, self.rows = np.dtype(dtype), int(width), 0
         self._file = AtomicFile(path, "wb")
+        self._synced = 0  # bytes from the file's start whose writeback has been started
         try:
             self._header_bytes = self._write_header()
         except BaseException:
@@ -142,7 +182,13 @@ class NpyRowWriter:
         if a.ndim != 2 or a.shape[1] != self.width:
             raise ValueError(f"rows of width {self.width} expected, got shape {a.shape}")
         if a.size:
-            self._file.file.write(memoryview(np.ascontiguousarray(a, self.dtype).reshape(-1)).cast("B"))
+            f = self._file.file
+            f.write(memoryview(np.ascontiguousarray(a, self.dtype).reshape(-1)).cast("B"))
+            end = f.tell()
+            if end - self._synced >= self.writeback_bytes:
+                f.flush()
+                start_writeback(f.fileno(), self._synced, end - self._synced)
+                self._synced = end
         self.rows += int(a.shape[0])
 
     def commit(self) -> None:
