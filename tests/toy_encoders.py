@@ -1,8 +1,9 @@
 """Tiny deterministic encoders for fast tests of the real extraction/training pipeline.
 
 ``toy-image``: an image becomes 4 tokens (2x2 grid of mean colours, projected by a fixed random matrix).
+``toy-image-b``: the same with another projection and width (a second image encoder, for joins).
 ``toy-text``: each word becomes one token (a fixed random vector per hashed word). Importing this
-module registers both in the encoder registry.
+module registers them in the encoder registry.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def _stack(items):
 class ToyImage(FrozenEncoder):
     name, modality, dim = "toy-image", "image", 16
     graph_inputs = {"pixels": {0: "batch"}}  # an ONNX path, for the backend tests (auto stays eager)
+    seed = 0
 
     def _load(self):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(self.seed)
         lin = torch.nn.Linear(3, self.dim)
         with torch.no_grad():
             lin.weight.copy_(torch.randn(self.dim, 3, generator=g))
@@ -58,6 +60,10 @@ class ToyImage(FrozenEncoder):
 
     def identity(self):
         return {"encoder": self.name, "v": 1}
+
+
+class ToyImageB(ToyImage):
+    name, dim, seed = "toy-image-b", 8, 1
 
 
 def _word_vec(word: str, dim: int) -> np.ndarray:
@@ -108,4 +114,5 @@ class ToyText(FrozenEncoder):
 
 
 register("toy-image")(lambda device="auto", **kw: ToyImage(device=device))
+register("toy-image-b")(lambda device="auto", **kw: ToyImageB(device=device))
 register("toy-text")(lambda device="auto", **kw: ToyText(device=device))

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightcrl.data.records import Record
 from lightcrl.encoders import EncoderOutput, FrozenEncoder, get_encoder
+from lightcrl.encoders.joined import JoinedEncoder, join_tokens
 from lightcrl.errors import LightCRLError, SkipItem, StoreMismatch
 from lightcrl.io import locked, write_json
 from lightcrl.paths import cache_dir
@@ -262,6 +263,13 @@ def embed(
             torch.distributed.barrier()
         if state == "reuse":
             log.info("reusing feature store %s", out)
+            return FeatureStore(out)
+        if isinstance(enc, JoinedEncoder):  # from the parts' cached stores: each on its own fast path
+            parts = [cached_store(p, data_spec, split, opts, rank, world) for p in enc.parts]
+            if rank == 0:
+                join_stores(parts, plan, out)
+            if world > 1:
+                torch.distributed.barrier()
             return FeatureStore(out)
         if rank == 0:
             _remove_stale_temp_files(out)  # left by a killed run (the other ranks wait at the barrier)
@@ -697,7 +705,7 @@ def _cached_store(enc, data_spec, split, opts, rank, world, plan, out: Path) -> 
             pass
         shutil.rmtree(out, ignore_errors=True)
     parent_spec = plan["dataset"].get("view_of")
-    if parent_spec and not opts.limit:
+    if parent_spec and not opts.limit and not isinstance(enc, JoinedEncoder):
         # a selection of a dataset's classes (or items): cut from the whole dataset's store, which one
         # extraction serves for every selection (e.g. the 5 folds of a class-disjoint protocol)
         parent = cached_store(enc, parent_spec, split, opts, rank, world)
@@ -709,6 +717,54 @@ def _cached_store(enc, data_spec, split, opts, rank, world, plan, out: Path) -> 
         if cut:
             return FeatureStore(out)
     return embed(enc, data_spec, split, out, opts, rank=rank, world=world)
+
+
+def join_stores(parts: list[FeatureStore], plan: dict, out: Path) -> None:
+    """Write the joined encoder's store of ``plan`` into ``out`` from its parts' stores of the same items.
+
+    An item is kept when every part kept it (a part's skip reason is kept otherwise); its tokens and pooled
+    feature are the first part's stored tokens and the other parts' pooled features, joined as the encoder
+    joins them (``lightcrl.encoders.joined.join_tokens``; equal to a direct extraction up to the first
+    part's float16 token storage).
+    """
+    records = [Record(**r) for r in plan["records"]]
+    for part in parts:  # same dataset, split and sample: the same records, or a bug upstream
+        part_skips = {s["id"] for s in part.skipped()}
+        missing = [r.id for r in records if r.id not in part._index and r.id not in part_skips]
+        if missing:
+            raise LightCRLError(f"store {part.dir} lacks {len(missing)} item(s) of the joined store, e.g. "
+                                f"{missing[0]!r}: delete it and rerun")
+    skips: dict[str, dict] = {}
+    for part in parts:
+        for s in part.skipped():
+            skips.setdefault(s["id"], dict(s))
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(out)
+    write_json(out / "plan.json", plan, indent=None)
+    size = plan["shard_size"]
+    listing_skipped = {s["id"] for s in plan.get("listing_skipped", [])}
+    for s in range(plan["n_shards"]):
+        positions = range(s * size, min((s + 1) * size, len(records)))
+        kept = [p for p in positions if all(records[p].id in part._index for part in parts)]
+        kept_set = set(kept)
+        skipped = [skips[records[p].id] for p in positions
+                   if p not in kept_set and records[p].id not in listing_skipped]
+        tokens, pooled = [], []
+        for p in kept:
+            rows = [part.index_of(records[p].id) for part in parts]
+            first = torch.from_numpy(np.asarray(parts[0].tokens([rows[0]])[0][0], np.float32))
+            others = [torch.from_numpy(np.asarray(part.pooled(np.asarray([r], np.int64))[0], np.float32))
+                      for part, r in zip(parts[1:], rows[1:], strict=True)]
+            t, z = join_tokens(first, others)
+            tokens.append(t.numpy().astype(np.float16))
+            pooled.append(z.numpy())
+        pooled = np.stack(pooled) if pooled else np.zeros((0, plan["dim"]), np.float32)
+        write_shard(out, s, tokens, pooled, {"kept": kept, "skipped": skipped,
+                                             "tokens": int(sum(t.shape[0] for t in tokens))})
+    manifest = finalize(out, plan)
+    _report_skipped(manifest)
+    log.info("joined feature store %s from %s (%d items)", out, ", ".join(str(p.dir) for p in parts),
+             manifest["count"])
 
 
 def cut_store(parent: FeatureStore, plan: dict, out: Path) -> bool:

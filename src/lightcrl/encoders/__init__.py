@@ -11,6 +11,11 @@ is refused with the valid ones. The separator is ``@``, not ``:``, because ``:``
 from its model id or path (``hf-text:<id-or-path>``), which may itself hold a ``:``; the layer is the text
 after the LAST ``@``. Each layer is its own encoder identity (stores, ONNX graphs); no suffix is the
 default output, with the identity it always had.
+
+Several encoders of one modality joined into one feature: ``NAME+NAME`` (e.g.
+``efficientnet-lite0+efficientnet-lite2``; each part may carry its own ``@LAYER``): the parts' pooled
+features, each unit-norm, concatenated (``lightcrl.encoders.joined``). A name with ``+`` is read as a join
+only when every part is a registered name (an ``hf-*:`` local path may itself contain a ``+``).
 """
 
 from __future__ import annotations
@@ -99,6 +104,14 @@ def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> Fr
     key = (name, str(device), backend)
     if key in _CACHE and not kwargs:
         return _CACHE[key]
+    parts = join_parts(name)
+    if parts:
+        from lightcrl.encoders.joined import JoinedEncoder
+
+        enc = JoinedEncoder([get_encoder(p, device=device, backend=backend, **kwargs) for p in parts])
+        if not kwargs:
+            _CACHE[key] = enc
+        return enc
     name, layer = split_layer(name)
     if name in _NAMED:
         enc = _NAMED[name](device=device, **kwargs)
@@ -122,15 +135,39 @@ def get_encoder(name: str, device="auto", backend: str = "auto", **kwargs) -> Fr
     return enc
 
 
+def join_parts(name: str) -> list[str]:
+    """``"a+b"`` -> ``["a", "b"]`` when every part is a registered encoder name; otherwise [] (not a join)."""
+    if "+" not in name:
+        return []
+    parts = name.split("+")
+    if all(p and _is_single(p) for p in parts):
+        return parts
+    if any(_is_single(p) for p in parts if p):  # looks like a join with a typo in one part
+        bad = [p for p in parts if not (p and _is_single(p))]
+        known = ", ".join(list_encoders())
+        raise LightCRLError(
+            f"joined encoder {name!r}: unknown part(s) {', '.join(map(repr, bad))}; known: {known}"
+        )
+    return []
+
+
+def _is_single(name: str) -> bool:
+    base = split_layer(name)[0]
+    return base in _NAMED or (":" in base and base.split(":", 1)[0] in _PREFIXED)
+
+
 def list_encoders() -> list[str]:
     """The registered names (each also takes ``@LAYER``: see the module docstring)."""
     return sorted(_NAMED) + [f"{p}:<id-or-path>" for p in sorted(_PREFIXED)]
 
 
 def is_registered(name: str) -> bool:
-    """Whether ``name`` (without any ``@LAYER``) names a registered encoder or prefix family."""
-    base = split_layer(name)[0]
-    return base in _NAMED or (":" in base and base.split(":", 1)[0] in _PREFIXED)
+    """Whether ``name`` (without any ``@LAYER``) names a registered encoder or prefix family, or a join of
+    them (``a+b``)."""
+    try:
+        return _is_single(name) or bool(join_parts(name))
+    except LightCRLError:
+        return False
 
 
 def named_encoders() -> list[str]:
@@ -144,6 +181,7 @@ __all__ = [
     "FrozenEncoder",
     "get_encoder",
     "is_registered",
+    "join_parts",
     "list_encoders",
     "masked_mean",
     "named_encoders",
