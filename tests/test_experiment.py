@@ -309,13 +309,14 @@ def test_encoder_pair_grids_change_only_the_encoders():
 
 
 def test_offline_best_large_is_offline_best_with_the_chosen_pair():
-    """The shipped large config is the default method with the validation grid's winning pair, no more."""
+    """The shipped large config is the default method with the validation grids' winning encoders (the pair,
+    then Lite0 joined to Lite2 on the image side), no more."""
     from lightcrl.app.config import load_config
 
     best = load_config(REPO / "configs" / "offline_best.yaml").model_dump(mode="json")
     large = load_config(REPO / "configs" / "offline_best_large.yaml").model_dump(mode="json")
     src_best, src_large = best["data"].pop("sources"), large["data"].pop("sources")
-    chosen = ("efficientnet-lite2", "mpnet-base")
+    chosen = ("efficientnet-lite2+efficientnet-lite0", "mpnet-base")
     assert (src_large[0]["media_encoder"], src_large[0]["text_encoder"]) == chosen
     for key in ("media_encoder", "text_encoder"):
         src_best[0].pop(key), src_large[0].pop(key)
@@ -338,6 +339,15 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
         parts = ("model", "loss", "optim")
         assert [cell[k] for k in parts] == [shipped[k] for k in parts], name
         assert cell["data"]["sources"][0]["holdout"] == 0.1 and {e.split for e in exp.cfg.evals} == {"train"}
+    # session 10's join: joined_val's winning cell is the shipped config, its reference Lite2 alone
+    joined = load_experiment(REPO / "configs" / "experiments" / "joined_val.yaml")
+    assert {e.split for e in joined.cfg.evals} == {"train"}
+    for name, media in (("jv-joined-tokens-s0", chosen[0]), ("jv-large-s0", "efficientnet-lite2")):
+        cell = validate_config(joined.cell(name).spec).model_dump(mode="json")
+        source = cell["data"]["sources"][0]
+        assert (source["media_encoder"], source["text_encoder"], source["holdout"]) == (media, chosen[1], 0.1)
+        assert [cell[k] for k in ("model", "loss", "optim")] == [large[k] for k in ("model", "loss", "optim")]
+        assert cell["data"]["input"] == large["data"]["input"] == "tokens"
     # the grid's reference cell is offline_best as it was before the CSA part
     ob = validate_config(chosen_csa.cell("cj-ob-s0").spec).model_dump(mode="json")
     assert ob["model"] == {**best["model"], "csa": None,
