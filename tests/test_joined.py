@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import toy_encoders  # noqa: F401  (registers toy-image, toy-image-b, toy-text)
 from PIL import Image
 
@@ -148,3 +149,21 @@ def test_lite2_joined_with_lite0_on_real_images(flickr_spec, monkeypatch):
     scale = tokens[:, :81, :1280].sum((1, 2)) / own.sum((1, 2))
     np.testing.assert_allclose(tokens[:, :81, :1280], own * scale[:, None, None], rtol=2e-2, atol=2e-3)
     assert not tokens[:, :81, 1280:].any() and not tokens[:, 81, :1280].any()
+
+
+def test_join_of_a_padded_batch_equals_each_item_joined_alone():
+    from lightcrl.encoders.joined import join_tokens
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(3, 4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)  # real tokens first
+    first[~mask] = 7.0  # padding must not count
+    others = [torch.randn(3, 2, generator=g), torch.randn(3, 3, generator=g)]
+    out = join_tokens(first, mask, others)
+    assert out.tokens.shape == (3, 6, 10) and out.mask.sum(1).tolist() == [6, 4, 3]
+    for i, n in enumerate((4, 2, 1)):
+        alone = join_tokens(first[i : i + 1, :n], mask[i : i + 1, :n], [o[i : i + 1] for o in others])
+        torch.testing.assert_close(out.tokens[i, : n + 2], alone.tokens[0])
+        torch.testing.assert_close(out.pooled[i], alone.pooled[0])
+        torch.testing.assert_close(out.tokens[i, : n + 2].mean(0), out.pooled[i])  # mean of the real tokens
+        assert not out.tokens[i, n + 2 :].any()

@@ -719,6 +719,9 @@ def _cached_store(enc, data_spec, split, opts, rank, world, plan, out: Path) -> 
     return embed(enc, data_spec, split, out, opts, rank=rank, world=world)
 
 
+JOIN_CHUNK = 256  # items joined at once by join_stores
+
+
 def join_stores(parts: list[FeatureStore], plan: dict, out: Path) -> None:
     """Write the joined encoder's store of ``plan`` into ``out`` from its parts' stores of the same items.
 
@@ -750,15 +753,18 @@ def join_stores(parts: list[FeatureStore], plan: dict, out: Path) -> None:
         skipped = [skips[records[p].id] for p in positions
                    if p not in kept_set and records[p].id not in listing_skipped]
         tokens, pooled = [], []
-        for p in kept:
-            rows = [part.index_of(records[p].id) for part in parts]
-            first = torch.from_numpy(np.asarray(parts[0].tokens([rows[0]])[0][0], np.float32))
-            others = [torch.from_numpy(np.asarray(part.pooled(np.asarray([r], np.int64))[0], np.float32))
+        for c in range(0, len(kept), JOIN_CHUNK):  # a chunk of items at a time: vectorised, bounded memory
+            ids = [records[p].id for p in kept[c : c + JOIN_CHUNK]]
+            rows = [np.asarray([part.index_of(i) for i in ids], np.int64) for part in parts]
+            first, mask = parts[0].tokens(rows[0], dtype=np.float32)
+            others = [torch.from_numpy(np.asarray(part.pooled(r), np.float32))
                       for part, r in zip(parts[1:], rows[1:], strict=True)]
-            t, z = join_tokens(first, others)
-            tokens.append(t.numpy().astype(np.float16))
-            pooled.append(z.numpy())
-        pooled = np.stack(pooled) if pooled else np.zeros((0, plan["dim"]), np.float32)
+            out_chunk = join_tokens(torch.from_numpy(first), torch.from_numpy(mask), others)
+            lengths = out_chunk.mask.sum(1).tolist()
+            chunk_tokens = out_chunk.tokens.numpy().astype(np.float16)
+            tokens.extend(chunk_tokens[i, : lengths[i]] for i in range(len(ids)))
+            pooled.append(out_chunk.pooled.numpy())
+        pooled = np.concatenate(pooled) if pooled else np.zeros((0, plan["dim"]), np.float32)
         write_shard(out, s, tokens, pooled, {"kept": kept, "skipped": skipped,
                                              "tokens": int(sum(t.shape[0] for t in tokens))})
     manifest = finalize(out, plan)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightcrl.encoders.base import EncoderOutput, FrozenEncoder
+from lightcrl.encoders.base import EncoderOutput, FrozenEncoder, masked_mean
 from lightcrl.errors import LightCRLError
 
 #: separates the parts of a joined encoder's name
@@ -34,25 +34,30 @@ JOIN_SEP = "+"
 TOKENS_LAYOUT = "first part's tokens, then one pooled token per further part, in channel blocks"
 
 
-def join_tokens(first: torch.Tensor, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One item: the first part's real tokens [n, D1] and the other parts' pooled features [D2], ... ->
-    (joined tokens [n + k - 1, D1 + D2 + ...], joined pooled [D1 + D2 + ...]), the pooled being the
-    tokens' mean (see the module docstring). The first part's pooled feature is its tokens' mean."""
-    first = first.float()
-    n, k = first.shape[0], 1 + len(pooled)
-    total = n + k - 1
-    dims = [first.shape[1]] + [p.shape[-1] for p in pooled]
-    blocks = [F.normalize(first.mean(0), dim=-1)] + [F.normalize(p.float(), dim=-1) for p in pooled]
-    joined = torch.cat(blocks) / math.sqrt(k)
-    tokens = first.new_zeros(total, sum(dims))
+def join_tokens(first: torch.Tensor, mask: torch.Tensor, pooled: list[torch.Tensor]) -> EncoderOutput:
+    """A batch: the first part's tokens [B, T, D1] with their mask [B, T] (real tokens first) and the other
+    parts' pooled features [B, D2], ... -> the joined tokens [B, T + k - 1, D1 + D2 + ...], their mask and
+    the joined pooled feature, which is the tokens' mean (see the module docstring). The first part's own
+    pooled feature is taken as its tokens' mean (what EfficientNet and the mean-pooled text encoders give).
+    """
+    first, k = first.float(), 1 + len(pooled)
+    batch, width = first.shape[0], first.shape[1] + k - 1
+    dims = [first.shape[2]] + [p.shape[-1] for p in pooled]
+    n = mask.sum(1)  # real tokens per item
+    total = (n + k - 1).float()
+    mean = masked_mean(first, mask)
+    blocks = [F.normalize(mean, dim=-1)] + [F.normalize(p.float(), dim=-1) for p in pooled]
+    joined = torch.cat(blocks, dim=-1) / math.sqrt(k)
+    tokens = first.new_zeros(batch, width, sum(dims))
     # block 1: the tokens, scaled so that their share of the mean is the first block of ``joined``
-    scale = total / (n * math.sqrt(k) * first.mean(0).norm().clamp(min=1e-12))
-    tokens[:n, : dims[0]] = first * scale
-    start = dims[0]
-    for j, (d, b) in enumerate(zip(dims[1:], blocks[1:], strict=True)):
-        tokens[n + j, start : start + d] = b * (total / math.sqrt(k))
+    scale = total / (n.clamp(min=1).float() * math.sqrt(k) * mean.norm(dim=-1).clamp(min=1e-12))
+    tokens[:, : first.shape[1], : dims[0]] = first * (scale[:, None, None] * mask[..., None])
+    rows, start = torch.arange(batch), dims[0]
+    for j, (d, b) in enumerate(zip(dims[1:], blocks[1:], strict=True)):  # one token per further part
+        tokens[rows, n + j, start : start + d] = b * (total / math.sqrt(k))[:, None]
         start += d
-    return tokens, joined
+    joined_mask = torch.arange(width)[None, :] < (n + k - 1)[:, None]
+    return EncoderOutput(tokens, joined_mask, joined)
 
 
 class _JoinedTransform:
@@ -141,14 +146,5 @@ class JoinedEncoder(FrozenEncoder):
     @torch.inference_mode()
     def encode_batch(self, batch: dict, tokens_dtype: torch.dtype = torch.float32) -> EncoderOutput:
         outs = [p.encode_batch(batch[f"part{i}"]) for i, p in enumerate(self.parts)]
-        first = outs[0]
-        lengths = first.mask.sum(1).tolist()  # real tokens come first (padding after them)
-        items = [join_tokens(first.tokens[i, : lengths[i]], [o.pooled[i] for o in outs[1:]])
-                 for i in range(len(lengths))]
-        width = max(t.shape[0] for t, _ in items)
-        tokens = torch.zeros(len(items), width, self.dim)
-        mask = torch.zeros(len(items), width, dtype=torch.bool)
-        for i, (t, _) in enumerate(items):
-            tokens[i, : t.shape[0]], mask[i, : t.shape[0]] = t, True
-        pooled = torch.stack([p for _, p in items])
-        return EncoderOutput(tokens.to(tokens_dtype), mask, pooled)
+        joined = join_tokens(outs[0].tokens, outs[0].mask, [o.pooled for o in outs[1:]])
+        return EncoderOutput(joined.tokens.to(tokens_dtype), joined.mask, joined.pooled)
