@@ -83,7 +83,10 @@ class _JoinedCollate:
 class JoinedEncoder(FrozenEncoder):
     """The parts' joined pooled features (see the module docstring); built by ``get_encoder("a+b")``."""
 
-    no_graph_reason = "it is a joined encoder: each part runs its own graph (export the parts one by one)"
+    no_graph_reason = (
+        "it is a joined encoder, whose parts take differently preprocessed inputs (one graph input cannot "
+        "describe them); `lightcrl export` without --full exports the trained part"
+    )
 
     def __init__(self, parts: list[FrozenEncoder]):
         if len(parts) < 2:
