@@ -190,9 +190,16 @@ __all__ = [
 ]
 
 
+@register("efficientnet-lite1")
+def _effnet_lite1(device="auto", **kw):
+    from lightcrl.encoders.efficientnet_lite import EfficientNetLite1
+
+    return EfficientNetLite1(device=device)
+
+
 @register("efficientnet-lite2")
 def _effnet_lite2(device="auto", **kw):
-    from lightcrl.encoders.lite2 import EfficientNetLite2
+    from lightcrl.encoders.efficientnet_lite import EfficientNetLite2
 
     return EfficientNetLite2(device=device)
 

@@ -163,6 +163,7 @@ class EfficientNetLite0(_ImageEncoder):
     modality = "image"
     dim = 1280
     final_layer = "head"
+    _arch = "efficientnet-lite0"
     #: channels of the selectable blocks' outputs (checked against the model in tests/test_layers.py)
     block_channels = {8: 112, 9: 112, 10: 112, 11: 192, 12: 192, 13: 192, 14: 192, 15: 320}
     probe_layers = ("block10", "block14", "block15")  # the ends of the last three stages
@@ -184,7 +185,7 @@ class EfficientNetLite0(_ImageEncoder):
         # What EfficientNet.from_pretrained(name, weights_path=...) does, except that the package calls
         # torch.load without weights_only (it unpickles freely on torch < 2.6): the weights are read
         # weights-only here, so the file can hold tensors but no code.
-        model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        model = EfficientNet.from_name(self._arch, num_classes=1000)
         state = torch.load(self.weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state)  # strict: every tensor present, none unexpected
         return model.to(memory_format=torch.channels_last)
