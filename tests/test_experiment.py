@@ -380,7 +380,7 @@ def test_methods_on_offline_best_grid_starts_from_the_shipped_config():
 
     best = load_config(REPO / "configs" / "offline_best.yaml").model_dump(mode="json")
     exp = load_experiment(REPO / "configs" / "experiments" / "ob_methods_val.yaml")
-    assert {e.split for e in exp.cfg.evals} == {"train"} and len(exp.cells) == 39  # 13 cells x 3 seeds
+    assert {e.split for e in exp.cfg.evals} == {"train"} and len(exp.cells) == 42  # 14 cells x 3 seeds
     # session 10: its joined-image cell is what offline_best ships
     joined = validate_config(exp.cell("om-ob-joined-s0").spec).model_dump(mode="json")
     assert joined["data"]["sources"][0]["media_encoder"] == best["data"]["sources"][0]["media_encoder"] == (

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightcrl.anchors import AnchorConfig, AnchorSpace
 from lightcrl.canonical import CanonicalConfig, CanonicalSpace, canonical_embed
+from lightcrl.hubness import HubnessConfig, csls_offsets
 from lightcrl.features import masked_mean
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
@@ -98,6 +99,8 @@ class ModelConfig(BaseModel):
     # LiT: modalities with no trainable head; their embedding is the base map (e.g. [image])
     locked: list[str] = Field(default_factory=list)
     ridge: RidgeConfig | None = None  # arch "ridge" only (None there: the defaults)
+    # CSLS in retrieval against training embeddings kept with the model (lightcrl/hubness.py)
+    hubness: HubnessConfig | None = None
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -263,6 +266,8 @@ class LightCRLModel(nn.Module):
             self.anchors = AnchorSpace(cfg.anchors, self.input_dims, width if cfg.arch != "anchors" else None)
         # rank 0 raises: fitted by the trainer on the training pairs (see canonical.py)
         self.canonical = CanonicalSpace(cfg.csa, self.input_dims) if cfg.csa is not None else None
+        for m in self.input_dims if cfg.hubness is not None else []:  # set by the trainer (set_hubness_bank)
+            self.register_buffer(f"hub_{m}", torch.zeros(0, self.embed_dim, dtype=torch.float16))
 
     @property
     def modalities(self) -> list[str]:
@@ -316,10 +321,10 @@ class LightCRLModel(nn.Module):
         return z
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # ridge_hub_* hold as many rows as the fit had training items: take the saved size
+        # ridge_hub_* and hub_* hold as many rows as there were training items: take the saved size
         for name, buf in list(self._buffers.items()):
             saved = state_dict.get(prefix + name)
-            if name.startswith("ridge_hub_") and saved is not None and saved.shape != buf.shape:
+            if name.startswith(("ridge_hub_", "hub_")) and saved is not None and saved.shape != buf.shape:
                 self._buffers[name] = buf.new_zeros(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -340,6 +345,24 @@ class LightCRLModel(nn.Module):
         sims = hub.double().cpu().numpy() @ np.asarray(class_emb, np.float64).T  # [N, C]
         k = min(self.cfg.ridge.csls, len(sims))
         return -0.5 * np.sort(sims, axis=0)[-k:].mean(0)
+
+    def set_hubness_bank(self, embeddings: dict[str, Any]) -> None:
+        """``model.hubness``: the training items' embeddings [n, embed_dim] per modality, as computed by
+        this model's current weights (kept as float16 unit rows)."""
+        import numpy as np
+
+        for m, emb in embeddings.items():
+            rows = F.normalize(torch.as_tensor(np.asarray(emb, np.float32)), dim=-1)
+            setattr(self, f"hub_{m}", rows.to(torch.float16).to(self.logit_scale.device))
+
+    def retrieval_offsets(self, gallery_emb: Any, query_modality: str) -> Any:
+        """Per-gallery-item offsets [N] added to the cosine scores of ``query_modality`` queries against
+        ``gallery_emb`` [N, d] (numpy, unit rows): CSLS's ``-r_g / 2`` against the training embeddings of the
+        query modality (``model.hubness``), or None (plain cosine)."""
+        bank = getattr(self, f"hub_{query_modality}", None) if self.cfg.hubness is not None else None
+        if bank is None or not len(bank):
+            return None
+        return csls_offsets(gallery_emb, bank.cpu(), self.cfg.hubness.k)
 
     def ridge_features(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
         """arch ridge: a media item's feature, its tokens' masked mean or max (``model.ridge.pool``)."""

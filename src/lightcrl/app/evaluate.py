@@ -154,7 +154,10 @@ def task_retrieval(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict
     from lightcrl.metrics import retrieval
 
     media_emb, text_emb, text_to_media, (ms, ts) = _pair_embeddings(t, r)
-    metrics = retrieval.evaluate(media_emb, text_emb, text_to_media)
+    # model.hubness: CSLS offsets of the gallery items against the model's training embeddings, else None
+    offsets = getattr(getattr(t.pipeline, "model", None), "retrieval_offsets", lambda *_: None)
+    metrics = retrieval.evaluate(media_emb, text_emb, text_to_media, image_offsets=offsets(media_emb, "text"),
+                                 text_offsets=offsets(text_emb, ms.modality))
     labels = ms.items.labels
     if len(labels) and (labels >= 0).all():  # captions of class-labelled media: class relevance too
         metrics.update(retrieval.evaluate_by_class(media_emb, text_emb, labels, labels[text_to_media]))

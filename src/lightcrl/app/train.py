@@ -43,6 +43,7 @@ from lightcrl.checkpoint import (
 )
 from lightcrl.devices import autocast, autocast_dtype, cpu_has_amx, resolve_device
 from lightcrl.errors import LightCRLError
+from lightcrl.hubness import bank_rows
 from lightcrl.io import write_json, write_text
 from lightcrl.losses import ClipLoss, build_loss
 from lightcrl.mixing import fusemix, mixed_groups, sample_fusemix
@@ -91,8 +92,14 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         pair_media = np.searchsorted(media_rows, s.media_index)  # pair -> row of media_emb
         media_emb = encode_store(raw, s.adapter, s.media, device, indices=media_rows)
         text_emb = encode_store(raw, s.adapter, s.text, device, indices=s.text_index)  # row = pair
-        r = retrieval.evaluate(media_emb, text_emb, pair_media)
+        offsets = getattr(raw, "retrieval_offsets", lambda *_: None)  # model.hubness: CSLS, else None
+        image_off, text_off = offsets(media_emb, "text"), offsets(text_emb, s.media_modality)
+        r = retrieval.evaluate(media_emb, text_emb, pair_media, image_offsets=image_off, text_offsets=text_off)
         prefix = f"val/{s.name}/" if len(sets) > 1 else "val/"
+        if image_off is not None or text_off is not None:  # the plain cosine's too, to see what it changed
+            plain = retrieval.evaluate(media_emb, text_emb, pair_media)
+            for k in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
+                metrics[f"{prefix}uncorrected/{k}"] = float(plain[k])
         for k in (
             "image_retrieval_recall@1",
             "text_retrieval_recall@1",
@@ -123,7 +130,7 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
 
 # Options added after runs existed, left out of the fingerprint at their defaults so those runs resume.
 _NEW_DEFAULTS = {"data": {"captions_per_media": None, "fusemix": None},
-                 "model": {"head": "plain", "locked": [], "ridge": None},
+                 "model": {"head": "plain", "locked": [], "ridge": None, "hubness": None},
                  "optim": {"precision": "auto"}}
 
 
@@ -274,6 +281,28 @@ class Trainer:
                 f"which has no {missing} pairs: drop {part} for multi-modality runs"
             )
         return s
+
+    def _refresh_hubness_bank(self) -> None:
+        """model.hubness: embed a seeded sample of the TRAINING items (never a held-out one) with the current
+        weights, so a checkpoint's bank always matches its weights."""
+        raw = self.model.module if hasattr(self.model, "module") else self.model
+        hcfg = getattr(raw.cfg, "hubness", None)
+        if hcfg is None or not self.is_main:
+            return
+        was_training = raw.training
+        raw.eval()
+        per_modality: dict[str, list[np.ndarray]] = {}
+        for i, s in enumerate(self.train_sets):
+            for store, rows in ((s.media, s.media_index), (s.text, s.text_index)):
+                picked = bank_rows(rows, hcfg.bank, self.cfg.seed * 1009 + i)
+                emb = encode_store(raw, s.adapter, store, self.device, indices=picked)
+                per_modality.setdefault(store.modality, []).append(emb)
+        bank = {}
+        for m, parts in per_modality.items():
+            emb = np.concatenate(parts)
+            bank[m] = emb[bank_rows(np.arange(len(emb)), hcfg.bank, self.cfg.seed)]
+        raw.set_hubness_bank(bank)
+        raw.train(was_training)
 
     def _fit_canonical(self, model_cfg: ModelConfig):
         """model.csa: CCA of the first training source's pairs; the model config gets the rank used."""
@@ -519,6 +548,7 @@ class Trainer:
         if self.is_main and not resumed:
             self.run_log.start_fresh()
             self.run.write_info(self.model_info(), started=True)
+            self._refresh_hubness_bank()
             if self.val_sets and cfg.eval_every:
                 row = {
                     "step": 0,
@@ -572,6 +602,7 @@ class Trainer:
             self.state["train_time_s"] += epoch_time
             self.state["epoch"] = epoch + 1
             self.state["batch"] = 0
+            self._refresh_hubness_bank()  # before validation and the epoch's checkpoints
             row = {
                 "step": self.state["step"],
                 "epoch": epoch + 1,

@@ -29,18 +29,23 @@ def _first_positive_ranks(
     positive: np.ndarray | None,
     item_of: np.ndarray | None,
     chunk: int,
+    item_offsets: np.ndarray | None = None,
 ) -> np.ndarray:
     """1-based rank of the best-ranked positive item of each query.
 
     Either ``positive`` gives each query's single positive item, or ``item_of`` gives, per item, the
     query it belongs to (a query's positives are all items j with ``item_of[j] == query``).
+    ``item_offsets`` [n_items]: added to every query's score of that item (e.g. a hubness correction).
     """
     items_t = torch.from_numpy(items)
+    offsets = None if item_offsets is None else torch.from_numpy(np.asarray(item_offsets, np.float32))
     n_items = len(items)
     owner = None if item_of is None else torch.from_numpy(item_of)
     ranks = np.empty(len(queries), dtype=np.int64)
     for s in range(0, len(queries), chunk):
         scores = torch.from_numpy(queries[s : s + chunk]) @ items_t.T  # [b, n_items]
+        if offsets is not None:
+            scores = scores + offsets[None, :]
         b = len(scores)
         if owner is None:
             best_idx = torch.from_numpy(positive[s : s + b])[:, None]
@@ -66,12 +71,16 @@ def evaluate(
     text_to_image: Any,
     ks: Sequence[int] = (1, 5, 10),
     chunk: int = CHUNK,
+    image_offsets: Any = None,
+    text_offsets: Any = None,
 ) -> dict[str, float]:
     """Recall@K (percent) and median rank in both directions.
 
     ``image_emb`` [N_img, d], ``text_emb`` [N_txt, d] (normalised here), ``text_to_image`` [N_txt] ints:
     the image each caption describes. Images without any caption are left out of text retrieval (their
-    count is reported as ``n_images_without_captions``).
+    count is reported as ``n_images_without_captions``). ``image_offsets`` [N_img] / ``text_offsets``
+    [N_txt]: added to the cosine of every query with that gallery item (a model's hubness correction,
+    ``LightCRLModel.retrieval_offsets``); None = plain cosine.
     """
     img = l2_normalize(image_emb)
     txt = l2_normalize(text_emb)
@@ -85,9 +94,12 @@ def evaluate(
     if t2i.min() < 0 or t2i.max() >= len(img):
         raise ValueError(f"text_to_image must lie in [0, {len(img)})")
 
-    img_ranks = _first_positive_ranks(txt, img, t2i, None, chunk)
+    for name, off, n in (("image_offsets", image_offsets, len(img)), ("text_offsets", text_offsets, len(txt))):
+        if off is not None and np.shape(off) != (n,):
+            raise ValueError(f"{name} has shape {np.shape(off)}, expected ({n},)")
+    img_ranks = _first_positive_ranks(txt, img, t2i, None, chunk, image_offsets)
     has_caption = np.bincount(t2i, minlength=len(img)) > 0
-    txt_ranks = _first_positive_ranks(img, txt, None, t2i, chunk)[has_caption]
+    txt_ranks = _first_positive_ranks(img, txt, None, t2i, chunk, text_offsets)[has_caption]
 
     out: dict[str, float] = {}
     for k in ks:

@@ -1,0 +1,117 @@
+"""model.hubness: CSLS in retrieval against training embeddings kept with the model (lightcrl/hubness.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightcrl.hubness import bank_rows, csls_offsets
+from lightcrl.metrics import retrieval
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_csls_offsets_match_a_hand_computation():
+    gallery = _unit([[1, 0], [0.6, 0.8], [0, 1]])
+    bank = _unit([[1, 0], [1, 0.1], [0, 1], [-1, 0]])
+    got = csls_offsets(gallery, bank.astype(np.float32), k=2)
+    want = []
+    for g in gallery:
+        cos = sorted((float(g @ b) for b in bank), reverse=True)
+        want.append(-0.5 * (cos[0] + cos[1]) / 2)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.all(csls_offsets(gallery, bank[:0], k=2) == 0)  # an empty bank corrects nothing
+    np.testing.assert_allclose(csls_offsets(gallery, bank, k=99), -0.5 * (gallery @ bank.T).mean(1), atol=1e-6)
+
+
+def test_retrieval_offsets_demote_a_hub_and_zero_offsets_change_nothing():
+    # captions e_0..e_4; image 0 is a hub (cosine 0.447 to every caption), image j >= 1 has cosine 0.4 to
+    # its own caption j and 0 to the others: the hub takes captions 1-4
+    n = 5
+    text = np.eye(8)[:n]
+    img = np.zeros((n, 8))
+    img[0, :n] = 1 / np.sqrt(n)
+    for j in range(1, n):
+        img[j, j], img[j, 7] = 0.4, np.sqrt(1 - 0.4**2)
+    pairs = np.arange(n)
+    plain = retrieval.evaluate(img, text, pairs)
+    assert plain["image_retrieval_recall@1"] == 20.0  # only the hub's own caption finds its image
+    fixed = retrieval.evaluate(img, text, pairs, image_offsets=np.array([-0.1, 0, 0, 0, 0]))
+    assert fixed["image_retrieval_recall@1"] == 100.0
+    same = retrieval.evaluate(img, text, pairs, image_offsets=np.zeros(n), text_offsets=np.zeros(n))
+    assert same == plain
+    with pytest.raises(ValueError, match="image_offsets"):
+        retrieval.evaluate(img, text, pairs, image_offsets=np.zeros(n + 1))
+
+
+def test_bank_rows_are_a_seeded_sample_of_the_candidates():
+    cand = np.array([7, 3, 3, 9, 1, 7, 20])
+    assert bank_rows(cand, 10, 0).tolist() == [1, 3, 7, 9, 20]
+    a, b = bank_rows(np.arange(1000), 50, 3), bank_rows(np.arange(1000), 50, 3)
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 50 and np.all(np.diff(a) > 0)
+
+
+def test_trainer_keeps_a_bank_of_training_items_matching_the_saved_weights(tmp_path, pairs_csv):
+    """A run with model.hubness saves, with its weights, the embeddings of training items only (a holdout
+    never enters the bank); loaded, the model corrects retrieval, and the eval differs from plain cosine."""
+    import lightcrl
+    from test_train import toy_config
+
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import train
+    from lightcrl.app.train_data import build_pairsets
+    from lightcrl.embed import EmbedOptions, cached_store
+
+    cfg = toy_config(pairs_csv, **{"optim.epochs": 2})
+    cfg["data"]["sources"][0].update(val_split=None, holdout=0.25)
+    cfg["model"]["hubness"] = {"k": 3, "bank": 12}
+    cfg = validate_config(cfg)
+    train(cfg, tmp_path / "run")
+    pipe = lightcrl.load(tmp_path / "run", device="cpu")
+    model = pipe.model
+    (train_set,), (val_set,) = build_pairsets(cfg, "train"), build_pairsets(cfg, "val")
+    media = cached_store("toy-image", pairs_csv, "all", EmbedOptions(seed=0, device="cpu"))
+    text = cached_store("toy-text", pairs_csv, "all", EmbedOptions(seed=0, device="cpu"))
+    # the bank: 12 of the 30 training images and 12 of their 60 captions, as the saved weights embed them
+    hub_img, hub_txt = model.hub_image.float().numpy(), model.hub_text.float().numpy()
+    assert hub_img.shape == (12, model.embed_dim) and hub_txt.shape == (12, model.embed_dim)
+    img_rows = bank_rows(train_set.media_index, 12, 0)
+    txt_rows = bank_rows(train_set.text_index, 12, 0)
+    assert not set(img_rows.tolist()) & set(val_set.media_index.tolist())
+    want_img = pipe.encode_store(media, indices=img_rows)
+    want_txt = pipe.encode_store(text, indices=txt_rows)
+    np.testing.assert_allclose(hub_img, want_img[bank_rows(np.arange(12), 12, 0)], atol=2e-3)
+    np.testing.assert_allclose(hub_txt, want_txt, atol=2e-3)
+    # retrieval through the model: offsets = csls_offsets against the bank of the query modality
+    gallery = pipe.encode_store(media)
+    np.testing.assert_allclose(model.retrieval_offsets(gallery, "text"), csls_offsets(gallery, hub_txt, 3),
+                               atol=1e-6)
+    assert model.retrieval_offsets(gallery, "image") is not None
+    # the validation rows of the run used the correction: recompute val retrieval both ways
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in rows if "val/image_retrieval_recall@1" in r][-1]
+    vm = np.unique(val_set.media_index)
+    v_media, v_text = pipe.encode_store(media, indices=vm), pipe.encode_store(text, indices=val_set.text_index)
+    pair_media = np.searchsorted(vm, val_set.media_index)
+    corrected = retrieval.evaluate(v_media, v_text, pair_media, image_offsets=model.retrieval_offsets(v_media, "text"),
+                                   text_offsets=model.retrieval_offsets(v_text, "image"))
+    assert last_val["val/image_retrieval_recall@1"] == pytest.approx(corrected["image_retrieval_recall@1"])
+    assert last_val["val/text_retrieval_recall@1"] == pytest.approx(corrected["text_retrieval_recall@1"])
+    # lightcrl eval --task retrieval applies the same correction
+    from lightcrl.app.evaluate import EvalRequest, EvalTarget, task_retrieval
+
+    target = EvalTarget.from_run_dir(tmp_path / "run", device="cpu")
+    got, _ = task_retrieval(target, EvalRequest(task="retrieval", data=pairs_csv, split="all"), tmp_path)
+    gm, gt = pipe.encode_store(media), pipe.encode_store(text)
+    want = retrieval.evaluate(gm, gt, np.searchsorted(media.items.ids, text.items.groups),
+                              image_offsets=model.retrieval_offsets(gm, "text"),
+                              text_offsets=model.retrieval_offsets(gt, "image"))
+    plain = retrieval.evaluate(gm, gt, np.searchsorted(media.items.ids, text.items.groups))
+    assert got["image_retrieval_recall@1"] == want["image_retrieval_recall@1"]
+    assert got["text_retrieval_recall@1"] == want["text_retrieval_recall@1"]
+    assert got["image_retrieval_mean_rank"] != plain["image_retrieval_mean_rank"]  # the correction acted
