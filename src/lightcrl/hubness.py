@@ -33,7 +33,8 @@ class HubnessConfig(BaseModel):
     bank: int = Field(2048, ge=1)  # training items kept per modality (seeded sample; float16 in the model)
 
 
-def csls_offsets(gallery: np.ndarray, bank: np.ndarray | torch.Tensor, k: int, chunk: int = 2048) -> np.ndarray:
+def csls_offsets(gallery: np.ndarray, bank: np.ndarray | torch.Tensor, k: int,
+                 chunk: int = 2048) -> np.ndarray:
     """``-r_g / 2`` for each gallery row: r_g = the mean cosine to its ``k`` nearest bank rows (rows of
     both are unit vectors). Added to the cosine scores of every query against that gallery item."""
     g = torch.as_tensor(np.asarray(gallery, np.float32))

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from lightcrl.anchors import AnchorConfig, AnchorSpace
 from lightcrl.canonical import CanonicalConfig, CanonicalSpace, canonical_embed
-from lightcrl.hubness import HubnessConfig, csls_offsets
 from lightcrl.features import masked_mean
+from lightcrl.hubness import HubnessConfig, csls_offsets
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
 

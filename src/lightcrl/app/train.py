@@ -94,7 +94,8 @@ def validate(model, sets: list[PairSet], device, batch_size: int, seed: int) -> 
         text_emb = encode_store(raw, s.adapter, s.text, device, indices=s.text_index)  # row = pair
         offsets = getattr(raw, "retrieval_offsets", lambda *_: None)  # model.hubness: CSLS, else None
         image_off, text_off = offsets(media_emb, "text"), offsets(text_emb, s.media_modality)
-        r = retrieval.evaluate(media_emb, text_emb, pair_media, image_offsets=image_off, text_offsets=text_off)
+        r = retrieval.evaluate(media_emb, text_emb, pair_media, image_offsets=image_off,
+                               text_offsets=text_off)
         prefix = f"val/{s.name}/" if len(sets) > 1 else "val/"
         if image_off is not None or text_off is not None:  # the plain cosine's too, to see what it changed
             plain = retrieval.evaluate(media_emb, text_emb, pair_media)

@@ -18,7 +18,8 @@ from lightcrl.encoders.image import EfficientNetLite0, ImageTransform
 
 
 def _lite_transform(resolution: int) -> ImageTransform:
-    return ImageTransform(resize=resolution + 32, crop=resolution, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    return ImageTransform(resize=resolution + 32, crop=resolution, mean=(127 / 255,) * 3,
+                          std=(128 / 255,) * 3)
 
 
 class _LiteFromPackage(EfficientNetLite0):

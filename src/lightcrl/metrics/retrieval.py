@@ -94,7 +94,8 @@ def evaluate(
     if t2i.min() < 0 or t2i.max() >= len(img):
         raise ValueError(f"text_to_image must lie in [0, {len(img)})")
 
-    for name, off, n in (("image_offsets", image_offsets, len(img)), ("text_offsets", text_offsets, len(txt))):
+    for name, off, n in (("image_offsets", image_offsets, len(img)),
+                         ("text_offsets", text_offsets, len(txt))):
         if off is not None and np.shape(off) != (n,):
             raise ValueError(f"{name} has shape {np.shape(off)}, expected ({n},)")
     img_ranks = _first_positive_ranks(txt, img, t2i, None, chunk, image_offsets)
