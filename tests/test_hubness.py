@@ -118,3 +118,26 @@ def test_trainer_keeps_a_bank_of_training_items_matching_the_saved_weights(tmp_p
     assert got["image_retrieval_recall@1"] == want["image_retrieval_recall@1"]
     assert got["text_retrieval_recall@1"] == want["text_retrieval_recall@1"]
     assert got["image_retrieval_mean_rank"] != plain["image_retrieval_mean_rank"]  # the correction acted
+
+
+def test_training_free_baselines_take_the_same_correction():
+    """ASIF and CSA with hubness: the bank is a seeded sample of the pairs they were built from, embedded by
+    the model itself; without it they are unchanged."""
+    from lightcrl.baselines.asif import asif_model, encode_pooled, fill_hubness_bank
+    from lightcrl.baselines.csa import csa_model, fit_cca
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(40, 5)).astype(np.float32)
+    plain = asif_model({"image": img, "text": txt}, k=5, p=2.0)
+    assert plain.cfg.hubness is None and plain.retrieval_offsets(np.eye(40, 40)[:3], "text") is None
+    model = asif_model({"image": img, "text": txt}, k=5, p=2.0, hubness={"k": 4, "bank": 16})
+    rows = bank_rows(np.arange(40), 16, 0)
+    want = encode_pooled(model, "text", txt[rows])
+    np.testing.assert_allclose(model.hub_text.float().numpy(), want, atol=2e-3)
+    gallery = encode_pooled(model, "image", img[:7])
+    np.testing.assert_allclose(model.retrieval_offsets(gallery, "text"),
+                               csls_offsets(gallery, model.hub_text.float().numpy(), 4), atol=1e-6)
+    csa = csa_model(fit_cca(img, txt, 1e-2), ("image", "text"), 3, 1.0, {"k": 4, "bank": 16})
+    fill_hubness_bank(csa, {"image": img, "text": txt})
+    want = encode_pooled(csa, "image", img[rows])
+    np.testing.assert_allclose(csa.hub_image.float().numpy(), want, atol=2e-3)

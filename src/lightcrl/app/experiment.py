@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lightcrl.app.config import EarlyStopConfig, TrainConfig, validate_config
 from lightcrl.app.evaluate import TASKS, EvalRequest, EvalTarget, run_eval
 from lightcrl.errors import LightCRLError
+from lightcrl.hubness import HubnessConfig
 from lightcrl.io import read_json, write_json, write_text
 from lightcrl.rundir import RunDir
 
@@ -113,6 +114,7 @@ class ASIFBaseline(_Strict):
     tune: ASIFTune | None = None  # chosen on held-out training pairs, never on an evaluation split
     media_encoder: str | None = None  # None: the source's encoders (e.g. to compare encoder pairs)
     text_encoder: str | None = None
+    hubness: HubnessConfig | None = None  # CSLS in retrieval, as model.hubness (the anchor pairs as bank)
 
 
 class CSATune(_Strict):
@@ -134,6 +136,7 @@ class CSABaseline(_Strict):
     source: int = 0
     limit: int | None = None
     tune: CSATune | None = None  # chosen on held-out training pairs, never on an evaluation split
+    hubness: HubnessConfig | None = None  # CSLS in retrieval, as model.hubness (the fitted pairs as bank)
 
 
 class ConVIRTBaseline(_Strict):
@@ -394,8 +397,9 @@ def _baseline_cell(b: Baseline, cfg: ExperimentConfig, base: dict, root: Path,
             "media_encoder": getattr(b, "media_encoder", None) or src.media_encoder,
             "text_encoder": getattr(b, "text_encoder", None) or src.text_encoder,
             "holdout": src.holdout,  # fitted without the held-out items, scored on them
+            # (hubness only when set: the specs, and so the cells' hashes, of earlier grids stay as they were)
             **b.model_dump(exclude={"kind", "name", "source", "limit", "tune", "media_encoder",
-                                    "text_encoder"}),
+                                    "text_encoder"} | ({"hubness"} if b.hubness is None else set())),
             "tune": b.tune.model_dump() if b.tune else None,
         }
         return Cell(b.name, b.kind, spec)

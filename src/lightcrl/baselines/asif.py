@@ -27,11 +27,12 @@ import torch
 from safetensors.torch import save_file
 
 from lightcrl.errors import LightCRLError
+from lightcrl.hubness import bank_rows
 from lightcrl.model import LightCRLModel, create_model
 from lightcrl.store import FeatureStore
 
-__all__ = ["anchor_features", "anchor_pairs", "asif_model", "build_pipeline", "encode_pooled", "linked_pairs",
-           "save_run", "tune"]
+__all__ = ["anchor_features", "anchor_pairs", "asif_model", "build_pipeline", "encode_pooled",
+           "fill_hubness_bank", "linked_pairs", "save_run", "tune"]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -40,8 +41,9 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def asif_model(anchors: dict[str, np.ndarray], k: int = 800, p: float = 8.0,
-               center: bool = False) -> LightCRLModel:
-    """The anchor space alone over anchor pairs (row i of every modality's pooled features is pair i)."""
+               center: bool = False, hubness: dict | None = None) -> LightCRLModel:
+    """The anchor space alone over anchor pairs (row i of every modality's pooled features is pair i);
+    ``hubness``: ``model.hubness``, its bank filled from the anchors (:func:`fill_hubness_bank`)."""
     sizes = {m: len(a) for m, a in anchors.items()}
     if len(set(sizes.values())) != 1 or not all(sizes.values()):
         raise LightCRLError(f"ASIF anchors must be non-empty pairs of equal count, got {sizes}")
@@ -49,10 +51,25 @@ def asif_model(anchors: dict[str, np.ndarray], k: int = 800, p: float = 8.0,
         raise LightCRLError(f"ASIF needs k >= 1 and p > 0, got k={k}, p={p}")
     count = next(iter(sizes.values()))
     cfg = {"arch": "anchors", "learn_logit_scale": False, "dropout": 0.0,
-           "anchors": {"k": int(k), "p": float(p), "center": bool(center), "count": count}}
+           "anchors": {"k": int(k), "p": float(p), "center": bool(center), "count": count},
+           "hubness": hubness}
     model = create_model(cfg, {m: int(np.asarray(a).shape[1]) for m, a in anchors.items()})
     model.anchors.set_keys({m: np.asarray(a, np.float32) for m, a in anchors.items()})
+    fill_hubness_bank(model, anchors)
     return model.eval()
+
+
+def fill_hubness_bank(model: LightCRLModel, pooled: dict[str, np.ndarray], seed: int = 0) -> None:
+    """``model.hubness`` of a training-free model: its bank = a seeded sample of the training pairs it was
+    built from (pooled features per modality), embedded by the model itself. No-op without hubness."""
+    hcfg = model.cfg.hubness
+    if hcfg is None:
+        return
+    bank = {}
+    for m, feats in pooled.items():
+        rows = bank_rows(np.arange(len(feats)), hcfg.bank, seed)
+        bank[m] = encode_pooled(model.eval(), m, np.asarray(feats)[rows])
+    model.set_hubness_bank(bank)
 
 
 @torch.no_grad()
@@ -162,7 +179,8 @@ def build_pipeline(spec: dict, device: str = "auto", progress: bool = False):
         k, p, center = res["k"], res["p"], res["center"]
         asif_spec["tuning"] = res
     asif_spec.update(k=k, p=p, center=center)
-    model = asif_model({media.modality: m_feat, "text": t_feat}, k=k, p=p, center=center)
+    model = asif_model({media.modality: m_feat, "text": t_feat}, k=k, p=p, center=center,
+                       hubness=spec.get("hubness"))
     info = {
         "kind": "asif",
         "model_config": model.cfg.model_dump(),

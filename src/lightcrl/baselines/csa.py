@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightcrl.baselines.asif import anchor_features, anchor_pairs, encode_pooled, save_run
+from lightcrl.baselines.asif import anchor_features, anchor_pairs, encode_pooled, fill_hubness_bank, save_run
 from lightcrl.canonical import CCAFit, fit_cca, weighted_maps
 from lightcrl.errors import LightCRLError
 from lightcrl.model import LightCRLModel, create_model
@@ -38,10 +38,12 @@ __all__ = ["CCAFit", "build_pipeline", "csa_model", "fit_cca", "save_run", "tune
 
 
 def csa_model(fit: CCAFit, modalities: tuple[str, str] = ("image", "text"), dims: int = 128,
-              exponent: float = 1.0) -> LightCRLModel:
-    """The ``arch: csa`` model of a fit: the first ``dims`` canonical dimensions weighted rho^(exponent/2)."""
+              exponent: float = 1.0, hubness: dict | None = None) -> LightCRLModel:
+    """The ``arch: csa`` model of a fit: the first ``dims`` canonical dimensions weighted rho^(exponent/2).
+    ``hubness``: ``model.hubness`` (the caller fills its bank: ``asif.fill_hubness_bank``)."""
     media, text = modalities
-    cfg = {"arch": "csa", "width": int(dims), "heads": 1, "learn_logit_scale": False, "dropout": 0.0}
+    cfg = {"arch": "csa", "width": int(dims), "heads": 1, "learn_logit_scale": False, "dropout": 0.0,
+           "hubness": hubness}
     model = create_model(cfg, {media: fit.a.shape[0], text: fit.b.shape[0]})
     maps = weighted_maps(fit, dims, exponent)
     with torch.no_grad():
@@ -120,7 +122,8 @@ def build_pipeline(spec: dict, device: str = "auto", progress: bool = False):
         csa_spec["tuning"] = res
     csa_spec.update(dims=dims, exponent=exponent, reg=reg)
     fit = fit_cca(m_feat, t_feat, reg)
-    model = csa_model(fit, (media.modality, "text"), min(dims, fit.rank), exponent)
+    model = csa_model(fit, (media.modality, "text"), min(dims, fit.rank), exponent, spec.get("hubness"))
+    fill_hubness_bank(model, {media.modality: m_feat, "text": t_feat}, seed)
     info = {
         "kind": "csa",
         "model_config": model.cfg.model_dump(),
