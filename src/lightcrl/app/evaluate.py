@@ -156,8 +156,12 @@ def task_retrieval(t: EvalTarget, r: EvalRequest, plots_dir: Path) -> tuple[dict
     media_emb, text_emb, text_to_media, (ms, ts) = _pair_embeddings(t, r)
     # model.hubness: CSLS offsets of the gallery items against the model's training embeddings, else None
     offsets = getattr(getattr(t.pipeline, "model", None), "retrieval_offsets", lambda *_: None)
-    metrics = retrieval.evaluate(media_emb, text_emb, text_to_media, image_offsets=offsets(media_emb, "text"),
-                                 text_offsets=offsets(text_emb, ms.modality))
+    image_off, text_off = offsets(media_emb, "text"), offsets(text_emb, ms.modality)
+    metrics = retrieval.evaluate(media_emb, text_emb, text_to_media, image_offsets=image_off,
+                                 text_offsets=text_off)
+    if image_off is not None or text_off is not None:  # and the plain cosine's, to see what it changed
+        plain = retrieval.evaluate(media_emb, text_emb, text_to_media)
+        metrics.update({f"uncorrected/{k}": v for k, v in plain.items() if "recall@" in k})
     labels = ms.items.labels
     if len(labels) and (labels >= 0).all():  # captions of class-labelled media: class relevance too
         metrics.update(retrieval.evaluate_by_class(media_emb, text_emb, labels, labels[text_to_media]))
