@@ -138,6 +138,7 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     {"arch": "two_tower", "anchors": {"k": 5, "dim": 8, "count": 12, "join": "sum"}},
     {"fusion": "add", "anchors": {"k": 5, "count": 12}},
     {"fusion": "add", "csa": {"rank": 6}},
+    {"fusion": "add", "hubness": {"k": 3, "bank": 8}},  # the bank is ranking-time data, not in the graph
 ])
 def test_onnx_export_model_variants(cfg):
     """Fusion / pooling / arch variants export with dynamic batch and token axes (text: cut at 8 tokens)."""
@@ -152,6 +153,8 @@ def test_onnx_export_model_variants(cfg):
         if model.canonical is not None:  # any maps: the part is buffers and a matmul
             for buf in model.canonical.buffers():
                 buf.copy_(torch.randn_like(buf))
+        if model.cfg.hubness is not None:
+            model.set_hubness_bank({m: torch.randn(8, model.embed_dim) for m in model.input_dims})
         save_file(model.state_dict(), str(run / "model.safetensors"))
         (run / "model.json").write_text(json.dumps({
             "model_config": model.cfg.model_dump(), "input_dims": model.input_dims,
