@@ -328,7 +328,8 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
     val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
     cell = validate_config(val.cell("val-lite2-mpnet-s0").spec).model_dump(mode="json")
     assert cell["model"]["csa"] is None and large["model"]["csa"] is not None
-    views = {"csa": large["model"]["csa"], "anchors": large["model"]["anchors"]}  # session 8 retuned them
+    views = {"csa": large["model"]["csa"], "anchors": large["model"]["anchors"],  # session 8 retuned them
+             "hubness": large["model"]["hubness"]}  # session 11 added it
     parts = ("model", "loss", "optim")
     assert [{**cell["model"], **views}, cell["loss"], cell["optim"]] == [large[k] for k in parts]
     chosen_csa = load_experiment(REPO / "configs" / "experiments" / "csa_join_val.yaml")
@@ -336,21 +337,25 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
                                (load_experiment(REPO / "configs" / "experiments" / "large_val.yaml"),
                                 "val-large-ob-a0.9+csa0.9-s0", large)):
         cell = validate_config(exp.cell(name).spec).model_dump(mode="json")
-        parts = ("model", "loss", "optim")
-        assert [cell[k] for k in parts] == [shipped[k] for k in parts], name
+        # these grids predate the hubness correction (large_val keeps measuring what it measured)
+        assert [cell[k] for k in ("loss", "optim")] == [shipped[k] for k in ("loss", "optim")], name
+        assert cell["model"] == {**shipped["model"], "hubness": None}, name
         assert cell["data"]["sources"][0]["holdout"] == 0.1 and {e.split for e in exp.cfg.evals} == {"train"}
     # session 10's join: joined_val's winning cell is the shipped config, its reference Lite2 alone
     joined = load_experiment(REPO / "configs" / "experiments" / "joined_val.yaml")
     assert {e.split for e in joined.cfg.evals} == {"train"}
-    for name, media in (("jv-joined-tokens-s0", chosen[0]), ("jv-large-s0", "efficientnet-lite2")):
+    for name, media, hub in (("jv-joined-tokens+hub-s0", chosen[0], large["model"]["hubness"]),
+                             ("jv-joined-tokens-s0", chosen[0], None),
+                             ("jv-large-s0", "efficientnet-lite2", None)):
         cell = validate_config(joined.cell(name).spec).model_dump(mode="json")
         source = cell["data"]["sources"][0]
         assert (source["media_encoder"], source["text_encoder"], source["holdout"]) == (media, chosen[1], 0.1)
-        assert [cell[k] for k in ("model", "loss", "optim")] == [large[k] for k in ("model", "loss", "optim")]
+        assert [cell[k] for k in ("loss", "optim")] == [large[k] for k in ("loss", "optim")]
+        assert cell["model"] == {**large["model"], "hubness": hub}, name
         assert cell["data"]["input"] == large["data"]["input"] == "tokens"
     # the grid's reference cell is offline_best as it was before the CSA part
     ob = validate_config(chosen_csa.cell("cj-ob-s0").spec).model_dump(mode="json")
-    assert ob["model"] == {**best["model"], "csa": None,
+    assert ob["model"] == {**best["model"], "csa": None, "hubness": None,
                            "anchors": {**best["model"]["anchors"], "init_mix": 1.1}}
     # its reporting grid compares it with the baselines on the SAME larger features, on dev/test only
     grid = load_experiment(REPO / "configs" / "experiments" / "generalisation_large.yaml")
@@ -381,13 +386,16 @@ def test_methods_on_offline_best_grid_starts_from_the_shipped_config():
     best = load_config(REPO / "configs" / "offline_best.yaml").model_dump(mode="json")
     exp = load_experiment(REPO / "configs" / "experiments" / "ob_methods_val.yaml")
     assert {e.split for e in exp.cfg.evals} == {"train"} and len(exp.cells) == 42  # 14 cells x 3 seeds
-    # session 10: its joined-image cell is what offline_best ships
-    joined = validate_config(exp.cell("om-ob-joined-s0").spec).model_dump(mode="json")
+    # session 10's joined-image cell with session 11's hubness correction is what offline_best ships
+    joined = validate_config(exp.cell("om-ob-joined+hub-s0").spec).model_dump(mode="json")
     assert joined["data"]["sources"][0]["media_encoder"] == best["data"]["sources"][0]["media_encoder"] == (
         "efficientnet-lite0+efficientnet-lite2")
     assert [joined[k] for k in ("model", "loss", "optim")] == [best[k] for k in ("model", "loss", "optim")]
+    assert best["model"]["hubness"] == {"k": 10, "bank": 2048}
+    plain_best = {**best["model"], "hubness": None}
+    assert validate_config(exp.cell("om-ob-joined-s0").spec).model_dump(mode="json")["model"] == plain_best
     ref = validate_config(exp.cell("om-ob-s0").spec).model_dump(mode="json")
-    assert [ref[k] for k in ("model", "loss", "optim")] == [best[k] for k in ("model", "loss", "optim")]
+    assert [ref[k] for k in ("model", "loss", "optim")] == [plain_best, best["loss"], best["optim"]]
     assert ref["data"]["pairs"] == best["data"]["pairs"] and ref["data"]["sources"][0]["holdout"] == 0.1
     evaluated = {(e.data, e.split) for e in exp.cfg.evals}
     for c in exp.cells:
