@@ -131,6 +131,16 @@ def test_clip_retrieval_export_and_cli(toy, tmp_path, capsys):
     assert main(["index", "--run", str(toy["run"]), "--data", "nope:/x", "--out", str(tmp_path / "y")]) == 2
 
 
+def test_a_search_service_leaves_the_process_thread_counts_alone(toy):
+    """One thread per search is the server's setting (``serve``), not a side effect of building the service
+    in a library user's process: it once left torch at one thread for everything after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    SearchService(toy["index"])
+    assert torch.get_num_threads() == before
+
+
 # -- the API ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service(toy):

@@ -106,7 +106,6 @@ class SearchService:
         for modality in self.pipe.encoder_names:  # load encoders now, not in the first request
             if hasattr(self.pipe, "encoder"):  # (ConVIRT's pipeline loads its own on first use)
                 self.pipe.encoder(modality)
-        single_query_threads()
 
     # -- queries --------------------------------------------------------------------------------------
     def check_k(self, k: int) -> int:
@@ -444,6 +443,9 @@ def serve(index_dir: str | Path | list[str | Path], host: str = "127.0.0.1", por
     import uvicorn
 
     service = SearchService(index_dir, device=device, limits=limits)
+    # process-wide (OpenMP / BLAS): set by the server process only, never by a SearchService built in a
+    # library user's process (it left torch at one thread for everything after it)
+    single_query_threads()
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the server has no authentication, anyone who reaches this address "
                     "can search the index and read its media", host)
