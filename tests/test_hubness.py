@@ -142,3 +142,93 @@ def test_training_free_baselines_take_the_same_correction():
     fill_hubness_bank(csa, {"image": img, "text": txt})
     want = encode_pooled(csa, "image", img[rows])
     np.testing.assert_allclose(csa.hub_image.float().numpy(), want, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def hub_run(tmp_path_factory):
+    """A toy run with model.hubness, trained on 40 coloured squares."""
+    from conftest import make_pairs_csv
+    from test_train import toy_config
+
+    from lightcrl.app.config import validate_config
+    from lightcrl.app.train import train
+
+    root = tmp_path_factory.mktemp("hubsearch")
+    spec = make_pairs_csv(root / "pairs", n=40)
+    cfg = toy_config(spec, **{"optim.epochs": 4})
+    cfg["model"]["hubness"] = {"k": 3, "bank": 16}
+    train(validate_config(cfg), root / "run")
+    return {"root": root, "spec": spec, "run": root / "run", "images": root / "pairs"}
+
+
+def test_search_indexes_rank_as_the_retrieval_eval(hub_run):
+    """`lightcrl index` keeps each item's offset per OTHER query modality; every structure (exact, HNSW,
+    IVF-PQ), sharded indexes and the server rank by cosine + offset; same-modality queries and queries
+    without a modality stay plain cosine."""
+    import lightcrl
+    from lightcrl.app.index import SearchIndex, ShardedIndex, build_index
+    from lightcrl.app.serve import SearchService
+
+    root, run = hub_run["root"], hub_run["run"]
+    pipe = lightcrl.load(run, device="cpu")
+    build_index(run, hub_run["spec"], root / "exact", progress=False)
+    index = SearchIndex(root / "exact")
+    emb = np.load(root / "exact" / "embeddings.npy")
+    assert index.hubness_modalities == ["text"]  # an image gallery: text queries are corrected
+    np.testing.assert_allclose(index.offsets("text"), pipe.model.retrieval_offsets(emb, "text"), atol=1e-6)
+    assert index.offsets("image") is None and np.ptp(index.offsets("text")) > 0
+    q = pipe.encode_text(["a blue square"], progress=False)[0]
+    want_scores = emb @ q + index.offsets("text")
+    want = np.lexsort((np.arange(40), -want_scores))[:5]
+    ids, scores = index.search(q, 5, "text")
+    assert ids.tolist() == want.tolist()
+    np.testing.assert_allclose(scores, want_scores[want], atol=1e-5)
+    plain = np.lexsort((np.arange(40), -(emb @ q)))[:5]
+    assert index.search(q, 5)[0].tolist() == plain.tolist()  # no query modality: the cosine
+    assert index.search(pipe.encode_image([hub_run["images"] / "img000.png"])[0], 1, "image")[1][0] == \
+        pytest.approx(1.0, abs=1e-4)  # image -> images: plain cosine, the image itself first
+    # the approximate structures re-score with the same offsets; a crafted offset moves the plain top item
+    # out of the top 5 in every structure
+    hnsw, ivf = root / "hnsw", root / "ivf"
+    build_index(run, hub_run["spec"], hnsw, progress=False, structure="hnsw")
+    build_index(run, hub_run["spec"], ivf, progress=False, exact_max=0, memory_mb=0)
+    for d in (root / "exact", hnsw, ivf):
+        assert SearchIndex(d).search(q, 5, "text")[0].tolist() == want.tolist(), d.name
+        crafted = np.load(d / "hubness.npy")
+        crafted[want[0], 0] = -10.0
+        np.save(d / "hubness.npy", crafted)
+        got = SearchIndex(d).search(q, 5, "text")[0].tolist()
+        assert want[0] not in got and got[:4] == want[1:].tolist(), d.name
+    # sharded: each part's offsets, merged by corrected score
+    sharded = ShardedIndex([root / "exact", hnsw])
+    got = sharded.search(q, 4, "text")[0]
+    assert [int(i) % 40 for i in got] == [int(want[1])] * 2 + [int(want[2])] * 2 and set(got // 40) == {0, 1}
+    # the server reports and applies the correction for text queries
+    service = SearchService(root / "exact", device="cpu")
+    answer = service.search_text("a blue square", 5)
+    assert answer["corrected"] is True and service.describe()["hubness_corrected"] == ["text"]
+    fresh = SearchIndex(root / "exact")  # with the crafted offsets
+    assert [r["id"] for r in answer["results"]] == fresh.search(q, 5, "text")[0].tolist()
+    # a caption index: image queries are corrected against the image bank
+    build_index(run, hub_run["spec"], root / "captions", progress=False, modality="text")
+    cap = SearchIndex(root / "captions")
+    cap_emb = np.load(root / "captions" / "embeddings.npy")
+    assert cap.hubness_modalities == ["image"]
+    want_cap = pipe.model.retrieval_offsets(cap_emb, "image")
+    np.testing.assert_allclose(cap.offsets("image"), want_cap, atol=1e-6)
+
+
+def test_folder_search_ranks_as_the_retrieval_eval(hub_run):
+    """`lightcrl search` over a folder: cosine + each image's offset for text queries."""
+    import lightcrl
+    from lightcrl.app.search import search
+
+    pipe = lightcrl.load(hub_run["run"], device="cpu")
+    res = search(hub_run["run"], hub_run["images"], "something green", top=40)
+    paths = sorted(hub_run["images"].glob("*.png"))
+    emb = pipe.encode_image(paths)
+    q = pipe.encode_text(["something green"], progress=False)[0]
+    scores = emb @ q + pipe.model.retrieval_offsets(emb, "text")
+    got = {h.rel: h.score for h in res.hits}
+    np.testing.assert_allclose([got[p.name] for p in paths], scores, atol=1e-4)
+    assert any("hubness" in n for n in res.notes)

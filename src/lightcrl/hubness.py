@@ -10,7 +10,9 @@ uses training queries: nothing of the evaluation set but the gallery itself is r
 
 ``model.hubness`` keeps up to ``bank`` training embeddings per modality (float16 buffers, refreshed by the
 trainer with the weights they belong to) and the model applies the correction in retrieval: the trainer's
-validation, ``lightcrl eval --task retrieval``. Zero-shot classification is left uncorrected: on
+validation, ``lightcrl eval --task retrieval``, and search across modalities (``lightcrl search``, and the
+indexes of ``lightcrl index`` / ``serve``, which keep each item's offset per query modality: see
+:func:`gallery_offsets`). Zero-shot classification is left uncorrected: on
 validation (Flickr8k TRAIN held out, CIFAR-10 / Tiny ImageNet TRAIN) it lifted held-out retrieval by 3-6
 R@1 points and lowered zero-shot top-1 (docs/results.md, "Hubness correction").
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["HubnessConfig", "bank_rows", "csls_offsets"]
+__all__ = ["HubnessConfig", "bank_rows", "csls_offsets", "gallery_offsets"]
 
 
 class HubnessConfig(BaseModel):
@@ -52,3 +54,23 @@ def bank_rows(candidates: np.ndarray, size: int, seed: int) -> np.ndarray:
     if len(rows) > size:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
     return rows
+
+
+def gallery_offsets(model, gallery: np.ndarray, gallery_modality: str,
+                    chunk: int = 65_536) -> dict[str, np.ndarray]:
+    """``{query modality: offsets [N] float32}`` of a gallery of ``gallery_modality`` items (unit rows; a
+    memmap is read ``chunk`` rows at a time) for every OTHER modality whose bank ``model`` keeps; empty
+    when the model has no ``model.hubness``. Same-modality queries stay uncorrected: only cross-modal
+    retrieval was validated."""
+    offsets_of = getattr(model, "retrieval_offsets", None)  # baselines' pipelines may lack it
+    if offsets_of is None:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for query_modality in getattr(model, "modalities", []):
+        if query_modality == gallery_modality:
+            continue
+        parts = [offsets_of(np.array(gallery[s : s + chunk], np.float32), query_modality)
+                 for s in range(0, len(gallery), chunk)]
+        if parts and all(p is not None for p in parts):
+            out[query_modality] = np.concatenate(parts).astype(np.float32)
+    return out

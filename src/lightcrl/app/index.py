@@ -6,6 +6,9 @@ An index directory holds::
     embeddings.npy    [N, d] float32, L2-normalised, row i = item i (written chunk by chunk: a memmap)
     items.sqlite      one row per item: id (= row), key (dataset id), path, caption, label, size (bytes)
     faiss.index       the approximate structure, when the collection is above the exact threshold
+    hubness.npy       [N, Q] float32, when the run keeps training embeddings (``model.hubness``): item i's
+                      CSLS offset for queries of each other modality (``index.json``'s ``hubness``), added
+                      to the cosine, as ``lightcrl eval --task retrieval`` ranks (lightcrl/hubness.py)
 
 Inputs: any dataset spec (``flickr8k:DIR`` with ``--split dev``, ``audiofolder:DIR``...), whose frozen
 features come from the feature-store cache (:func:`lightcrl.embed.cached_store`), or a plain folder,
@@ -37,6 +40,11 @@ Resume: the run's embeddings are written one chunk (``--chunk-size``, 8,192 item
 ``.parts/`` beside the index, keyed by the run, the feature store and the chunking; a killed build
 reuses the finished chunks (and the feature store its finished shards, and an IVF-PQ build its trained
 quantiser) and ``.parts/`` is removed once ``index.json`` is written. Every file is replaced atomically.
+
+Hubness correction: a query of a modality listed in ``hubness.npy`` scores ``cosine + offset``. Exact
+search adds it to every row; IVF-PQ adds it when it re-scores its candidates; HNSW (inner product only)
+re-scores its top ``RERANK`` x k by cosine with the offsets (an offset is small next to a cosine, so
+an item outside that cosine top list rarely belongs in the corrected top k).
 
 Under torchrun (``torchrun --nproc_per_node R -m lightcrl index --run-dir RUN ...``; ``--run-dir``
 because torchrun's own parser takes ``--run`` for its ``--run-path``): every rank extracts the feature
@@ -120,6 +128,10 @@ class IndexDir:
     def parts(self) -> Path:
         """Scratch of an unfinished build (what a killed run resumes from); removed when it completes."""
         return self.path / ".parts"
+
+    @property
+    def hubness(self) -> Path:
+        return self.path / "hubness.npy"
 
     def part(self, chunk: int) -> Path:
         return self.parts / f"emb_{chunk:06d}.npy"
@@ -499,13 +511,27 @@ def build_index(run: str | Path, data: str, out: str | Path, split: str | None =
     if rank == 0:
         info = {"version": INDEX_VERSION, "run": str(Path(run).resolve()), "run_key": run_key(run),
                 "modality": col.modality, "count": n, "dim": dim, "structure": params,
-                "root": str(col.root) if col.root else None, "source": col.source}
+                "root": str(col.root) if col.root else None, "source": col.source,
+                "hubness": _write_hubness(d, pipe, emb, col.modality)}
         if export is not None:
             summary.export = export_clip_retrieval(pipe, d, col, Path(export[1]))
         write_json(d.info, info)  # last: the index is complete
         shutil.rmtree(d.parts, ignore_errors=True)
     _barrier(world)
     return summary
+
+
+def _write_hubness(d: IndexDir, pipe, emb: np.ndarray, modality: str) -> dict[str, Any] | None:
+    """The gallery's CSLS offsets per query modality (``hubness.npy``), or None (plain cosine)."""
+    from lightcrl.hubness import gallery_offsets
+    from lightcrl.io import save_npy
+
+    offsets = gallery_offsets(getattr(pipe, "model", None), emb, modality)
+    if not offsets:
+        d.hubness.unlink(missing_ok=True)
+        return None
+    save_npy(d.hubness, np.stack(list(offsets.values()), axis=1).astype(np.float32))
+    return {"query_modalities": list(offsets), "k": int(pipe.model.cfg.hubness.k)}
 
 
 def _prepare_parts(d: IndexDir, key: dict[str, Any] | None, rank: int, world: int) -> None:
@@ -635,6 +661,10 @@ class SearchIndex:
             import faiss
 
             self._faiss = faiss.read_index(str(self.dir.faiss))
+        hub = self.info.get("hubness") or {}
+        self.hubness_modalities: list[str] = list(hub.get("query_modalities", []))
+        # [N, Q]: 4 bytes an item and query modality, in memory
+        self._hubness = np.load(self.dir.hubness) if self.hubness_modalities else None
         self._local = threading.local()
 
     def __len__(self) -> int:
@@ -648,31 +678,50 @@ class SearchIndex:
     def root(self) -> Path | None:
         return Path(self.info["root"]) if self.info.get("root") else None
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` rows for a unit query vector [d]: (ids, scores), best first."""
+    def offsets(self, query_modality: str | None) -> np.ndarray | None:
+        """Each row's hubness offset [N] for queries of ``query_modality``, or None (plain cosine)."""
+        if query_modality not in self.hubness_modalities:
+            return None
+        return self._hubness[:, self.hubness_modalities.index(query_modality)]
+
+    def search(self, query: np.ndarray, k: int, query_modality: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows for a unit query vector [d]: (ids, scores), best first. ``query_modality``: the
+        query's modality; with a hubness offset for it (see the module docstring) a score is cosine +
+        offset, else the cosine."""
         q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
         k = max(1, min(int(k), len(self)))
         kind = self.structure["kind"]
+        offsets = self.offsets(query_modality)
         if kind == "exact":
-            return self._exact(q[0], k)
+            return self._exact(q[0], k, offsets)
         import faiss
 
         if kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.structure["ef_search"], 2 * k))
-            scores, ids = self._faiss.search(q, k, params=params)
+            wide = k if offsets is None else min(len(self), k * RERANK)
+            params = faiss.SearchParametersHNSW(efSearch=max(self.structure["ef_search"], 2 * wide))
+            scores, ids = self._faiss.search(q, wide, params=params)
             keep = ids[0] >= 0
-            return ids[0][keep].astype(np.int64), scores[0][keep]
-        params = faiss.SearchParametersIVF(nprobe=self.structure["nprobe"])
-        _, cand = self._faiss.search(q, min(len(self), k * self.structure["rerank"]), params=params)
-        cand = np.sort(cand[0][cand[0] >= 0])  # ascending rows: sequential reads of the memmap
+            if offsets is None:
+                return ids[0][keep].astype(np.int64), scores[0][keep]
+            cand = np.sort(ids[0][keep])
+        else:
+            params = faiss.SearchParametersIVF(nprobe=self.structure["nprobe"])
+            _, cand = self._faiss.search(q, min(len(self), k * self.structure["rerank"]), params=params)
+            cand = np.sort(cand[0][cand[0] >= 0])  # ascending rows: sequential reads of the memmap
         exact = np.asarray(self.embeddings[cand], np.float32) @ q[0]
+        if offsets is not None:
+            exact = exact + offsets[cand]
         order = np.lexsort((cand, -exact))[:k]
         return cand[order].astype(np.int64), exact[order]
 
-    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(self, q: np.ndarray, k: int, offsets: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         scores = np.empty(len(self), np.float32)
         for s in range(0, len(self), 262_144):  # bounded temporaries on a memmap
             scores[s : s + 262_144] = np.asarray(self.embeddings[s : s + 262_144]) @ q
+        if offsets is not None:
+            scores += offsets
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         # the k-th score may be tied with rows outside the partition: take every row at that score
         top = np.union1d(top, np.flatnonzero(scores == scores[top].min()))
@@ -724,12 +773,13 @@ class ShardedIndex:
         self.parts = [SearchIndex(p, memory_mb // max(1, len(paths))) for p in paths]
         first = self.parts[0].info
         for p in self.parts[1:]:
-            for field in ("run_key", "modality", "dim"):
+            for field in ("run_key", "modality", "dim", "hubness"):
                 if p.info.get(field) != first.get(field):
                     raise LightCRLError(f"{p.dir.path} and {self.parts[0].dir.path} differ in {field} "
                                         f"({p.info.get(field)} != {first.get(field)}): only indexes built "
                                         "with the same run over the same modality are searched together")
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.hubness_modalities = self.parts[0].hubness_modalities
         kinds = {p.structure["kind"] for p in self.parts}
         self.structure = {"kind": kinds.pop() if len(kinds) == 1 else "mixed",
                           "parts": [p.structure for p in self.parts]}
@@ -757,10 +807,12 @@ class ShardedIndex:
         where = self._locate(int(item_id))
         return None if where is None else self.parts[where[0]].root
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` global ids for a unit query vector [d]: (ids, scores), best first."""
+    def search(self, query: np.ndarray, k: int, query_modality: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` global ids for a unit query vector [d]: (ids, scores), best first (scores as
+        :meth:`SearchIndex.search`'s: each part's offsets come from the same run's bank)."""
         k = max(1, min(int(k), len(self)))
-        found = [p.search(query, k) for p in self.parts]
+        found = [p.search(query, k, query_modality) for p in self.parts]
         ids = np.concatenate([f[0] + off for f, off in zip(found, self.offsets)])
         scores = np.concatenate([f[1] for f in found]).astype(np.float32)
         order = np.lexsort((ids, -scores))[:k]  # by score, then the lower global id

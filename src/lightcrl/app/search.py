@@ -295,6 +295,7 @@ def search(run_dir: str | Path, images: str | Path, query: str, top: int = 8,
 
 def _search(run_dir, images, query: str, top: int, out_html, device: str, progress: bool) -> SearchResult:
     from lightcrl.api import LightCRLPipeline
+    from lightcrl.hubness import gallery_offsets
 
     pipe = LightCRLPipeline.from_run(run_dir, device=device)
     index = FolderIndex(images, pipe.encoder_names.get("image") or _no_image(run_dir), device=device)
@@ -306,6 +307,10 @@ def _search(run_dir, images, query: str, top: int, out_html, device: str, progre
         emb = folder_embeddings(pipe, index)
         q = pipe.encode_text([query], progress=False)[0]
         scores = emb @ q
+        offsets = gallery_offsets(pipe.model, emb, "image").get("text")
+        if offsets is not None:  # the run's hubness correction, as its retrieval eval ranks
+            scores = scores + offsets
+            result.notes.append("scores are cosine + hubness offset (model.hubness)")
         order = np.argsort(-scores, kind="stable")[: max(1, top)]
         result.hits = [SearchHit(r + 1, index.folder / index.files[i], index.files[i], float(scores[i]))
                        for r, i in enumerate(order)]
@@ -377,7 +382,7 @@ def write_gallery(result: SearchResult, out: Path, run_dir: Path, folder: Path) 
         f"<h1>{e(result.query)}</h1>",
         f'<p class="meta">Top {len(result.hits)} of {result.n_images} images in '
         f"<code>{e(str(folder))}</code>, "
-        f"ranked by cosine similarity with run <code>{e(str(run_dir))}</code>. Index: {s.embedded} embedded, "
+        f"ranked by similarity with run <code>{e(str(run_dir))}</code>. Index: {s.embedded} embedded, "
         f"{s.reused} reused, {s.removed} removed, {s.skipped} unreadable.</p>",
         notes, f'<div class="grid">{"".join(cards)}</div>', "</body>", "</html>", ""])
     write_text(out, page)

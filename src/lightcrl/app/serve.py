@@ -5,8 +5,9 @@ with the same run) are searched as one (:class:`lightcrl.app.index.ShardedIndex`
 score, ids numbered across the parts in the order given). Endpoints::
 
     GET  /                      the search page (search box, thumbnail grid, scores, upload-to-search)
-    GET  /api/search?q=TEXT&k=K  -> {"query", "k", "modality", "count", "results": [{"id", "key", "path",
-                                    "score", "caption", "label", "media"}]}
+    GET  /api/search?q=TEXT&k=K  -> {"query", "k", "modality", "count", "corrected", "results": [{"id",
+                                    "key", "path", "score", "caption", "label", "media"}]}
+                                (corrected: the scores are cosine + the run's hubness offset, index.py)
     POST /api/search?k=K        an image (or audio clip) as multipart field ``file`` or as the raw body:
                                 query by example, the same JSON
     GET  /media/<id>[?thumb=1]  the file of index row <id> (a JPEG thumbnail with thumb=1)
@@ -199,11 +200,13 @@ class SearchService:
         return wav.T, int(rate)
 
     def _answer(self, query: str, vec: np.ndarray, k: int, modality: str = "text") -> dict[str, Any]:
-        ids, scores = self.index.search(vec, k)
+        ids, scores = self.index.search(vec, k, modality)
         items = self.index.items(ids)
         results = [self._result(item, float(s)) for item, s in zip(items, scores)]
+        # corrected: scores are cosine + the item's hubness offset for this query modality (index.py)
         return {"query": query, "query_modality": modality, "k": k, "modality": self.index.modality,
-                "count": len(self.index), "results": results}
+                "count": len(self.index), "corrected": modality in self.index.hubness_modalities,
+                "results": results}
 
     def _result(self, item: Item, score: float) -> dict[str, Any]:
         return {"id": item.id, "key": item.key, "path": self._rel(item), "score": round(score, 6),
@@ -227,6 +230,7 @@ class SearchService:
         info = self.index.info
         return {"count": info["count"], "modality": info["modality"], "dim": info["dim"],
                 "structure": info["structure"]["kind"], "parts": len(info.get("parts", [])) or 1,
+                "hubness_corrected": self.index.hubness_modalities,
                 "encoders": sorted(self.pipe.encoder_names),
                 "max_k": self.limits.max_k, "max_upload_bytes": self.limits.max_body_bytes}
 
