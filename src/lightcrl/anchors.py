@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from lightcrl.errors import LightCRLError
@@ -64,9 +64,19 @@ class AnchorConfig(BaseModel):
     # dim by a linear layer and the two are added, so the DFE side of one item also meets the anchor
     # side of the other in every similarity (dim wide).
     join: Literal["concat", "sum"] = "concat"
+    # the text side's own angle (None: theta): text-text similarity weighs the views apart from
+    # cross-modal similarity, which stays exactly as with theta (lightcrl/views.py); concat only
+    text_mix: float | None = Field(None, gt=0.0, lt=math.pi / 2)
     # Filled in by the trainer from the training data; a saved model.json carries it, so loading needs
     # no data. 0 = not built yet.
     count: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _text_mix_needs_concat(self) -> AnchorConfig:
+        if self.text_mix is not None and self.join != "concat":
+            raise ValueError("model.anchors.text_mix needs join: concat (a summed join is normalised per "
+                             "item, so the text angle would move cross-modal rankings)")
+        return self
 
 
 class AnchorSpace(nn.Module):
@@ -142,14 +152,16 @@ class AnchorSpace(nn.Module):
             return weights.new_zeros((weights.shape[0], self.cfg.count)).scatter(1, ids, weights)
         return F.normalize(torch.einsum("bk,bkd->bd", weights.to(self.table.dtype), self.table[ids]), dim=-1)
 
-    def join(self, dfe_embedding: Tensor, anchor_embedding: Tensor) -> Tensor:
-        """The model's embedding from its two L2-normalised parts (see ``AnchorConfig.join``), unit norm."""
+    def join(self, dfe_embedding: Tensor, anchor_embedding: Tensor, angle: Tensor | None = None) -> Tensor:
+        """The model's embedding from its two L2-normalised parts (see ``AnchorConfig.join``), unit norm.
+        ``angle``: this modality's angle (lightcrl/views.py), else theta."""
         if self.mix is None:
             raise LightCRLError("this anchor space stands alone (no trained part to join)")
-        a = anchor_embedding.to(dfe_embedding.dtype) * torch.sin(self.mix)
+        angle = self.mix if angle is None else angle
+        a = anchor_embedding.to(dfe_embedding.dtype) * torch.sin(angle)
         if self.out is None:
-            return torch.cat([dfe_embedding * torch.cos(self.mix), a], dim=-1)
-        z = F.normalize(self.out(dfe_embedding), dim=-1) * torch.cos(self.mix)
+            return torch.cat([dfe_embedding * torch.cos(angle), a], dim=-1)
+        z = F.normalize(self.out(dfe_embedding), dim=-1) * torch.cos(angle)
         return F.normalize(z + a, dim=-1)
 
 

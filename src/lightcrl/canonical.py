@@ -99,6 +99,9 @@ class CanonicalConfig(BaseModel):
     # validation data (learning it on the training pairs would favour the part that fits them: the DFE)
     init_mix: float = Field(1.0, gt=0.0, lt=math.pi / 2)
     learn_mix: bool = False
+    # the text side's own angle (None: as theta): text-text similarity weighs the parts apart from
+    # cross-modal similarity, which stays exactly as with theta (lightcrl/views.py)
+    text_mix: float | None = Field(None, gt=0.0, lt=math.pi / 2)
     # Filled in by the trainer from the fit (min(dims, CCA rank)); a saved model.json carries it, so
     # loading needs no data. 0 = not fitted yet.
     rank: int = Field(0, ge=0)
@@ -141,9 +144,11 @@ class CanonicalSpace(nn.Module):
     def embed(self, modality: str, pooled: Tensor) -> Tensor:
         return canonical_embed(pooled, getattr(self, f"mean_{modality}"), getattr(self, f"map_{modality}"))
 
-    def join(self, z_model: Tensor, z_canonical: Tensor) -> Tensor:
-        """[cos(theta) z_model, sin(theta) z_canonical]: unit norm when both parts are."""
-        return torch.cat([z_model * torch.cos(self.mix), z_canonical.to(z_model.dtype) * torch.sin(self.mix)],
+    def join(self, z_model: Tensor, z_canonical: Tensor, angle: Tensor | None = None) -> Tensor:
+        """[cos(theta) z_model, sin(theta) z_canonical]: unit norm when both parts are. ``angle``: this
+        modality's angle (lightcrl/views.py), else theta."""
+        angle = self.mix if angle is None else angle
+        return torch.cat([z_model * torch.cos(angle), z_canonical.to(z_model.dtype) * torch.sin(angle)],
                          dim=-1)
 
 

@@ -34,6 +34,7 @@ from lightcrl.anchors import AnchorConfig, AnchorSpace
 from lightcrl.canonical import CanonicalConfig, CanonicalSpace, canonical_embed
 from lightcrl.features import masked_mean
 from lightcrl.hubness import HubnessConfig, csls_offsets
+from lightcrl.views import split_angles
 
 __all__ = ["LightCRLModel", "ModelConfig", "ProjectionHead", "create_model"]
 
@@ -117,7 +118,14 @@ class ModelConfig(BaseModel):
         if self.csa is not None and self.arch not in ("dfe", "two_tower"):
             raise ValueError(f"model.csa joins CSA to a trained arch (dfe, two_tower), not {self.arch!r}"
                              + (" (arch 'csa' is CSA alone)" if self.arch == "csa" else ""))
+        if any(a is not None for a in self.text_angles()) and self.arch not in ("dfe", "two_tower"):
+            raise ValueError("text_mix splits the views joined to a trained arch (dfe, two_tower)")
         return self
+
+    def text_angles(self) -> list[float | None]:
+        """``text_mix`` of each joined view, inner first (anchors, then csa; lightcrl/views.py)."""
+        views = [v for v in (self.anchors if self.arch != "anchors" else None, self.csa) if v is not None]
+        return [v.text_mix for v in views]
 
 
 class ProjectionHead(nn.Module):
@@ -266,6 +274,13 @@ class LightCRLModel(nn.Module):
             self.anchors = AnchorSpace(cfg.anchors, self.input_dims, width if cfg.arch != "anchors" else None)
         # rank 0 raises: fitted by the trainer on the training pairs (see canonical.py)
         self.canonical = CanonicalSpace(cfg.csa, self.input_dims) if cfg.csa is not None else None
+        # text_mix: text-text similarity weighs the joined views apart from cross-modal (views.py)
+        self.text_modality: str | None = None
+        if any(a is not None for a in cfg.text_angles()):
+            if "text" not in self.input_dims or len(self.input_dims) != 2:
+                raise ValueError("text_mix needs a model of text and one other modality (with three, "
+                                    f"every pair's similarity cannot be kept), not {list(self.input_dims)}")
+            self.text_modality = "text"
         for m in self.input_dims if cfg.hubness is not None else []:  # set by the trainer (set_hubness_bank)
             self.register_buffer(f"hub_{m}", torch.zeros(0, self.embed_dim, dtype=torch.float16))
 
@@ -283,8 +298,19 @@ class LightCRLModel(nn.Module):
         return dim + (self.canonical.dim if self.canonical is not None else 0)
 
     def get_logit_scale(self) -> Tensor:
-        """exp(logit_scale), clamped at exp(max_logit_scale)."""
-        return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
+        """exp(logit_scale), clamped at exp(max_logit_scale); divided by the views' cross-modal factor
+        kappa when text has its own angles, so the logits are those of the symmetric joins (views.py)."""
+        scale = self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
+        return scale if self.text_modality is None else scale / self.view_angles("text")[1]
+
+    def view_angles(self, modality: str) -> tuple[list[Tensor], Tensor]:
+        """The joined views' angles for ``modality`` (anchors, then csa: those present) and kappa, the
+        factor of every cross-modal cosine against the symmetric joins (1 without ``text_mix``)."""
+        thetas = [v.mix for v in (self.anchors, self.canonical) if v is not None and v.mix is not None]
+        if self.text_modality is None:
+            return thetas, torch.ones((), device=self.logit_scale.device)
+        text, media, kappa = split_angles(thetas, self.cfg.text_angles())
+        return (text if modality == self.text_modality else media), kappa
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -314,10 +340,13 @@ class LightCRLModel(nn.Module):
             x = self.ridge_features(tokens, mask) - mean
             return F.normalize(x @ getattr(self, f"ridge_map_{modality}"), dim=-1)
         z = self._encode_tokens(modality, tokens, mask)
+        angles = iter(self.view_angles(modality)[0]) if self.text_modality is not None else None
         if self.anchors is not None:
-            z = self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude))
+            z = self.anchors.join(z, self.anchors.embed(modality, masked_mean(tokens, mask), exclude),
+                                  next(angles) if angles else None)
         if self.canonical is not None:
-            z = self.canonical.join(z, self.canonical.embed(modality, masked_mean(tokens, mask)))
+            z = self.canonical.join(z, self.canonical.embed(modality, masked_mean(tokens, mask)),
+                                    next(angles) if angles else None)
         return z
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
