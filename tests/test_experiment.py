@@ -322,7 +322,12 @@ def test_offline_best_large_is_offline_best_with_the_chosen_pair():
         src_best[0].pop(key), src_large[0].pop(key)
     assert src_best == src_large
     best.pop("name"), large.pop("name")
-    assert best == large
+    # text's own angles (session 12) were chosen on the default pair's validation runs only
+    assert best["model"]["csa"]["text_mix"] is not None and large["model"]["csa"]["text_mix"] is None
+    symmetric = {**best, "model": {**best["model"], "anchors": {**best["model"]["anchors"], "text_mix": None},
+                                   "csa": {**best["model"]["csa"], "text_mix": None}}}
+    assert symmetric == large
+    best = symmetric  # what the earlier grids chose
     # what was chosen is what ships: the pair grid scored the method before the CSA part (session 7),
     # the CSA grid chose the part on the default pair, and large_val checked it on this pair
     val = load_experiment(REPO / "configs" / "experiments" / "encoder_pairs_val.yaml")
@@ -385,14 +390,19 @@ def test_methods_on_offline_best_grid_starts_from_the_shipped_config():
 
     best = load_config(REPO / "configs" / "offline_best.yaml").model_dump(mode="json")
     exp = load_experiment(REPO / "configs" / "experiments" / "ob_methods_val.yaml")
-    assert {e.split for e in exp.cfg.evals} == {"train"} and len(exp.cells) == 42  # 14 cells x 3 seeds
-    # session 10's joined-image cell with session 11's hubness correction is what offline_best ships
-    joined = validate_config(exp.cell("om-ob-joined+hub-s0").spec).model_dump(mode="json")
+    assert {e.split for e in exp.cfg.evals} == {"train"} and len(exp.cells) == 45  # 15 cells x 3 seeds
+    # session 10's joined-image cell with session 11's hubness correction and session 12's text angles is
+    # what offline_best ships
+    joined = validate_config(exp.cell("om-ob-joined+hub+textmix-s0").spec).model_dump(mode="json")
     assert joined["data"]["sources"][0]["media_encoder"] == best["data"]["sources"][0]["media_encoder"] == (
         "efficientnet-lite0+efficientnet-lite2")
     assert [joined[k] for k in ("model", "loss", "optim")] == [best[k] for k in ("model", "loss", "optim")]
     assert best["model"]["hubness"] == {"k": 10, "bank": 2048}
-    plain_best = {**best["model"], "hubness": None}
+    assert (best["model"]["anchors"]["text_mix"], best["model"]["csa"]["text_mix"]) == (0.7, 1.0)
+    symmetric = {**best["model"], "anchors": {**best["model"]["anchors"], "text_mix": None},
+                 "csa": {**best["model"]["csa"], "text_mix": None}}
+    assert validate_config(exp.cell("om-ob-joined+hub-s0").spec).model_dump(mode="json")["model"] == symmetric
+    plain_best = {**symmetric, "hubness": None}
     assert validate_config(exp.cell("om-ob-joined-s0").spec).model_dump(mode="json")["model"] == plain_best
     ref = validate_config(exp.cell("om-ob-s0").spec).model_dump(mode="json")
     assert [ref[k] for k in ("model", "loss", "optim")] == [plain_best, best["loss"], best["optim"]]
