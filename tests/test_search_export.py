@@ -139,6 +139,8 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     {"fusion": "add", "anchors": {"k": 5, "count": 12}},
     {"fusion": "add", "csa": {"rank": 6}},
     {"fusion": "add", "hubness": {"k": 3, "bank": 8}},  # the bank is ranking-time data, not in the graph
+    {"fusion": "add", "anchors": {"k": 5, "count": 12, "learn_mix": False, "text_mix": 0.5},  # text's angles
+     "csa": {"rank": 6, "text_mix": 1.1}},
 ])
 def test_onnx_export_model_variants(cfg):
     """Fusion / pooling / arch variants export with dynamic batch and token axes (text: cut at 8 tokens)."""
@@ -160,7 +162,7 @@ def test_onnx_export_model_variants(cfg):
             "model_config": model.cfg.model_dump(), "input_dims": model.input_dims,
             "encoders": {"image": "efficientnet-lite0", "text": "minilm-l6"}, "input": input_mode,
             "max_text_tokens": 8}))
-        done = export_onnx(run, modalities=["text"])
-        assert [d.modality for d in done] == ["text"]
+        done = export_onnx(run, modalities=["text", "image"] if model.text_modality else ["text"])
+        assert [d.modality for d in done] == (["text", "image"] if model.text_modality else ["text"])
         assert all(d.max_abs_diff < 1e-4 and d.path.is_file() for d in done)
         assert json.loads((run / "export" / "export.json").read_text())["input"] == input_mode
