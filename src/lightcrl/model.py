@@ -364,16 +364,12 @@ class LightCRLModel(nn.Module):
         arch ridge with ``csls: k``: ``-r_c / 2``, r_c the mean cosine of class c to its k nearest mapped
         training items, so the argmax is CSLS's ``2 cos(z, c) - r_c`` (the item's own term is the same for
         every class)."""
-        import numpy as np
-
         if self.cfg.arch != "ridge" or not self.cfg.ridge.csls:
             return None
         hub = getattr(self, f"ridge_hub_{modality}", None)
         if hub is None or not len(hub):
             return None
-        sims = hub.double().cpu().numpy() @ np.asarray(class_emb, np.float64).T  # [N, C]
-        k = min(self.cfg.ridge.csls, len(sims))
-        return -0.5 * np.sort(sims, axis=0)[-k:].mean(0)
+        return csls_offsets(class_emb, hub.cpu(), self.cfg.ridge.csls)  # the classes are the gallery
 
     def set_hubness_bank(self, embeddings: dict[str, Any]) -> None:
         """``model.hubness``: the training items' embeddings [n, embed_dim] per modality, as computed by
