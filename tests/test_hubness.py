@@ -142,6 +142,15 @@ def test_training_free_baselines_take_the_same_correction():
     fill_hubness_bank(csa, {"image": img, "text": txt})
     want = encode_pooled(csa, "image", img[rows])
     np.testing.assert_allclose(csa.hub_image.float().numpy(), want, atol=2e-3)
+    # all_pairs lists an image once per caption: each enters the bank once, the captions as they are
+    pairs_img, pairs_txt = np.repeat(img, 3, axis=0), rng.normal(size=(120, 5)).astype(np.float32)
+    csa = csa_model(fit_cca(pairs_img, pairs_txt, 1e-2), ("image", "text"), 3, 1.0, {"k": 4, "bank": 16})
+    fill_hubness_bank(csa, {"image": pairs_img, "text": pairs_txt})
+    np.testing.assert_allclose(csa.hub_image.float().numpy(), encode_pooled(csa, "image", img[rows]),
+                               atol=2e-3)
+    np.testing.assert_allclose(csa.hub_text.float().numpy(),
+                               encode_pooled(csa, "text", pairs_txt[bank_rows(np.arange(120), 16, 0)]),
+                               atol=2e-3)
 
 
 @pytest.fixture(scope="module")

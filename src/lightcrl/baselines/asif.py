@@ -60,15 +60,21 @@ def asif_model(anchors: dict[str, np.ndarray], k: int = 800, p: float = 8.0,
 
 
 def fill_hubness_bank(model: LightCRLModel, pooled: dict[str, np.ndarray], seed: int = 0) -> None:
-    """``model.hubness`` of a training-free model: its bank = a seeded sample of the training pairs it was
-    built from (pooled features per modality), embedded by the model itself. No-op without hubness."""
+    """``model.hubness`` of a training-free model: its bank = a seeded sample of the training items it was
+    built from (pooled features per modality), embedded by the model itself. No-op without hubness.
+
+    An item repeated in ``pooled`` (CSA's ``all_pairs`` lists an image once per caption) enters the sample
+    once, as in the trainer's bank: a copy among an item's k nearest bank rows would count one neighbour
+    twice."""
     hcfg = model.cfg.hubness
     if hcfg is None:
         return
     bank = {}
     for m, feats in pooled.items():
-        rows = bank_rows(np.arange(len(feats)), hcfg.bank, seed)
-        bank[m] = encode_pooled(model.eval(), m, np.asarray(feats)[rows])
+        feats = np.asarray(feats)
+        distinct = np.sort(np.unique(feats, axis=0, return_index=True)[1])  # first copies, in order
+        rows = distinct[bank_rows(np.arange(len(distinct)), hcfg.bank, seed)]
+        bank[m] = encode_pooled(model.eval(), m, feats[rows])
     model.set_hubness_bank(bank)
 
 
