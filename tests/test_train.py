@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -368,3 +369,16 @@ def test_early_stop_on_the_mean_of_several_metrics(tmp_path, pairs_csv):
         train(validate_config(toy_config(pairs_csv, **{
             "optim.epochs": 1, "early_stop": {"metric": ["val/mean_recall@1", "val/zeroshot_top1"]}})),
             tmp_path / "bad")
+
+
+def test_each_epoch_logs_a_line_without_progress_bars(tmp_path, pairs_csv, caplog):
+    """progress: false (the shipped configs) still tells the user how training goes, one line an epoch."""
+    with caplog.at_level(logging.INFO, logger="lightcrl.app.train"):
+        train(validate_config(toy_config(pairs_csv, **{"optim.epochs": 2})), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch_rows = [r for r in logged if "time/epoch_s" in r]
+    for line, r in zip(lines, epoch_rows):
+        assert f"{r['time/epoch_s']:.1f} s" in line and "pairs/s" in line and "loss " in line
+        assert f"val/mean_recall@1 {r['val/mean_recall@1']:.2f}" in line  # the selection metric

@@ -260,12 +260,15 @@ def _print_table(title: str, values: dict):
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(title))
+    console = Console()
+    # the title on a line of its own: as a table title it was wrapped to the table's width, mid-name
+    console.print(f"[bold]{escape(title)}[/bold]")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in values.items():
         table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    console.print(table)
 
 
 @app.command(cls=_Command)

@@ -583,9 +583,11 @@ class Trainer:
             )
             t0, time_before = t_fit, self.state["epoch_time_s"]
             every = cfg.optim.checkpoint_every_steps
+            losses = []  # this process's steps of the epoch, for its log line
             for j in range(self.state["batch"], len(schedule)):
                 si, batch = schedule[j]
                 row = self.train_step(si, batch)
+                losses.append(row["train/loss"])
                 self.state["epoch_pairs"] += len(batch)
                 self.state["step"] += 1
                 self.state["batch"] = j + 1
@@ -626,6 +628,9 @@ class Trainer:
                     row["val/selection"] = metric  # the mean that picks the epoch, logged beside its parts
             self._apply_plateau(metric)
             self.run_log.log(row)
+            if self.is_main:
+                chosen_by = None if metric is None else (cfg.early_stop.name, metric)
+                log.info(epoch_line(row, n_epochs, losses, chosen_by))
             if metric is not None:
                 if self.state["best"] is None or self._improved(metric, self.state["best"]):
                     self.state.update(best=metric, best_epoch=epoch + 1, bad_epochs=0)
@@ -665,6 +670,18 @@ class Trainer:
             write_json(self.run.train_summary, summary)
         self.run_log.close()
         return summary
+
+
+def epoch_line(row: dict, n_epochs: int, losses: list[float], selection: tuple[str, float] | None) -> str:
+    """One epoch's log line (the record is metrics.jsonl): a run with ``progress: false`` still says how it
+    goes, e.g. ``epoch 2/3: 69.0 s, 87 pairs/s, loss 0.819 (mean of 47 steps); val/mean_recall@1 30.12``."""
+    text = f"epoch {row['epoch']}/{n_epochs}: {row['time/epoch_s']:.1f} s"
+    if losses:  # (arch ridge fits in closed form: no steps)
+        text += (f", {row['time/pairs_per_s']:.0f} pairs/s, loss {sum(losses) / len(losses):.3f} "
+                 f"(mean of {len(losses)} steps)")
+    if selection is not None:  # the metric that picks the epoch
+        text += f"; {selection[0]} {selection[1]:.2f}"
+    return text
 
 
 def train(
