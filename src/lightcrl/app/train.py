@@ -577,7 +577,7 @@ class Trainer:
                 total=len(schedule),
                 initial=self.state["batch"],
                 desc=f"epoch {epoch + 1}/{n_epochs}",
-                disable=not (cfg.progress and self.is_main),
+                disable=not (cfg.progress and self.is_main) or not schedule,  # a ridge fit has no steps
                 dynamic_ncols=True,
                 leave=False,
             )
